@@ -1,0 +1,358 @@
+"""
+MPNet: masked and permuted pre-training with two-stream self-attention (Song et al. 2020,
+arXiv 2004.09297), written to match fairseq's `mpnet_rel_base` and HuggingFace `MPNetForMaskedLM`.
+
+    from model import MPNet, MPNetConfig
+    model = MPNet(MPNetConfig(n_layer=2, n_head=4, n_embd=128, vocab_size=8192))
+    logits, loss = model(input_ids, positions, n_pred, targets)   # two-stream pretraining step
+    hidden = model.encode(input_ids, attention_mask)               # plain encoder, == HF MPNetModel
+
+The two-stream input is [content (T) | mask copies (P) | query copies (P)] of length T+2P (see
+permute.py). One attention call serves both streams: queries come from all T+2P rows, keys and
+values from the T+P content rows, and `two_stream_visible` is the single statement of who sees whom.
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+from einops import rearrange
+
+
+@dataclass
+class MPNetConfig:
+    vocab_size: int = 30527        # microsoft/mpnet-base; the embedding table is padded to a multiple of 64
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_inner: int = 3072            # feed-forward width
+    max_positions: int = 512       # longest sequence; the position table has max_positions + 2 rows, as HF
+    rel_buckets: int = 32          # T5-style relative position buckets, shared by all layers
+    rel_max_distance: int = 128
+    dropout: float = 0.1
+    attn_dropout: float = 0.1
+    layer_norm_eps: float = 1e-5
+    pad_id: int = 1                # HF MPNet's padding_idx; absolute position rows start at pad_id + 1
+    attn_impl: str = 'sdpa'        # 'sdpa' | 'flex' | 'manual'
+    rope: bool = False             # rotary embeddings on permuted positions instead of absolute + relative (not HF-exportable)
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        if self.attn_impl not in ('sdpa', 'flex', 'manual'):
+            raise ValueError(f"attn_impl must be 'sdpa', 'flex' or 'manual', got {self.attn_impl!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f'n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})')
+
+    @property
+    def padded_vocab_size(self):
+        return -(-self.vocab_size // 64) * 64
+
+
+# ----------------------------------------------------------------------------------------------
+# The two-stream visibility rule (paper sec. 2.2, fairseq `make_query_and_content_mask`)
+
+def two_stream_visible(q_idx, kv_idx, T, P):
+    """True where query row q_idx may attend to content row kv_idx (broadcasting tensors).
+
+    Rows: [0, N) non-predicted, [N, T) predicted originals x_1..x_P, [T, T+P) content rows of the
+    mask copies m_1..m_P, [T+P, T+2P) query rows. Keys are the first T+P rows. Every row sees the N
+    non-predicted tokens; x_j is visible iff j < lim(row) and m_j iff j >= lim(row), where lim is
+    i+1 for original x_i (sees x_1..x_i), i for query row i (sees x_<i, m_>=i) and 0 otherwise
+    (non-predicted and mask-copy content rows see every m and no x).
+    """
+    N = T - P
+    lim = torch.where((q_idx >= N) & (q_idx < T), q_idx - N + 1, 0)
+    lim = torch.where(q_idx >= T + P, q_idx - T - P, lim)
+    is_x = (kv_idx >= N) & (kv_idx < T)
+    return (kv_idx < N) | (is_x & (kv_idx - N < lim)) | ((kv_idx >= T) & (kv_idx - T >= lim))
+
+
+@lru_cache(maxsize=16)
+def two_stream_mask(T, P, device):
+    """Boolean [T+2P, T+P] table of two_stream_visible, built once per (T, P, device)."""
+    q = torch.arange(T + 2 * P, device=device)[:, None]
+    kv = torch.arange(T + P, device=device)[None, :]
+    return two_stream_visible(q, kv, T, P)
+
+
+@lru_cache(maxsize=16)
+def two_stream_block_mask(T, P, device):
+    """FlexAttention block mask of two_stream_visible, cached per (T, P, device)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    mask_mod = lambda b, h, q_idx, kv_idx: two_stream_visible(q_idx, kv_idx, T, P)
+    return create_block_mask(mask_mod, None, None, T + 2 * P, T + P, device=device)
+
+
+def relative_position_bucket(relative_position, num_buckets=32, max_distance=128):
+    """T5 bidirectional buckets of key_pos - query_pos, exactly as HF MPNetEncoder (and fairseq)."""
+    n = -relative_position
+    num_buckets //= 2
+    ret = (n < 0).long() * num_buckets
+    n = n.abs()
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    # log-spaced buckets beyond max_exact; clamp(min=1) only avoids log(0) in the unused branch
+    val_if_large = max_exact + (torch.log(n.float().clamp(min=1) / max_exact)
+                                / math.log(max_distance / max_exact) * (num_buckets - max_exact)).long()
+    val_if_large = val_if_large.clamp(max=num_buckets - 1)
+    return ret + torch.where(is_small, n, val_if_large)
+
+
+def rotary(x, positions, theta):
+    """Rotate (B, nh, L, hs) by angles positions * theta^(-2i/hs) (RoFormer, half-split layout)."""
+    hs = x.size(-1)
+    inv_freq = theta ** (-torch.arange(0, hs, 2, device=x.device, dtype=torch.float32) / hs)
+    angles = positions[:, None, :, None].float() * inv_freq  # (B, 1, L, hs/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+
+class Attention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.impl = config.n_head, config.attn_impl
+        self.q = nn.Linear(config.n_embd, config.n_embd)
+        self.kv = nn.Linear(config.n_embd, 2 * config.n_embd)  # k and v, computed for content rows only
+        self.o = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_dropout = config.attn_dropout
+        self.rope_theta = config.rope_theta if config.rope else None
+
+    def forward(self, x, n_kv, attn):
+        """x: (B, L, C); keys/values from x[:, :n_kv]; attn: the per-forward AttnInputs."""
+        q = rearrange(self.q(x), 'b l (nh hs) -> b nh l hs', nh=self.n_head)              # (B, nh, L, hs)
+        k, v = rearrange(self.kv(x[:, :n_kv]), 'b s (two nh hs) -> two b nh s hs', two=2, nh=self.n_head)
+        if self.rope_theta is not None:
+            q = rotary(q, attn.positions, self.rope_theta)
+            k = rotary(k, attn.positions[:, :n_kv], self.rope_theta)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if attn.flex is not None:
+            y = attn.flex(q, k, v)  # FlexAttention has no dropout on attention probabilities
+        elif self.impl == 'manual':
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1)) + attn.bias  # (B, nh, L, S)
+            att = F.dropout(F.softmax(att.float(), dim=-1).to(q.dtype), dropout_p, self.training)
+            y = att @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.bias, dropout_p=dropout_p)
+        return self.o(rearrange(y, 'b nh l hs -> b l (nh hs)'))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.fc1 = nn.Linear(config.n_embd, config.n_inner)
+        self.fc2 = nn.Linear(config.n_inner, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.fc2(F.gelu(self.fc1(x))))  # exact (erf) GELU, as BERT/MPNet
+
+
+class Block(nn.Module):
+    """Post-LN transformer layer (BERT / fairseq MPNet): x = LN(x + attn(x)); x = LN(x + mlp(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.attn = Attention(config)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, n_kv, attn):
+        x = self.ln_1(x + self.dropout(self.attn(x, n_kv, attn)))
+        return self.ln_2(x + self.mlp(x))
+
+
+class AttnInputs:
+    """What every layer's attention needs, built once per forward and shared by all layers:
+    positions (for rope), and either an additive bias with -inf where masked, (B, nh, L, S), for
+    sdpa/manual, or a FlexAttention closure."""
+
+    def __init__(self, positions, bias=None, flex=None):
+        if bias is not None and torch.is_autocast_enabled(bias.device.type):
+            bias = bias.to(torch.get_autocast_dtype(bias.device.type))  # once here, not in every layer
+        self.positions, self.bias, self.flex = positions, bias, flex
+
+
+class MPNet(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        C, V = config.n_embd, config.padded_vocab_size
+        self.wte = nn.Embedding(V, C, padding_idx=config.pad_id)
+        if not config.rope:
+            self.wpe = nn.Embedding(config.max_positions + config.pad_id + 1, C, padding_idx=config.pad_id)
+            self.rel_bias = nn.Embedding(config.rel_buckets, config.n_head)  # one table shared by all layers
+        self.ln_emb = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        # LM head: dense -> gelu -> LayerNorm -> decoder; the decoder weight IS wte.weight (tied, as
+        # HF's lm_head.decoder), so it has only its own bias here
+        self.head_dense = nn.Linear(C, C)
+        self.head_ln = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.head_bias = nn.Parameter(torch.zeros(V))
+        self.apply(self._init_weights)
+        if config.attn_impl == 'flex' and config.attn_dropout > 0:
+            print(f'note: attn_impl=flex has no attention dropout (attn_dropout={config.attn_dropout} is ignored)')
+
+    def _init_weights(self, module):
+        # BERT / fairseq init_bert_params: N(0, 0.02) weights, zero biases, zero padding rows
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.padding_idx is not None:
+                module.weight.data[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def get_num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    # -- shared pieces ----------------------------------------------------------------------
+
+    def embed(self, input_ids, positions):
+        """positions are 0-based token indices; embedding row = position + pad_id + 1, as HF."""
+        x = self.wte(input_ids)
+        if not self.config.rope:
+            x = x + self.wpe(positions + self.config.pad_id + 1)
+        return self.drop(self.ln_emb(x))
+
+    def rel_bias_table(self, q_pos, k_pos):
+        """(B, nh, Lq, Lk) relative position bias for query positions (B, Lq), key positions (B, Lk)."""
+        c = self.config
+        buckets = relative_position_bucket(k_pos[:, None, :] - q_pos[:, :, None], c.rel_buckets, c.rel_max_distance)
+        return rearrange(self.rel_bias(buckets), 'b lq lk nh -> b nh lq lk')
+
+    def lm_logits(self, hidden):
+        """LM head on (..., C) hidden states -> (..., vocab_size) logits; padding rows are cut off."""
+        x = self.head_ln(F.gelu(self.head_dense(hidden)))
+        return F.linear(x, self.wte.weight, self.head_bias)[..., :self.config.vocab_size]
+
+    # -- the two-stream pretraining forward -----------------------------------------------
+
+    def forward(self, input_ids, positions, n_pred, targets=None):
+        """input_ids, positions: (B, T+2P) two-stream layout (permute.py); targets: (B, P).
+        Returns logits (B, P, vocab_size) for the query stream and the mean cross-entropy (or None)."""
+        B, L = input_ids.shape
+        P = n_pred
+        T = L - 2 * P
+        n_kv = T + P
+        attn = self._two_stream_inputs(positions, T, P)
+        x = self.embed(input_ids, positions)
+        for block in self.blocks:
+            x = block(x, n_kv, attn)
+        logits = self.lm_logits(x[:, T + P:])  # (B, P, V): LM head only on the query stream
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return logits, loss
+
+    def _two_stream_inputs(self, positions, T, P):
+        c, device = self.config, positions.device
+        n_kv = T + P
+        if c.attn_impl == 'flex':
+            return AttnInputs(positions, flex=self._flex_attention(positions, T, P))
+        visible = two_stream_mask(T, P, device)  # (T+2P, T+P)
+        if c.rope:
+            bias = torch.zeros(visible.shape, device=device)
+        else:
+            # (B, nh, T+2P, T+P); query rows use their own positions, which equal their mask copies' (fairseq)
+            bias = self.rel_bias_table(positions, positions[:, :n_kv])
+        return AttnInputs(positions, bias=bias.masked_fill(~visible, float('-inf')))
+
+    def _flex_attention(self, positions, T, P):
+        from torch.nn.attention.flex_attention import flex_attention
+        block_mask = two_stream_block_mask(T, P, positions.device)
+        if self.config.rope:
+            return lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask)
+        # bias by relative distance d = k_pos - q_pos in [-(T-1), T-1]: a (nh, 2T-1) table per forward,
+        # looked up inside the kernel, so nothing of size (B, nh, L, L) is ever built
+        c = self.config
+        dist = torch.arange(-(T - 1), T, device=positions.device)
+        dist_bias = self.rel_bias(relative_position_bucket(dist, c.rel_buckets, c.rel_max_distance)).t()  # (nh, 2T-1)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + dist_bias[h, positions[b, kv_idx] - positions[b, q_idx] + T - 1].to(score.dtype)
+        return lambda q, k, v: flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
+    # -- the plain encoder (HF MPNetModel) ------------------------------------------------
+
+    def encode(self, input_ids, attention_mask=None):
+        """(B, T) ids -> (B, T, C) hidden states, exactly HF MPNetModel: positions count non-pad tokens,
+        the relative bias uses arange(T), padded keys are masked."""
+        c = self.config
+        B, T = input_ids.shape
+        not_pad = input_ids.ne(c.pad_id)
+        positions = torch.cumsum(not_pad, dim=1) * not_pad - 1  # a pad gets -1, i.e. embedding row pad_id
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        arange = torch.arange(T, device=input_ids.device).expand(B, T)
+        if c.rope:
+            bias = torch.zeros(B, 1, T, T, device=input_ids.device)
+            rope_pos = arange
+        else:
+            bias = self.rel_bias_table(arange, arange)
+            rope_pos = None
+        bias = bias.masked_fill(~attention_mask.bool()[:, None, None, :], float('-inf'))
+        # flex's block mask is specialised to the two-stream layout: the plain path always uses a bias
+        attn = AttnInputs(rope_pos, bias=bias)
+        x = self.embed(input_ids, positions)
+        for block in self.blocks:
+            x = block(x, T, attn)
+        return x
+
+    # -- training helpers ---------------------------------------------------------------
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type):
+        # decay matrices and embeddings; never biases or LayerNorm parameters (BERT / fairseq practice)
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+        use_fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **({'fused': True} if use_fused else {}))
+
+    def estimate_flops(self, T, P):
+        """Training FLOPs per sequence of the two-stream step (forward + backward = 3x forward matmuls).
+
+        Per layer, with L = T+2P query rows and S = T+P key rows: q and o projections 2*L*C*C each,
+        k and v 2*S*C*C each, feed-forward 2*L*C*F twice, attention scores and weighted sum 2*L*S*C each
+        (the full rectangle, masked entries included, as is the convention); LM head on the P query
+        rows: 2*P*(C*C + C*V). Embedding lookups, norms and softmax are not counted."""
+        c = self.config
+        C, F_, V = c.n_embd, c.n_inner, c.padded_vocab_size
+        L, S = T + 2 * P, T + P
+        per_layer = 2 * L * C * C * 2 + 2 * S * C * C * 2 + 2 * L * C * F_ * 2 + 2 * L * S * C * 2
+        forward = c.n_layer * per_layer + 2 * P * (C * C + C * V)
+        return 3 * forward
+
+    def estimate_mfu(self, T, P, seqs_per_sec, device_name):
+        """Model FLOPs utilisation against the device's dense bf16 peak; None for an unknown device."""
+        peak = peak_flops(device_name)
+        return None if peak is None else self.estimate_flops(T, P) * seqs_per_sec / peak
+
+
+# dense bf16 peak FLOP/s by device name substring (vendor datasheets, no sparsity)
+PEAK_BF16_FLOPS = {'H200': 989e12, 'H100 SXM': 989e12, 'H100 80GB HBM3': 989e12, 'H100 PCIe': 756e12,
+                   'H100 NVL': 835e12, 'A100': 312e12, 'L40S': 362e12, 'A10G': 70e12, 'RTX 4090': 165e12}
+
+
+def peak_flops(device_name):
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in device_name:
+            return value
+    return None
