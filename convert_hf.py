@@ -221,8 +221,8 @@ def sample_batch(config, B=2, T=23, seed=0):
     return ids, attention_mask
 
 
-def import_hf(name_or_dir, ckpt_path, **model_overrides):
-    """HF MPNetForMaskedLM or MPNetModel -> a checkpoint that train.py can start from."""
+def hf_to_checkpoint(name_or_dir):
+    """HF MPNetForMaskedLM or MPNetModel (hub name or folder) -> a checkpoint dict train.py can start from."""
     if name_or_dir.startswith(('/', '.', '~')) and not os.path.isdir(name_or_dir):
         raise ConvertError(f"HF model folder '{name_or_dir}' not found (give a local folder or a hub name)")
     from transformers import AutoConfig, MPNetForMaskedLM
@@ -230,18 +230,22 @@ def import_hf(name_or_dir, ckpt_path, **model_overrides):
         hf_cfg = AutoConfig.from_pretrained(name_or_dir)
     except (OSError, ValueError) as e:
         raise ConvertError(f"cannot load HF model '{name_or_dir}': {str(e).splitlines()[0]}")
-    model_args = config_from_hf(hf_cfg, **model_overrides)
+    model_args = config_from_hf(hf_cfg)
     hf, info = MPNetForMaskedLM.from_pretrained(name_or_dir, output_loading_info=True)
     model = MPNet(MPNetConfig(**model_args))
-    hf_sd = {k: v for k, v in hf.state_dict().items() if not any(k.startswith(m) for m in info['missing_keys'])}
-    missing = from_hf_state_dict(hf_sd, model)
-    if missing:
+    hf_sd = {k: v for k, v in hf.state_dict().items() if k not in info['missing_keys']}
+    if from_hf_state_dict(hf_sd, model):
         print(f"note: '{name_or_dir}' has no MLM head (encoder-only MPNetModel); the head is initialised fresh")
-    ckpt = {'model': model.state_dict(), 'model_args': model_args, 'config': {'init_from': name_or_dir},
+    return {'model': model.state_dict(), 'model_args': model_args, 'config': {'init_from': name_or_dir},
             'iter_num': 0, 'best_val_loss': float('inf'), 'tokenizer_files': tokenizer_files_of(name_or_dir),
             'special_ids': {k: getattr(hf_cfg, k) for k in ('bos_token_id', 'pad_token_id', 'eos_token_id')}}
+
+
+def import_hf(name_or_dir, ckpt_path):
+    ckpt = hf_to_checkpoint(name_or_dir)
     save_checkpoint(ckpt, ckpt_path)
-    print(f'wrote {ckpt_path} from {name_or_dir} ({model.get_num_params() / 1e6:.1f}M parameters)')
+    n_params = sum(t.numel() for t in ckpt['model'].values())
+    print(f'wrote {ckpt_path} from {name_or_dir} ({n_params / 1e6:.1f}M parameters)')
     return ckpt
 
 

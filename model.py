@@ -12,10 +12,8 @@ permute.py). One attention call serves both streams: queries come from all T+2P 
 values from the T+P content rows, and `two_stream_visible` is the single statement of who sees whom.
 """
 
-import inspect
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import torch.nn as nn
@@ -71,20 +69,27 @@ def two_stream_visible(q_idx, kv_idx, T, P):
     return (kv_idx < N) | (is_x & (kv_idx - N < lim)) | ((kv_idx >= T) & (kv_idx - T >= lim))
 
 
-@lru_cache(maxsize=16)
+_mask_cache = {}  # (kind, T, P, device) -> mask; a plain dict, which torch.compile traces through and guards on
+
+
 def two_stream_mask(T, P, device):
     """Boolean [T+2P, T+P] table of two_stream_visible, built once per (T, P, device)."""
-    q = torch.arange(T + 2 * P, device=device)[:, None]
-    kv = torch.arange(T + P, device=device)[None, :]
-    return two_stream_visible(q, kv, T, P)
+    key = ('dense', T, P, str(device))
+    if key not in _mask_cache:
+        q = torch.arange(T + 2 * P, device=device)[:, None]
+        kv = torch.arange(T + P, device=device)[None, :]
+        _mask_cache[key] = two_stream_visible(q, kv, T, P)
+    return _mask_cache[key]
 
 
-@lru_cache(maxsize=16)
 def two_stream_block_mask(T, P, device):
-    """FlexAttention block mask of two_stream_visible, cached per (T, P, device)."""
+    """FlexAttention block mask of two_stream_visible, built once per (T, P, device)."""
     from torch.nn.attention.flex_attention import create_block_mask
-    mask_mod = lambda b, h, q_idx, kv_idx: two_stream_visible(q_idx, kv_idx, T, P)
-    return create_block_mask(mask_mod, None, None, T + 2 * P, T + P, device=device)
+    key = ('flex', T, P, str(device))
+    if key not in _mask_cache:
+        mask_mod = lambda b, h, q_idx, kv_idx: two_stream_visible(q_idx, kv_idx, T, P)
+        _mask_cache[key] = create_block_mask(mask_mod, None, None, T + 2 * P, T + P, device=device)
+    return _mask_cache[key]
 
 
 def relative_position_bucket(relative_position, num_buckets=32, max_distance=128):
@@ -323,8 +328,8 @@ class MPNet(nn.Module):
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
-        use_fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **({'fused': True} if use_fused else {}))
+        # fused: one kernel for all parameters (CUDA and CPU), and it can skip a step on the device (found_inf)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=True)
 
     def estimate_flops(self, T, P):
         """Training FLOPs per sequence of the two-stream step (forward + backward = 3x forward matmuls).

@@ -8,20 +8,31 @@ references written here for the two-stream masks and the permutation. Tiny real 
 corpora are built in the tests; the hubs are never contacted.
 """
 
+import functools
+import json
 import math
 import os
+import random
+import re
+import signal
 import subprocess
 import sys
+import time
+import types
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 os.environ.setdefault('WANDB_MODE', 'offline')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+import data
+from permute import n_pred, permute_batch, vocab_tables
 from model import MPNet, MPNetConfig, relative_position_bucket, two_stream_mask
 import convert_hf
 
@@ -321,3 +332,721 @@ def test_export_missing_checkpoint_and_bad_usage(tmp_path):
     assert_clean_error(run_cli('convert_hf.py', str(tmp_path / 'nope.pt'), str(tmp_path / 'out')), 'not found')
     assert_clean_error(run_cli('convert_hf.py', str(tmp_path / 'nope.pt')), 'usage')
     assert_clean_error(run_cli('convert_hf.py', f'--from_hf={tmp_path / "missing"}', str(tmp_path / 'c.pt')), 'missing')
+
+
+# ==============================================================================================
+# train.py
+
+SMALL = ['--n_layer=2', '--n_head=2', '--n_embd=64', '--n_inner=128', '--batch_size=8', '--block_size=64',
+         '--eval_iters=2', '--log_interval=5', '--warmup_iters=5']
+
+
+def train(out_dir, *args, timeout=600):
+    return run_cli('train.py', 'config/tiny.py', f'--out_dir={out_dir}', *args, timeout=timeout)
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def test_tiny_config_learns(tmp_path):
+    proc = train(tmp_path, '--max_iters=40', '--eval_interval=20')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl') if 'val_loss' in l]
+    assert [e['iter'] for e in evals] == [0, 20, 40]
+    ln_vocab = math.log(load_ckpt(tmp_path / 'ckpt.pt')['model_args']['vocab_size'])
+    assert evals[0]['val_loss'] > ln_vocab - 0.5  # starts at chance
+    assert evals[-1]['val_loss'] < ln_vocab - 2.0, evals  # and falls well below it
+    logs = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl') if '"loss"' in l]
+    assert logs and all(math.isfinite(r['loss']) and r['tokens_per_sec'] > 0 for r in logs)
+
+
+def test_resume_is_exact(tmp_path):
+    common = [*SMALL, '--lr_decay_iters=40', '--eval_interval=10']
+    straight, split = tmp_path / 'straight', tmp_path / 'split'
+    assert train(straight, *common, '--max_iters=40').returncode == 0
+    assert train(split, *common, '--max_iters=20').returncode == 0
+    assert load_ckpt(split / 'ckpt.pt')['iter_num'] == 20
+    proc = train(split, *common, '--max_iters=40', '--init_from=resume')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_ckpt(straight / 'ckpt.pt'), load_ckpt(split / 'ckpt.pt')
+    assert a['iter_num'] == b['iter_num'] == 40
+    for k in a['model']:
+        assert (a['model'][k] - b['model'][k]).abs().max() < 1e-6, k
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    proc = run_cli('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py', 'config/tiny.py',
+                   f'--out_dir={tmp_path}', *SMALL, '--max_iters=10', '--eval_interval=10')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'effective batch: 1 accum x 2 GPUs x 8 seqs = 16 sequences' in proc.stdout
+    ckpt = load_ckpt(tmp_path / 'ckpt.pt')
+    assert ckpt['iter_num'] == 10 and len(ckpt['rank_states']) == 2
+    assert ckpt['rank_states'][0]['data'] == ckpt['rank_states'][1]['data']  # same count, disjoint blocks
+
+
+def test_trained_checkpoint_exports_with_tokenizer(tmp_path):
+    assert train(tmp_path, *SMALL, '--max_iters=5').returncode == 0
+    proc = run_cli('convert_hf.py', str(tmp_path / 'ckpt.pt'), str(tmp_path / 'hf'))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from transformers import AutoTokenizer, MPNetForMaskedLM
+    tok = AutoTokenizer.from_pretrained(tmp_path / 'hf')
+    hf = MPNetForMaskedLM.from_pretrained(tmp_path / 'hf').eval()
+    enc = tok(['the return value of a function'], return_tensors='pt')
+    assert enc['input_ids'][0, 0] == 0 and enc['input_ids'][0, -1] == 2  # <s> ... </s>
+    _, model = convert_hf.load_checkpoint(str(tmp_path / 'ckpt.pt'))
+    with torch.no_grad():
+        ours = model.lm_logits(model.encode(enc['input_ids']))
+        theirs = hf(**enc).logits
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+def test_bad_input_is_one_clear_line(tmp_path):
+    assert_clean_error(train(tmp_path, '--lr=1e-3'), "unknown config key 'lr'", 'learning_rate')
+    assert_clean_error(train(tmp_path, '--batch_size=big'), 'batch_size', 'int')
+    assert_clean_error(run_cli('train.py', 'config/nope.py'), "config file 'config/nope.py' not found")
+    assert_clean_error(train(tmp_path, f'--dataset={tmp_path / "missing"}'), 'missing')
+    (tmp_path / 'empty').mkdir()
+    assert_clean_error(train(tmp_path, f'--dataset={tmp_path / "empty"}'), 'empty')
+    assert_clean_error(train(tmp_path / 'fresh', '--init_from=resume'), 'ckpt.pt', 'does not exist')
+
+
+def test_sigkill_mid_training_resumes(tmp_path):
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+    args = [sys.executable, 'train.py', 'config/tiny.py', f'--out_dir={tmp_path}', *SMALL, '--max_iters=100000',
+            '--eval_interval=3']
+    proc = subprocess.Popen(args, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    saves = 0
+    for line in proc.stdout:  # kill it right after its second save, while it trains on
+        saves += line.startswith('saved ')
+        if saves == 2:
+            break
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    ckpt = load_ckpt(tmp_path / 'ckpt.pt')  # never a torn file: written to .tmp, then os.replace
+    assert ckpt['iter_num'] >= 6
+    proc = train(tmp_path, *SMALL, f'--max_iters={ckpt["iter_num"] + 3}', '--eval_interval=3', '--init_from=resume')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_ckpt(tmp_path / 'ckpt.pt')['iter_num'] == ckpt['iter_num'] + 3
+
+
+def test_sigterm_saves_and_exits(tmp_path):
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+    args = [sys.executable, 'train.py', 'config/tiny.py', f'--out_dir={tmp_path}', *SMALL, '--max_iters=100000',
+            '--eval_interval=1000']
+    proc = subprocess.Popen(args, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith('iter 5:'):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out[-2000:]
+    assert 'stopped by a signal' in out
+    assert load_ckpt(tmp_path / 'ckpt.pt')['iter_num'] >= 5
+
+
+# ==============================================================================================
+# bench.py
+
+def test_bench_runs_on_cpu():
+    proc = run_cli('bench.py', '--device=cpu', '--dtype=float32', '--compile=False', '--n_layer=2', '--n_embd=64',
+                   '--n_head=2', '--n_inner=128', '--batch_size=4', '--block_size=67', '--vocab_size=1000',
+                   '--burn_in=1', '--steps=2')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert 'device: cpu, torch ' in out and 'attn_impl=sdpa' in out
+    step = re.search(r'step: ([\d.]+) ms, ([\d,]+) tokens/s', out)
+    assert step and float(step.group(1)) > 0 and int(step.group(2).replace(',', '')) > 0
+    assert 'MFU n/a (unknown device peak)' in out  # no made-up peak for a CPU
+    assert re.search(r'permutation sampler: [\d.]+ ms per batch, [\d.]+% of the step', out)
+    assert_clean_error(run_cli('bench.py', '--batch_size=x'), 'batch_size')
+
+# ==============================================================================================
+# permute.py
+
+TOKENIZER_SPECIALS = ['<s>', '<pad>', '</s>', '<unk>']  # MPNet/fairseq order: bos 0, pad 1, eos 2, unk 3; <mask> last
+
+
+def sentences(n=400, seed=0):
+    """English-ish text whose made-up words are long enough to be split into sub-words."""
+    rng = random.Random(seed)
+    syllables = 'ka ri to men sa lo ver un der stand ing tion al pre fix ed ly ness ful re'.split()
+    words = [''.join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(150)]
+    out = []
+    for _ in range(n):
+        s = ' '.join(rng.choice(words) for _ in range(rng.randint(4, 12)))
+        out.append(s.capitalize() + rng.choice(['.', '!', ', ok.']))
+    return out
+
+
+def fit_tokenizer(model, trainer, pre_tokenizer, normalizer=None, decoder=None):
+    tok = Tokenizer(model)
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    if decoder is not None:
+        tok.decoder = decoder
+    tok.train_from_iterator(sentences(), trainer)
+    tok.add_special_tokens(['<mask>'])
+    return tok
+
+
+@functools.cache
+def wordpiece():
+    return fit_tokenizer(models.WordPiece(unk_token='<unk>'),
+                 trainers.WordPieceTrainer(vocab_size=200, special_tokens=TOKENIZER_SPECIALS),
+                 pre_tokenizers.BertPreTokenizer(), normalizers.BertNormalizer(lowercase=True),
+                 decoders.WordPiece())
+
+
+@functools.cache
+def hf_wordpiece():
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast(tokenizer_object=wordpiece(), bos_token='<s>', pad_token='<pad>',
+                                   eos_token='</s>', unk_token='<unk>', mask_token='<mask>')
+
+
+@functools.cache
+def tables():
+    return vocab_tables(hf_wordpiece())
+
+
+def blocks(B, T, seed=0):
+    """Packed blocks as data.py makes them: '<s>' then documents joined by '</s>', cut at T tokens.
+    Row 0 starts mid-word, which whole-word permutation must survive."""
+    tok, rng = wordpiece(), random.Random(seed)
+    stream = []
+    for s in sentences(60, seed=seed + 1):
+        stream += tok.encode(s).ids + [2]
+    is_word_start = tables()[0]
+    mid_word = [i for i in range(1, len(stream) - T) if not is_word_start[stream[i]]]
+    starts = [mid_word[0]] + [rng.randrange(len(stream) - T) for _ in range(B - 1)]
+    return torch.tensor([stream[i:i + T] for i in starts])
+
+
+def reference_permute(row, is_word_start, is_special, mask_id, rng, pred_frac=0.15, mask_prob=0.8,
+                      rand_prob=0.1, whole_word=True):
+    """One row, the obvious way (fairseq span_perm + mask_perm): lists and random.Random."""
+    T = len(row)
+    P = max(1, round(pred_frac * T))
+    if whole_word:
+        starts = [t for t in range(T) if t == 0 or is_word_start[row[t]]]
+        spans = [list(range(a, b)) for a, b in zip(starts, starts[1:] + [T])]
+        rng.shuffle(spans)
+        perm = [t for span in spans for t in span]
+        tail = perm[T - P:]
+        rng.shuffle(tail)
+        perm[T - P:] = tail
+    else:
+        perm = list(range(T))
+        rng.shuffle(perm)
+    allowed = [v for v in range(len(is_special)) if not is_special[v]]
+    targets = [row[t] for t in perm[T - P:]]
+    corrupted = []
+    for x in targets:
+        u = rng.random()
+        corrupted.append(mask_id if u < mask_prob else rng.choice(allowed) if u < mask_prob + rand_prob else x)
+    return [row[t] for t in perm] + corrupted + corrupted, perm + perm[T - P:] * 2, targets
+
+
+def check_layout(tokens, out, mask_id, is_special):
+    input_ids, positions, targets = out
+    B, T = tokens.shape
+    P = n_pred(T)
+    assert input_ids.shape == positions.shape == (B, T + 2 * P) and targets.shape == (B, P)
+    assert input_ids.dtype == positions.dtype == targets.dtype == torch.long
+    assert input_ids.device == positions.device == targets.device == tokens.device
+    perm = positions[:, :T]
+    assert torch.equal(perm.sort(1).values, torch.arange(T, device=tokens.device).expand(B, T))
+    assert torch.equal(input_ids[:, :T], tokens.gather(1, perm))
+    assert torch.equal(targets, input_ids[:, T - P:T])
+    assert torch.equal(positions[:, T:T + P], perm[:, T - P:])
+    assert torch.equal(positions[:, T + P:], perm[:, T - P:])
+    assert torch.equal(input_ids[:, T:T + P], input_ids[:, T + P:])
+    corrupted = input_ids[:, T:T + P]
+    replaced = (corrupted != targets) & (corrupted != mask_id)
+    assert not is_special.to(corrupted.device)[corrupted[replaced]].any()
+
+
+def word_ids(row, is_word_start):
+    ids, w = [], -1
+    for t, x in enumerate(row):
+        w += t == 0 or bool(is_word_start[x])
+        ids.append(w)
+    return ids
+
+
+def check_whole_words(row, perm, P, is_word_start):
+    """Non-predicted tokens of a word are contiguous and in order, and form a prefix of the word;
+    at most one word (the one cut at T-P) has tokens in both parts."""
+    T, words = len(row), word_ids(row, is_word_start)
+    head = perm[:T - P]
+    for i in range(1, len(head)):
+        if words[head[i]] == words[head[i - 1]]:
+            assert head[i] == head[i - 1] + 1
+        else:
+            assert words[head[i]] not in {words[t] for t in head[:i]}, 'a word is split in the non-predicted part'
+            assert head[i] == 0 or words[head[i] - 1] != words[head[i]], 'a word lost its first tokens'
+    shared = {words[t] for t in head} & {words[t] for t in perm[T - P:]}
+    assert len(shared) <= 1
+
+
+def test_n_pred():
+    assert n_pred(512) == 77 and n_pred(37) == 6 and n_pred(2) == 1 and n_pred(37, 0.5) == 18
+    assert all(n_pred(T) == max(1, round(0.15 * T)) for T in range(1, 1000))
+
+
+def test_vocab_tables_wordpiece():
+    raw, hf = wordpiece(), hf_wordpiece()
+    is_word_start, is_special = vocab_tables(hf)
+    raw_tables = vocab_tables(raw)
+    assert torch.equal(is_word_start, raw_tables[0]) and torch.equal(is_special, raw_tables[1])
+    V = raw.get_vocab_size(with_added_tokens=True)
+    assert len(is_word_start) == len(is_special) == V == len(hf) and hf.mask_token_id == V - 1
+    assert is_special.nonzero().flatten().tolist() == [0, 1, 2, 3, V - 1]
+    assert is_word_start[is_special].all()
+    assert any(t.startswith('##') for t in raw.get_vocab())
+    enc = raw.encode(' '.join(sentences(5, seed=3)))
+    assert any(t.startswith('##') for t in enc.tokens)
+    expected = [i == 0 or enc.word_ids[i] != enc.word_ids[i - 1] for i in range(len(enc.ids))]
+    assert is_word_start[enc.ids].tolist() == expected
+
+
+def test_vocab_tables_byte_level_bpe():
+    tok = fit_tokenizer(models.BPE(), trainers.BpeTrainer(vocab_size=250, special_tokens=TOKENIZER_SPECIALS,
+                                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+                pre_tokenizers.ByteLevel(add_prefix_space=False), decoder=decoders.ByteLevel())
+    is_word_start, is_special = vocab_tables(tok)
+    assert is_special.nonzero().flatten().tolist() == [0, 1, 2, 3, len(is_special) - 1]
+    enc = tok.encode('kamen unstanding riversa lo tionalful')  # letters and spaces: pre-tokens are words
+    assert any(t.startswith('\u0120') for t in enc.tokens) and len(enc.ids) > 6
+    expected = [enc.word_ids[i] != enc.word_ids[i - 1] for i in range(1, len(enc.ids))]
+    # the first word has no leading space, so no marker: permute_batch makes position 0 a start
+    assert is_word_start[enc.ids[1:]].tolist() == expected
+
+
+def test_vocab_tables_sentencepiece_metaspace():
+    tok = fit_tokenizer(models.BPE(unk_token='<unk>'), trainers.BpeTrainer(vocab_size=200, special_tokens=TOKENIZER_SPECIALS),
+                pre_tokenizers.Metaspace(), decoder=decoders.Metaspace())
+    is_word_start, is_special = vocab_tables(tok)
+    assert is_word_start[is_special].all()
+    enc = tok.encode('kamen unstanding riversa lo tionalful')
+    assert all(t.startswith('\u2581') == (i == 0 or enc.word_ids[i] != enc.word_ids[i - 1])
+               for i, t in enumerate(enc.tokens))
+    expected = [i == 0 or enc.word_ids[i] != enc.word_ids[i - 1] for i in range(len(enc.ids))]
+    assert is_word_start[enc.ids].tolist() == expected and not all(expected)
+
+
+def test_vocab_tables_without_markers_falls_back_to_tokens(capsys):
+    tok = fit_tokenizer(models.BPE(unk_token='<unk>'), trainers.BpeTrainer(vocab_size=150, special_tokens=TOKENIZER_SPECIALS),
+                pre_tokenizers.Whitespace())
+    is_word_start, is_special = vocab_tables(tok)
+    assert is_word_start.all() and is_special.sum() == 5
+    assert 'falls back to single tokens' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('whole_word', [True, False])
+@pytest.mark.parametrize('T', [37, 2, 512])
+def test_layout(T, whole_word):
+    is_word_start, is_special = tables()
+    mask_id = hf_wordpiece().mask_token_id
+    tokens = blocks(5, T)
+    out = permute_batch(tokens, is_word_start, is_special, mask_id, torch.Generator().manual_seed(0),
+                        whole_word=whole_word)
+    check_layout(tokens, out, mask_id, is_special)
+    if whole_word:
+        for row, perm in zip(tokens.tolist(), out[1].tolist()):
+            check_whole_words(row, perm, n_pred(T), is_word_start)
+
+
+def test_whole_words_stay_contiguous_and_token_level_splits_them():
+    is_word_start, is_special = tables()
+    tokens = blocks(8, 37).repeat(25, 1)
+    gen = torch.Generator().manual_seed(1)
+    _, positions, _ = permute_batch(tokens, is_word_start, is_special, 4, gen)
+    for row, perm in zip(tokens.tolist(), positions[:, :37].tolist()):
+        check_whole_words(row, perm, n_pred(37), is_word_start)
+    _, positions, _ = permute_batch(tokens, is_word_start, is_special, 4, gen, whole_word=False)
+    with pytest.raises(AssertionError):
+        for row, perm in zip(tokens.tolist(), positions[:, :37].tolist()):
+            check_whole_words(row, perm, n_pred(37), is_word_start)
+
+
+@pytest.mark.parametrize('whole_word', [True, False])
+def test_statistics_match_loop_reference(whole_word):
+    is_word_start, is_special = tables()
+    mask_id, (B, T), repeats = hf_wordpiece().mask_token_id, (4, 37), 1500
+    rows = blocks(B, T, seed=5)
+    P = n_pred(T)
+    tokens = rows.repeat_interleave(repeats, 0)
+    fast = permute_batch(tokens, is_word_start, is_special, mask_id, torch.Generator().manual_seed(2),
+                         whole_word=whole_word)
+    rng, ws, sp = random.Random(2), is_word_start.tolist(), is_special.tolist()
+    slow = [reference_permute(row, ws, sp, mask_id, rng, whole_word=whole_word) for row in tokens.tolist()]
+    slow = tuple(torch.tensor([s[i] for s in slow]) for i in range(3))
+    check_layout(tokens, slow, mask_id, is_special)
+    assert fast[2].shape == slow[2].shape == (B * repeats, P)
+
+    for input_ids, positions, targets in (fast, slow):
+        corrupted = input_ids[:, T:T + P]
+        masked = corrupted == mask_id
+        kept = corrupted == targets
+        replaced = ~masked & ~kept
+        assert abs(masked.float().mean() - 0.8) < 0.01
+        assert abs(replaced.float().mean() - 0.1) < 0.01
+        assert abs(kept.float().mean() - 0.1) < 0.01
+        assert not is_special[corrupted[replaced]].any()
+
+    def frequencies(positions):
+        """per (row, position): how often it is predicted, and how often it comes first in perm"""
+        pos = positions.view(B, repeats, -1)
+        predicted = torch.zeros(B, repeats, T).scatter_(2, pos[:, :, T - P:T], 1.0).mean(1)
+        first = torch.zeros(B, repeats, T).scatter_(2, pos[:, :, :1], 1.0).mean(1)
+        return predicted, first
+
+    (fast_pred, fast_first), (slow_pred, slow_first) = frequencies(fast[1]), frequencies(slow[1])
+    # fairseq reshuffles the tail: neighbours in the prediction order are rarely neighbours in the text
+    tail_runs = [(pos[:, T - P + 1:T] == pos[:, T - P:T - 1] + 1).float().mean() for pos in (fast[1], slow[1])]
+    assert abs(tail_runs[0] - tail_runs[1]) < 0.01 and tail_runs[0] < 0.1
+    for predicted in (fast_pred, slow_pred):
+        torch.testing.assert_close(predicted.mean(1), torch.full((B,), P / T))
+        assert (predicted - P / T).abs().max() < 0.08  # every position is predicted at about pred_frac
+    assert (fast_pred - slow_pred).abs().max() < 0.05
+    assert (fast_first - slow_first).abs().max() < 0.05
+    if whole_word:  # only word starts can come first in the permutation
+        starts = is_word_start[rows]
+        starts[:, 0] = True
+        assert (fast_first[~starts] == 0).all() and (slow_first[~starts] == 0).all()
+
+
+def test_random_replacements_are_uniform_over_non_special_ids():
+    V = 50
+    is_special = torch.zeros(V, dtype=torch.bool)
+    is_special[[0, 1, 2, 3, 17, 18, 30, 49]] = True  # scattered specials, as with holes or added tokens
+    tokens = torch.randint(4, 17, (2000, 101), generator=torch.Generator().manual_seed(0))
+    input_ids, _, targets = permute_batch(tokens, torch.ones(V, dtype=torch.bool), is_special, 49,
+                                          torch.Generator().manual_seed(3), mask_prob=0.0, rand_prob=1.0)
+    counts = torch.bincount(input_ids[:, 101:101 + 15].flatten(), minlength=V).float()
+    assert (counts[is_special] == 0).all()
+    expected = counts.sum() / (~is_special).sum()
+    assert ((counts[~is_special] - expected).abs() / expected).max() < 0.1
+
+
+def test_generator_is_the_only_source_of_randomness():
+    is_word_start, is_special = tables()
+    tokens = blocks(6, 37)
+
+    def draw(seed, global_seed):
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        out = permute_batch(tokens, is_word_start, is_special, 4, torch.Generator().manual_seed(seed))
+        assert torch.equal(torch.get_rng_state(), state)
+        return out
+
+    a, b, c = draw(0, 0), draw(0, 1), draw(1, 0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[1], c[1]) and not torch.equal(a[0], c[0])
+
+
+def test_tables_on_another_device_are_an_error():
+    is_word_start, is_special = tables()
+    with pytest.raises(ValueError, match='move them once'):
+        permute_batch(blocks(2, 37), is_word_start.to('meta'), is_special, 4, torch.Generator())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_layout_and_no_host_sync():
+    is_word_start, is_special = (t.cuda() for t in tables())
+    mask_id = hf_wordpiece().mask_token_id
+    tokens = blocks(16, 512).cuda()
+    gen = torch.Generator('cuda').manual_seed(0)
+    permute_batch(tokens, is_word_start, is_special, mask_id, gen)  # warm up caches
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        out = permute_batch(tokens, is_word_start, is_special, mask_id, gen)
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+    check_layout(tokens, out, mask_id, is_special)
+    for row, perm in zip(tokens.tolist(), out[1].tolist()):
+        check_whole_words(row, perm, n_pred(512), is_word_start.cpu())
+
+# ==============================================================================================
+# data.py
+
+@pytest.fixture(scope='session')
+def env(tmp_path_factory):
+    """DATA_ROOT and the datasets cache in a temp folder; the pydocs corpus built through the real builder;
+    a small WordPiece vocab trained on part of it (the full corpus is exercised by `python data.py`)."""
+    import datasets
+    root = tmp_path_factory.mktemp('data')
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, 'DATA_ROOT', str(root))
+        mp.setattr(datasets.config, 'HF_DATASETS_CACHE', root / 'hf_cache')
+        pydocs = data.build_pydocs()
+        docs = [json.loads(line)['text'] for line in open(pydocs, encoding='utf-8')]
+        tok = data.train_tokenizer(iter(docs[:2500]), vocab_size=2000)
+        tok.save_pretrained(root / 'tok')
+        yield types.SimpleNamespace(root=root, pydocs=pydocs, docs=docs, tok_dir=str(root / 'tok'))
+
+def write_jsonl(path, texts, field='text'):
+    with open(path, 'w', encoding='utf-8') as f:
+        f.writelines(json.dumps({field: t}) + '\n' for t in texts)
+    return str(path)
+
+def fake_prepared(path, tokens, dtype=np.uint16, bos=0):
+    """A prepared-dataset folder whose train stream is `tokens`: offsets can be read off the batches."""
+    os.makedirs(path, exist_ok=True)
+    np.asarray(tokens, dtype=dtype).tofile(os.path.join(path, 'train.bin'))
+    np.asarray(tokens[:100], dtype=dtype).tofile(os.path.join(path, 'val.bin'))
+    meta = dict(dataset='fake', tokenizer='none', vocab_size=int(max(tokens)) + 1, dtype=np.dtype(dtype).name,
+                bos_id=bos, eos_id=2, pad_id=1, unk_id=3, mask_id=4, n_tokens=dict(train=len(tokens), val=100))
+    with open(os.path.join(path, 'meta.json'), 'w') as f:
+        json.dump(meta, f)
+    return str(path)
+
+def find_slice(stream, row):
+    """Whether row is a contiguous slice of stream (both int arrays)."""
+    s, r = stream.astype('<i4').tobytes(), row.astype('<i4').tobytes()
+    pos = s.find(r)
+    while pos >= 0 and pos % 4:
+        pos = s.find(r, pos + 1)
+    return pos >= 0
+
+# -----------------------------------------------------------------------------
+
+def test_pydocs_corpus_and_trained_tokenizer(env):
+    from transformers import AutoTokenizer
+    assert len(env.docs) > 3000 and os.path.getsize(env.pydocs) > 1_000_000  # ~2 MB of real English
+    assert len(set(env.docs)) == len(env.docs)
+    assert any('semaphore' in d.lower() for d in env.docs) and any('lambda' in d for d in env.docs)
+    tok = AutoTokenizer.from_pretrained(env.tok_dir)
+    assert [tok.convert_tokens_to_ids(t) for t in ['<s>', '<pad>', '</s>', '<unk>', '<mask>']] == [0, 1, 2, 3, 4]
+    assert (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.mask_token_id) == (0, 1, 2, 3, 4)
+    assert 1500 < len(tok) <= 2000 and any(t.startswith('##') for t in tok.get_vocab())
+    ids = tok('Return the Lowercase string.')['input_ids']
+    assert ids[0] == 0 and ids[-1] == 2 and 3 not in ids
+    assert tok.decode(ids, skip_special_tokens=True) == 'return the lowercase string.'
+    assert data.load_tokenizer(env.tok_dir).mask_token == '<mask>'
+
+def test_prepare_round_trip_and_blocks(env, tmp_path, capsys):
+    docs = env.docs[:300] + ['', '   ']  # empty documents contribute nothing, not even a separator
+    src = write_jsonl(tmp_path / 'corpus.jsonl', docs)
+    out = data.prepare(src, tokenizer=env.tok_dir, out_dir=str(tmp_path / 'prep'), val_frac=0.1)
+    assert sorted(os.listdir(out)) == ['meta.json', 'tokenizer', 'train.bin', 'val.bin']
+    meta = data.load_meta(out)
+    tok = data.load_tokenizer(meta['tokenizer'])
+    assert meta['dtype'] == 'uint16' and (meta['bos_id'], meta['eos_id'], meta['mask_id']) == (0, 2, 4)
+    streams = {s: np.fromfile(os.path.join(out, f'{s}.bin'), dtype=np.uint16).astype(np.int64) for s in ('train', 'val')}
+    assert {s: len(v) for s, v in streams.items()} == meta['n_tokens']
+    # the two streams are the documents in order, each encoded without specials and followed by </s>,
+    # every document in exactly one of them
+    pos, n_val = {'train': 0, 'val': 0}, 0
+    for doc in docs:
+        ids = tok.encode(doc, add_special_tokens=False)
+        if not ids:
+            continue
+        ids = np.array(ids + [2])
+        hits = [s for s in pos if np.array_equal(streams[s][pos[s]:pos[s] + len(ids)], ids)]
+        assert len(hits) == 1, doc[:80]
+        pos[hits[0]] += len(ids)
+        n_val += hits[0] == 'val'
+    assert pos == meta['n_tokens'] and 10 < n_val < 60 and meta['n_docs']['val'] == n_val
+    # decoding a document's slice of the stream gives back the text, up to lowercase/accents/spacing
+    norm = tok.backend_tokenizer.normalizer
+    for doc in docs[:50]:
+        ids = tok.encode(doc, add_special_tokens=False)
+        if 3 not in ids:
+            assert ''.join(tok.decode(ids).split()) == ''.join(norm.normalize_str(doc).split())
+    # a block is <s> + a contiguous slice of the train stream
+    b = data.Batches(out, 'train', batch_size=4, block_size=37)
+    starts, x = b.starts(0), b.next()
+    assert x.shape == (4, 37) and x.dtype == torch.long
+    assert (x[:, 0] == 0).all()
+    for s, row in zip(starts, x):
+        assert torch.equal(row[1:], torch.from_numpy(streams['train'][s:s + 36]))
+    # prepared once: a second call is a no-op, other settings in the same folder are refused
+    capsys.readouterr()
+    assert data.prepare(src, tokenizer=env.tok_dir, out_dir=out, val_frac=0.1) == out
+    assert 'already prepared' in capsys.readouterr().out
+    with pytest.raises(data.DataError, match='other settings.*val_frac'):
+        data.prepare(src, tokenizer=env.tok_dir, out_dir=out, val_frac=0.2)
+
+def test_default_out_dir():
+    assert data.default_out_dir('pydocs', 'train', 8192) == os.path.join(data.DATA_ROOT, 'pydocs-train8192')
+    assert data.default_out_dir('HuggingFaceFW/fineweb-edu:sample-10BT', 'microsoft/mpnet-base', 30527) == \
+        os.path.join(data.DATA_ROOT, 'fineweb-edu_sample-10BT-mpnet-base')
+    assert data.default_out_dir('/corpora/books/', 'data/pydocs-train8192/tokenizer', 0).endswith('books-pydocs-train8192')
+
+def test_permutation_is_a_bijection():
+    for n in [1, 2, 3, 5, 17, 1000, 4097]:
+        p = data._permute(np.arange(n), n, 1337, 3)
+        assert sorted(p.tolist()) == list(range(n))
+    assert not np.array_equal(data._permute(np.arange(100), 100, 1, 0), data._permute(np.arange(100), 100, 1, 1))
+
+def test_batches_ranks_epochs_and_resume(tmp_path):
+    n, T = 10_007, 17                      # odd sizes; the stream is arange so a row's 2nd token is its offset
+    d = fake_prepared(tmp_path / 'fake', np.arange(n))
+    ranks = [data.Batches(d, 'train', 5, T, seed=3, rank=r, world_size=3) for r in range(3)]
+    n_blocks = ranks[0].n_blocks
+    assert n_blocks == (n - (T - 1) + 1) // (T - 1)
+    seen = []
+    for _ in range(n_blocks // 15):        # just under one epoch over all ranks
+        for b in ranks:
+            x = b.next().numpy()
+            assert (x[:, 0] == 0).all() and (np.diff(x[:, 1:], axis=1) == 1).all()
+            seen += x[:, 1].tolist()
+    assert len(seen) == len(set(seen))     # no two ranks (or steps) share a block within an epoch
+    assert len({s % (T - 1) for s in seen}) == 1 and max(seen) + T - 1 <= n
+    # one full epoch visits every block once; the next epoch shifts the grid
+    b = data.Batches(d, 'train', 1, T, seed=3)
+    epoch0 = [b.next()[0, 1].item() for _ in range(n_blocks)]
+    epoch1 = [b.next()[0, 1].item() for _ in range(n_blocks)]
+    assert len(set(epoch0)) == n_blocks and len(set(epoch1)) == n_blocks and set(epoch0) != set(epoch1)
+    # resume mid-run, across an epoch boundary: identical to the uninterrupted run
+    run = data.Batches(d, 'train', 7, T, seed=5, rank=1, world_size=2)
+    full = [run.next() for _ in range(60)]
+    first = data.Batches(d, 'train', 7, T, seed=5, rank=1, world_size=2)
+    for _ in range(30):
+        first.next()
+    state = json.loads(json.dumps(first.state_dict()))  # plain python values
+    again = data.Batches(d, 'train', 7, T, seed=5, rank=1, world_size=2)
+    again.load_state_dict(state)
+    assert all(torch.equal(again.next(), x) for x in full[30:])
+    # a new batch size resumes after the same number of blocks
+    wider = data.Batches(d, 'train', 14, T, seed=5, rank=1, world_size=2)
+    wider.load_state_dict(state)
+    assert wider.i == 15
+
+def test_eval_blocks_fixed(tmp_path):
+    d = fake_prepared(tmp_path / 'fake', np.arange(5000))
+    a, b = data.eval_blocks(d, 'train', 9, 33), data.eval_blocks(d, 'train', 9, 33)
+    assert a.shape == (9, 33) and torch.equal(a, b)
+    assert not torch.equal(a, data.eval_blocks(d, 'train', 9, 33, seed=1))
+
+def test_uint32_when_vocab_needs_it(tmp_path):
+    assert data.token_dtype(30527) == np.uint16 and data.token_dtype(65536) == np.uint16
+    assert data.token_dtype(65537) == np.uint32 and data.token_dtype(250_002) == np.uint32
+    d = fake_prepared(tmp_path / 'big', 70_000 + np.arange(3000), dtype=np.uint32)
+    x = data.Batches(d, 'train', 3, 11).next()
+    assert x.dtype == torch.long and (x[:, 1:] >= 70_000).all() and (x[:, 2:] - x[:, 1:-1] == 1).all()
+
+def test_streaming_local_jsonl_ranks_and_resume(env, tmp_path):
+    docs = env.docs[:160]
+    src = write_jsonl(tmp_path / 'stream.jsonl', docs)
+    tok = data.load_tokenizer(env.tok_dir)
+    rank_stream = [np.concatenate([np.array(tok.encode(t, add_special_tokens=False) + [2])
+                                   for t in docs[r::2] if tok.encode(t, add_special_tokens=False)]) for r in range(2)]
+    kw = dict(batch_size=3, block_size=33, seed=7, world_size=2, buffer_blocks=8)
+    for r in range(2):
+        s = data.StreamingBatches(src, env.tok_dir, rank=r, **kw)
+        for _ in range(5):
+            x = s.next().numpy()
+            assert x.shape == (3, 33) and (x[:, 0] == 0).all()
+            assert all(find_slice(rank_stream[r], row[1:]) for row in x)  # rank r reads only docs r, r+2, ...
+    # resume, crossing windows and the end of the stream: identical to the uninterrupted run
+    n_epoch = len(rank_stream[1]) // 32    # blocks per epoch of rank 1 (a few fewer: window ends are dropped)
+    steps = n_epoch // 4                   # 3 blocks a step: the run stops 3/4 into epoch 0, then goes on into epoch 1
+    full = data.StreamingBatches(src, env.tok_dir, rank=1, **kw)
+    xs = [full.next() for _ in range(2 * steps)]
+    assert full.state_dict()['epoch'] == 1
+    part = data.StreamingBatches(src, env.tok_dir, rank=1, **kw)
+    for _ in range(steps):
+        part.next()
+    state = json.loads(json.dumps(part.state_dict()))
+    again = data.StreamingBatches(src, env.tok_dir, rank=1, **kw)
+    again.load_state_dict([{}, state])     # every rank's state, as a DDP run saves them
+    assert all(torch.equal(again.next(), x) for x in xs[steps:])
+    assert again.meta['bos_id'] == 0 and again.meta['mask_id'] == 4 and again.meta['vocab_size'] == len(tok)
+    with pytest.raises(data.DataError, match='same number of processes'):
+        data.StreamingBatches(src, env.tok_dir, rank=0, **dict(kw, world_size=4)).load_state_dict(state)
+
+def test_txt_folder_undecodable_bytes_counted(env, tmp_path, capsys):
+    folder = tmp_path / 'txt'
+    (folder / 'sub').mkdir(parents=True)
+    paras = env.docs[300:400]
+    (folder / 'a.txt').write_text('\n\n'.join(paras[:50]), encoding='utf-8')
+    (folder / 'sub' / 'b.txt').write_bytes('\n\n'.join(paras[50:]).encode() + b'\n\nbad \xff\xfe bytes \xc3 here\n')
+    out = data.prepare(str(folder), tokenizer=env.tok_dir, out_dir=str(tmp_path / 'prep'))
+    meta = data.load_meta(out)
+    assert meta['n_undecodable'] == 3 and 'undecodable' in capsys.readouterr().out
+    assert meta['n_docs']['train'] + meta['n_docs']['val'] >= 100
+
+def test_bad_inputs(env, tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.prepare(str(tmp_path / 'missing'), tokenizer=env.tok_dir, out_dir=str(tmp_path / 'o1'))
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'empty' / 'notes.csv').write_text('a,b\n')
+    with pytest.raises(data.DataError, match=r"is empty: no \.txt, \.jsonl or \.parquet"):
+        data.prepare(str(tmp_path / 'empty'), tokenizer=env.tok_dir, out_dir=str(tmp_path / 'o2'))
+    src = write_jsonl(tmp_path / 'c.jsonl', ['one doc', 'another doc'], field='content')
+    with pytest.raises(data.DataError, match="no column 'text'.*content.*--text_field"):
+        data.prepare(src, tokenizer=env.tok_dir, out_dir=str(tmp_path / 'o3'))
+    with pytest.raises(data.DataError, match="has no documents"):
+        data.prepare(write_jsonl(tmp_path / 'z.jsonl', []), tokenizer=env.tok_dir, out_dir=str(tmp_path / 'o4'))
+    (tmp_path / 'blank').mkdir()
+    (tmp_path / 'blank' / 'a.txt').write_text('\n\n\n')
+    with pytest.raises(data.DataError, match="has no non-empty documents"):
+        data.prepare(str(tmp_path / 'blank'), tokenizer=env.tok_dir, out_dir=str(tmp_path / 'o5'))
+    vocab = {t: i for i, t in enumerate(['<s>', '<pad>', '</s>', '<unk>', 'hello'])}
+    nomask = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token='<unk>')),
+                                     bos_token='<s>', eos_token='</s>', pad_token='<pad>', unk_token='<unk>')
+    nomask.save_pretrained(tmp_path / 'nomask')
+    with pytest.raises(data.DataError, match='no mask token'):
+        data.load_tokenizer(str(tmp_path / 'nomask'))
+    with pytest.raises(data.DataError, match='hub'):  # hub unreachable: a clear error, not a hang
+        data.StreamingBatches('nobody/no-such-dataset', env.tok_dir, 2, 16)
+    with pytest.raises(data.DataError, match='no meta.json'):
+        data.Batches(str(tmp_path), 'train', 2, 16)
+
+def test_cli_error_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'data.py'), '--dataset=/nonexistent'], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 1 and 'Traceback' not in r.stderr
+    assert lines == ["error: dataset path '/nonexistent' does not exist"]
+
+MEMORY_PROBE = r"""
+import os, sys, json, threading, time
+sys.path.insert(0, sys.argv[1])
+import data
+def rss_anon():  # heap memory only: memory-mapped Arrow and .bin files are page cache, not held data
+    for line in open('/proc/self/status'):
+        if line.startswith('RssAnon:'):
+            return int(line.split()[1]) * 1024
+peak, done = [0], threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss_anon())
+        time.sleep(0.002)
+data.prepare(sys.argv[3], tokenizer=sys.argv[2], out_dir=sys.argv[5] + '-warm')  # load every lazy import first
+data._source(sys.argv[4])  # datasets' own json -> Arrow conversion (chunked, its memory pool stays allocated)
+base = rss_anon()
+threading.Thread(target=sample, daemon=True).start()
+out = data.prepare(sys.argv[4], tokenizer=sys.argv[2], out_dir=sys.argv[5])
+done.set()
+print(json.dumps(dict(growth=peak[0] - base, n_tokens=sum(data.load_meta(out)['n_tokens'].values()))))
+"""
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/status'), reason='needs Linux /proc')
+def test_prepare_memory_is_bounded(env, tmp_path):
+    # ~4M tokens: as Python lists of ids that is ~150 MB (an 8-byte pointer + a 28-byte int each); prepare
+    # tokenizes and writes batch by batch, so its heap grows by a small fraction of that (~15 MB)
+    words = np.array(sorted({w for d in env.docs[:500] for w in d.split() if w.isalpha()}))
+    rng = np.random.default_rng(0)
+    lens = rng.integers(20, 200, size=18_000)
+    picks = rng.integers(0, len(words), size=lens.sum())
+    ends = np.cumsum(lens)
+    texts = [' '.join(words[picks[e - n:e]]) for n, e in zip(lens, ends)]
+    big = write_jsonl(tmp_path / 'big.jsonl', texts)
+    small = write_jsonl(tmp_path / 'small.jsonl', texts[:50])
+    envs = dict(os.environ, HF_DATASETS_CACHE=str(tmp_path / 'hf_cache'))
+    r = subprocess.run([sys.executable, '-c', MEMORY_PROBE, HERE, env.tok_dir, small, big, str(tmp_path / 'out')],
+                       cwd=tmp_path, env=envs, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    as_lists = res['n_tokens'] * 36
+    assert res['n_tokens'] > 3_000_000
+    assert res['growth'] < as_lists / 5, res

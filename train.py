@@ -1,0 +1,392 @@
+"""
+MPNet pretraining: one loop, bf16 on CUDA (float32 CPU runs for smoke tests), DDP with torchrun.
+
+    python train.py config/tiny.py                          # built-in corpus, small model, CPU minutes
+    python train.py config/base.py --batch_size=16          # mpnet-base on one GPU
+    python train.py config/base.py --init_from=resume       # continue out_dir/ckpt.pt after a stop or crash
+    torchrun --standalone --nproc_per_node=8 train.py config/base.py
+    torchrun --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=29500 --nproc_per_node=8 train.py config/base.py
+
+Every global below can be set by a config file (assignments only) or --key=value; the resolved
+config is printed and saved in each checkpoint.
+"""
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+from configurator import ConfigError, configure
+from convert_hf import hf_to_checkpoint, read_tokenizer_files, save_checkpoint, tokenizer_files_of, ConvertError
+from model import MPNet, MPNetConfig
+from permute import n_pred, permute_batch, vocab_tables
+
+# -----------------------------------------------------------------------------------------------
+# I/O
+out_dir: str = 'out'
+init_from: str = 'scratch'              # 'scratch' | 'resume' (out_dir/ckpt.pt) | an HF MPNet name or folder
+eval_interval: int = 500
+eval_iters: int = 20                    # validation batches: fixed blocks and fixed permutations
+log_interval: int = 10
+always_save_checkpoint: bool = True     # else save only when the validation loss improves
+wandb_log: bool = False
+wandb_project: str = 'nano-mpnet'
+wandb_run_name: str = 'run'
+# data
+dataset: str = 'pydocs'                 # 'pydocs' (built in), a .txt/.jsonl/.parquet file or folder, or a hub dataset
+tokenizer: str = 'microsoft/mpnet-base' # hub name or folder, or 'train' (WordPiece learned on the corpus)
+vocab_size: int = 30527                 # only for tokenizer='train'
+data_dir: str = ''                      # a prepared folder (data.py); '' = prepare dataset + tokenizer under data/
+streaming: bool = False                 # tokenize on the fly (hub datasets too large to prepare)
+text_field: str = 'text'
+val_frac: float = 0.005                 # documents held out for validation when preparing
+batch_size: int = 32                    # sequences per GPU per micro-step
+block_size: int = 512                   # tokens per sequence: <s> + packed text
+gradient_accumulation_steps: int = 1    # micro-steps per optimizer step; never changed by the number of GPUs
+# MPNet objective (paper sec. 2)
+pred_frac: float = 0.15                 # fraction of each sequence predicted
+mask_prob: float = 0.8                  # predicted tokens shown as <mask> ...
+rand_prob: float = 0.1                  # ... as a random token, else unchanged
+whole_word: bool = True                 # permute whole words, not tokens
+# model (ignored on resume or HF init: the checkpoint's architecture is used)
+n_layer: int = 12
+n_head: int = 12
+n_embd: int = 768
+n_inner: int = 3072
+max_positions: int = 512
+dropout: float = 0.1
+attn_dropout: float = 0.1
+attn_impl: str = 'sdpa'                 # 'sdpa' | 'flex' (CUDA) | 'manual'
+rope: bool = False                      # rotary positions instead of absolute + relative (not HF-exportable)
+# optimizer: AdamW with MPNet's settings
+learning_rate: float = 6e-4
+max_iters: int = 100_000
+weight_decay: float = 0.01
+beta1: float = 0.9
+beta2: float = 0.98
+eps: float = 1e-6
+grad_clip: float = 1.0                  # 0 = off
+max_bad_steps: int = 5                  # consecutive non-finite steps that stop the run (each is skipped)
+# learning rate schedule
+decay_lr: bool = True
+lr_schedule: str = 'linear'             # 'linear' (the paper) or 'cosine', after a linear warmup
+warmup_iters: int = 10_000
+lr_decay_iters: int = 100_000           # ~ max_iters
+min_lr: float = 0.0
+# system
+device: str = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype: str = 'bfloat16' if torch.cuda.is_available() else 'float32'
+compile: bool = True                    # torch.compile the model (CUDA only)
+seed: int = 1337
+# -----------------------------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+
+
+def die(msg):
+    print(f'error: {msg}', file=sys.stderr)
+    sys.exit(1)
+
+
+try:
+    config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:])
+except ConfigError as e:
+    die(e)
+globals().update(config)
+choices = dict(attn_impl=('sdpa', 'flex', 'manual'), lr_schedule=('linear', 'cosine'),
+               dtype=('float32', 'bfloat16', 'float16'))
+for key, allowed in choices.items():
+    if config[key] not in allowed:
+        die(f"{key} must be one of {', '.join(allowed)}; got {config[key]!r}")
+if not 0 < pred_frac < 1:
+    die(f'pred_frac must be in (0, 1); got {pred_frac}')
+
+# -----------------------------------------------------------------------------------------------
+# processes, devices, precision
+
+ddp = int(os.environ.get('RANK', -1)) != -1
+if ddp:
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if device.startswith('cuda'):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+else:
+    rank, world_size = 0, 1
+master = rank == 0  # rank 0 does all the I/O
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+if device_type == 'cuda' and not torch.cuda.is_available():
+    die("device is 'cuda' but no GPU is visible: pass --device=cpu (and --dtype=float32)")
+torch.manual_seed(seed + rank)  # dropout; each rank its own stream
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+P = n_pred(block_size, pred_frac)
+tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if master:
+    print('config:\n' + '\n'.join(f'  {k} = {config[k]!r}' for k in config_keys))
+    print(f'effective batch: {gradient_accumulation_steps} accum x {world_size} GPUs x {batch_size} seqs = '
+          f'{tokens_per_iter // block_size:,} sequences, {tokens_per_iter:,} tokens per optimizer step '
+          f'({P} predicted per sequence)')
+    os.makedirs(out_dir, exist_ok=True)
+
+# -----------------------------------------------------------------------------------------------
+# data
+
+try:
+    if streaming:
+        train_data = data.StreamingBatches(dataset, tokenizer, batch_size, block_size, seed, rank, world_size, device,
+                                           text_field=text_field)
+        tok = train_data.tok
+        meta = dict(vocab_size=len(tok), mask_id=tok.mask_token_id, tokenizer=tokenizer)
+        # validation: a prepared data_dir when given, else the first blocks of the stream (also trained on)
+        val_source = data_dir or None
+    else:
+        if not data_dir:
+            if master:
+                data_dir = data.prepare(dataset, tokenizer, vocab_size, val_frac=val_frac, text_field=text_field)
+            if ddp:
+                dist.barrier()
+            data_dir = data.default_out_dir(dataset, tokenizer, vocab_size) if not data_dir else data_dir
+        meta = data.load_meta(data_dir)
+        tok = data.load_tokenizer(meta['tokenizer'])
+        train_data = data.Batches(data_dir, 'train', batch_size, block_size, seed, rank, world_size, device)
+        val_source = data_dir
+    if val_source:
+        val_tokens = data.eval_blocks(val_source, 'val', eval_iters * batch_size, block_size)
+    else:
+        val_tokens = data.StreamingBatches(dataset, tok, eval_iters * batch_size, block_size, seed=0,
+                                           text_field=text_field).next().cpu()
+except data.DataError as e:
+    die(e)
+is_word_start, is_special = (t.to(device) for t in vocab_tables(tok))
+mask_id = meta['mask_id']
+
+# -----------------------------------------------------------------------------------------------
+# model, optimizer, state
+
+model_args = dict(vocab_size=meta['vocab_size'], n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_inner=n_inner,
+                  max_positions=max_positions, dropout=dropout, attn_dropout=attn_dropout, attn_impl=attn_impl,
+                  rope=rope)
+iter_num, best_val_loss, ckpt = 0, float('inf'), None
+if init_from == 'resume':
+    if not os.path.isfile(ckpt_path):
+        die(f"init_from='resume' but {ckpt_path} does not exist: train first, or set --out_dir to the run's folder")
+    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+elif init_from != 'scratch':
+    try:
+        ckpt = hf_to_checkpoint(init_from)
+    except ConvertError as e:
+        die(e)
+if ckpt is not None:
+    # the architecture comes from the checkpoint; the attention kernel and dropout are this run's choice
+    model_args = {**ckpt['model_args'], 'attn_impl': attn_impl, 'dropout': dropout, 'attn_dropout': attn_dropout}
+if model_args['vocab_size'] != meta['vocab_size']:
+    die(f"vocab mismatch: the model has {model_args['vocab_size']} tokens but the data's tokenizer "
+        f"{meta['tokenizer']!r} has {meta['vocab_size']}: prepare the data with the model's tokenizer")
+if block_size > model_args['max_positions']:
+    die(f"block_size {block_size} exceeds the model's max_positions {model_args['max_positions']}")
+raw_model = MPNet(MPNetConfig(**model_args))
+if ckpt is not None:
+    raw_model.load_state_dict(ckpt['model'])
+raw_model.to(device)
+optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), eps, device_type)
+if init_from == 'resume':
+    optimizer.load_state_dict(ckpt['optimizer'])
+perm_gen = torch.Generator(device).manual_seed(seed + rank)  # the permutations' own random stream
+if init_from == 'resume':
+    states = ckpt['rank_states']
+    if len(states) != world_size:
+        die(f'this checkpoint was written by {len(states)} processes; resume it with the same number ({world_size} now)')
+    state = states[rank]
+    train_data.load_state_dict(state['data'])
+    perm_gen.set_state(state['perm_rng'])
+    torch.set_rng_state(state['cpu_rng'])
+    if device_type == 'cuda' and state.get('cuda_rng') is not None:
+        torch.cuda.set_rng_state(state['cuda_rng'])
+tokenizer_files = (read_tokenizer_files(meta['tokenizer']) if os.path.isdir(str(meta['tokenizer']))
+                   else tokenizer_files_of(meta['tokenizer'])) if master else {}
+special_ids = dict(bos_token_id=tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id,
+                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id if tok.eos_token_id is not None
+                   else tok.sep_token_id)
+ckpt = None  # free the memory
+
+model = raw_model
+if compile and device_type == 'cuda':
+    print('compiling the model...') if master else None
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
+if master:
+    print(f'model: {raw_model.get_num_params() / 1e6:.2f}M parameters, {model_args}')
+
+
+def get_lr(it):
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= lr_decay_iters:
+        return min_lr
+    progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    coeff = 1.0 - progress if lr_schedule == 'linear' else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+def permute(tokens, generator):
+    return permute_batch(tokens, is_word_start, is_special, mask_id, generator, pred_frac=pred_frac,
+                         mask_prob=mask_prob, rand_prob=rand_prob, whole_word=whole_word)
+
+
+@torch.no_grad()
+def evaluate():
+    """Loss and accuracy on fixed blocks with fixed permutations (batch k always uses seed k), so
+    validation numbers are comparable across runs and world sizes."""
+    model.eval()
+    sums = torch.zeros(3, device=device)  # loss * tokens, correct, tokens
+    g = torch.Generator(device)
+    for k in range(rank, eval_iters, world_size):
+        x = val_tokens[k * batch_size:(k + 1) * batch_size].to(device)
+        input_ids, positions, targets = permute(x, g.manual_seed(k))
+        with autocast:
+            logits, loss = model(input_ids, positions, P, targets)
+        sums += torch.stack([loss.float() * targets.numel(), (logits.argmax(-1) == targets).sum().float(),
+                             torch.tensor(float(targets.numel()), device=device)])
+    if ddp:
+        dist.all_reduce(sums)
+    model.train()
+    return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+
+
+def rank_state(data_state):
+    return dict(data=data_state, perm_rng=perm_gen.get_state(), cpu_rng=torch.get_rng_state(),
+                cuda_rng=torch.cuda.get_rng_state() if device_type == 'cuda' else None)
+
+
+def save(state):
+    """All ranks gather their RNG and data positions; rank 0 writes atomically (convert_hf.save_checkpoint)."""
+    states = [None] * world_size
+    if ddp:
+        dist.all_gather_object(states, state)
+    else:
+        states = [state]
+    if master:
+        save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
+                             config=config, iter_num=iter_num, best_val_loss=best_val_loss, rank_states=states,
+                             tokenizer_files=tokenizer_files, special_ids=special_ids, data_dir=data_dir),
+                        ckpt_path)
+        print(f'saved {ckpt_path} at iter {iter_num}')
+
+
+def log(record):
+    if master:
+        with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
+            f.write(json.dumps(record) + '\n')
+        if wandb_log:
+            wandb.log(record, step=record['iter'])
+
+
+stop_signal = []  # SIGINT/SIGTERM: save and exit at the next iteration (under DDP: the next log step)
+stop_requested = False
+for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+if wandb_log and master:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir)
+
+# -----------------------------------------------------------------------------------------------
+# the loop
+
+start_iter = iter_num
+state = rank_state(train_data.state_dict())  # the resume point: before the next batch is drawn
+X = train_data.next()               # first micro-batch of the coming step
+params = [p for p in raw_model.parameters() if p.requires_grad]
+device_name = torch.cuda.get_device_name(device) if device_type == 'cuda' else 'cpu'
+bad_run = torch.zeros((), device=device)  # consecutive non-finite steps, read at log steps only
+bad_total = torch.zeros((), device=device)
+loss_sum, correct_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+t_last, iters_since_log = time.time(), 0
+while True:
+    lr = get_lr(iter_num) if decay_lr else learning_rate
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+
+    if iter_num % eval_interval == 0 or iter_num == max_iters:
+        val_loss, val_acc = evaluate()
+        improved = val_loss < best_val_loss
+        best_val_loss = min(best_val_loss, val_loss)
+        if master:
+            print(f'iter {iter_num}: val loss {val_loss:.4f}, val acc {val_acc:.4f}, best {best_val_loss:.4f}')
+        log(dict(iter=iter_num, val_loss=val_loss, val_acc=val_acc))
+        if iter_num > start_iter and (improved or always_save_checkpoint):
+            save(state)
+        t_last = time.time()  # evaluation time is not training time
+    stop_requested = stop_requested or (bool(stop_signal) and not ddp)
+    if stop_requested:
+        if iter_num > start_iter:
+            save(state)
+        print(f'stopped by a signal at iter {iter_num}') if master else None
+        break
+    if iter_num >= max_iters:
+        break
+
+    is_log_step = (iter_num + 1) % log_interval == 0
+    for micro_step in range(gradient_accumulation_steps):
+        input_ids, positions, targets = permute(X, perm_gen)
+        data_state = train_data.state_dict()
+        X = train_data.next()  # the next batch's host-to-device copy overlaps this step's compute
+        last = micro_step == gradient_accumulation_steps - 1
+        with (model.no_sync() if ddp and not last else nullcontext()):  # DDP syncs gradients once per step
+            with autocast:
+                logits, loss = model(input_ids, positions, P, targets)
+            (loss / gradient_accumulation_steps).backward()
+        loss_sum += loss.detach().float()
+        if is_log_step:
+            correct_sum += (logits.detach().argmax(-1) == targets).float().mean()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'), foreach=True)
+    # a non-finite loss makes a non-finite norm (identical on all ranks after DDP's all-reduce);
+    # fused AdamW then skips the whole update on the device, with no host sync
+    found_inf = (~torch.isfinite(grad_norm)).float()
+    optimizer.found_inf = found_inf
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    bad_run = (bad_run + found_inf) * found_inf
+    bad_total += found_inf
+    iter_num += 1
+    iters_since_log += 1
+    state = rank_state(data_state)
+
+    if is_log_step:  # the only host syncs of the loop
+        dt = (time.time() - t_last) / iters_since_log
+        n_micro = iters_since_log * gradient_accumulation_steps
+        seqs_per_sec = batch_size * gradient_accumulation_steps / dt  # per GPU
+        mfu = raw_model.estimate_mfu(block_size, P, seqs_per_sec, device_name)
+        record = dict(iter=iter_num, loss=loss_sum.item() / n_micro, acc=correct_sum.item() / gradient_accumulation_steps,
+                      lr=lr, grad_norm=grad_norm.item(), ms_per_iter=dt * 1000, tokens_per_sec=tokens_per_iter / dt,
+                      mfu=mfu, skipped_steps=int(bad_total.item()))
+        if master:
+            print(f"iter {iter_num}: loss {record['loss']:.4f}, acc {record['acc']:.4f}, lr {lr:.2e}, "
+                  f"grad norm {record['grad_norm']:.3f}, {record['ms_per_iter']:.0f} ms/iter, "
+                  f"{record['tokens_per_sec']:,.0f} tok/s" + (f", MFU {mfu * 100:.1f}%" if mfu is not None else ''))
+        log(record)
+        loss_sum.zero_()
+        correct_sum.zero_()
+        t_last, iters_since_log = time.time(), 0
+        if bad_run.item() >= max_bad_steps:
+            die(f'{int(bad_run.item())} non-finite losses in a row at iter {iter_num}; stopping with the last good '
+                f'checkpoint in {ckpt_path} (lower learning_rate, raise warmup_iters, or check the data)')
+        if ddp:  # ranks act on a signal together, at the same log step
+            flag = torch.tensor(float(bool(stop_signal)), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop_requested = bool(flag.item())
+
+if ddp:
+    dist.destroy_process_group()
