@@ -32,6 +32,7 @@ n_embd: int = 768
 n_inner: int = 3072
 attn_impl: str = 'sdpa'                 # 'sdpa' | 'flex' | 'manual'
 dropout: float = 0.1
+grad_checkpoint: bool = False           # recompute activations in backward
 data_dir: str = ''                      # a prepared folder (data.py) for real tokens; '' = random tokens
 device: str = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype: str = 'bfloat16' if torch.cuda.is_available() else 'float32'
@@ -75,7 +76,8 @@ else:
 
 P = n_pred(block_size, pred_frac)
 config = MPNetConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_inner=n_inner,
-                     max_positions=max(512, block_size), dropout=dropout, attn_dropout=dropout, attn_impl=attn_impl)
+                     max_positions=max(512, block_size), dropout=dropout, attn_dropout=dropout, attn_impl=attn_impl,
+                     grad_checkpoint=grad_checkpoint)
 model = MPNet(config).to(device)
 optimizer = model.configure_optimizers(0.01, 1e-4, (0.9, 0.98), 1e-6, device_type)
 step_model = torch.compile(model) if compile and device_type == 'cuda' else model
@@ -117,7 +119,7 @@ device_name = torch.cuda.get_device_name(device) if device_type == 'cuda' else '
 mfu = model.estimate_mfu(block_size, P, batch_size / dt, device_name)
 peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device_type == 'cuda' else None
 print(f'device: {device_name}, torch {torch.__version__}, {dtype}, compile={compile and device_type == "cuda"}, '
-      f'attn_impl={attn_impl}')
+      f'attn_impl={attn_impl}, grad_checkpoint={grad_checkpoint}')
 print(f'model: {model.get_num_params() / 1e6:.1f}M parameters, {n_layer} layers x {n_embd}; '
       f'batch {batch_size} x {block_size} tokens, {P} predicted per sequence, {"real" if data_dir else "random"} data')
 print(f'step: {dt * 1000:.2f} ms, {batch_size * block_size / dt:,.0f} tokens/s, '

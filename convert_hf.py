@@ -9,7 +9,6 @@ Export reloads the written folder with transformers and compares its logits with
 batch; a mismatch exits non-zero. HF parameter names appear only in HF_NAMES below.
 """
 
-import json
 import os
 import sys
 import tempfile

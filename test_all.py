@@ -197,6 +197,16 @@ def test_impls_agree_and_bias_gets_gradients():
     torch.testing.assert_close(grads['sdpa'], grads['manual'], atol=1e-6, rtol=1e-4)
 
 
+def test_grad_checkpoint_gives_the_same_gradients():
+    input_ids, positions, targets = two_stream_batch()
+    grads = []
+    for recompute in (False, True):
+        model = tiny_model(seed=4, grad_checkpoint=recompute).train()
+        model(input_ids, positions, 6, targets)[1].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
 def test_padded_vocab_rows_never_predicted():
     model = tiny_model(seed=0)
     assert model.wte.weight.shape[0] == 128 and model.config.vocab_size == 101
@@ -350,10 +360,10 @@ def load_ckpt(path):
 
 
 def test_tiny_config_learns(tmp_path):
-    proc = train(tmp_path, '--max_iters=40', '--eval_interval=20')
+    proc = train(tmp_path, '--max_iters=50', '--eval_interval=25')
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl') if 'val_loss' in l]
-    assert [e['iter'] for e in evals] == [0, 20, 40]
+    assert [e['iter'] for e in evals] == [0, 25, 50]
     ln_vocab = math.log(load_ckpt(tmp_path / 'ckpt.pt')['model_args']['vocab_size'])
     assert evals[0]['val_loss'] > ln_vocab - 0.5  # starts at chance
     assert evals[-1]['val_loss'] < ln_vocab - 2.0, evals  # and falls well below it
@@ -399,6 +409,25 @@ def test_trained_checkpoint_exports_with_tokenizer(tmp_path):
         ours = model.lm_logits(model.encode(enc['input_ids']))
         theirs = hf(**enc).logits
     assert (ours - theirs).abs().max() < 1e-4
+
+
+def test_continue_pretraining_from_hf(tmp_path):
+    prepared = data.prepare('pydocs', 'train', 8192, out_dir=os.path.join(HERE, 'data', 'pydocs-train8192'), val_frac=0.05)
+    hf = random_hf_mlm(seed=0, vocab_size=data.load_meta(prepared)['vocab_size'])
+    hf.save_pretrained(tmp_path / 'hf')
+    proc = train(tmp_path / 'a', *SMALL, f'--init_from={tmp_path / "hf"}', '--max_iters=3')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = load_ckpt(tmp_path / 'a' / 'ckpt.pt')
+    assert ckpt['model_args']['n_embd'] == 32 and ckpt['iter_num'] == 3  # the HF architecture, not SMALL's
+    # the two-step form: import to a checkpoint, then start from it
+    assert run_cli('convert_hf.py', f'--from_hf={tmp_path / "hf"}', str(tmp_path / 'b' / 'ckpt.pt')).returncode == 0
+    proc = train(tmp_path / 'b', *SMALL, '--init_from=resume', '--max_iters=3')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'holds weights only' in proc.stdout
+    assert load_ckpt(tmp_path / 'b' / 'ckpt.pt')['iter_num'] == 3
+    small_vocab = random_hf_mlm(seed=0)  # 101 tokens: not the data's vocabulary
+    small_vocab.save_pretrained(tmp_path / 'hf101')
+    assert_clean_error(train(tmp_path / 'c', *SMALL, f'--init_from={tmp_path / "hf101"}'), 'vocab mismatch')
 
 
 def test_bad_input_is_one_clear_line(tmp_path):

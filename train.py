@@ -66,6 +66,7 @@ dropout: float = 0.1
 attn_dropout: float = 0.1
 attn_impl: str = 'sdpa'                 # 'sdpa' | 'flex' (CUDA) | 'manual'
 rope: bool = False                      # rotary positions instead of absolute + relative (not HF-exportable)
+grad_checkpoint: bool = False           # recompute activations in backward: larger batches fit, ~30% slower
 # optimizer: AdamW with MPNet's settings
 learning_rate: float = 6e-4
 max_iters: int = 100_000
@@ -176,21 +177,24 @@ mask_id = meta['mask_id']
 
 model_args = dict(vocab_size=meta['vocab_size'], n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_inner=n_inner,
                   max_positions=max_positions, dropout=dropout, attn_dropout=attn_dropout, attn_impl=attn_impl,
-                  rope=rope)
+                  rope=rope, grad_checkpoint=grad_checkpoint)
 iter_num, best_val_loss, ckpt = 0, float('inf'), None
 if init_from == 'resume':
     if not os.path.isfile(ckpt_path):
         die(f"init_from='resume' but {ckpt_path} does not exist: train first, or set --out_dir to the run's folder")
     ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
     iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+    if 'optimizer' not in ckpt and master:  # e.g. written by convert_hf.py --from_hf
+        print(f'note: {ckpt_path} holds weights only; starting a fresh optimizer and schedule from them')
 elif init_from != 'scratch':
     try:
         ckpt = hf_to_checkpoint(init_from)
     except ConvertError as e:
         die(e)
 if ckpt is not None:
-    # the architecture comes from the checkpoint; the attention kernel and dropout are this run's choice
-    model_args = {**ckpt['model_args'], 'attn_impl': attn_impl, 'dropout': dropout, 'attn_dropout': attn_dropout}
+    # the architecture comes from the checkpoint; kernel, dropout and recomputation are this run's choice
+    model_args = {**ckpt['model_args'], 'attn_impl': attn_impl, 'dropout': dropout, 'attn_dropout': attn_dropout,
+                  'grad_checkpoint': grad_checkpoint}
 if model_args['vocab_size'] != meta['vocab_size']:
     die(f"vocab mismatch: the model has {model_args['vocab_size']} tokens but the data's tokenizer "
         f"{meta['tokenizer']!r} has {meta['vocab_size']}: prepare the data with the model's tokenizer")
@@ -201,10 +205,11 @@ if ckpt is not None:
     raw_model.load_state_dict(ckpt['model'])
 raw_model.to(device)
 optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), eps, device_type)
-if init_from == 'resume':
+resuming = init_from == 'resume' and 'optimizer' in ckpt
+if resuming:
     optimizer.load_state_dict(ckpt['optimizer'])
 perm_gen = torch.Generator(device).manual_seed(seed + rank)  # the permutations' own random stream
-if init_from == 'resume':
+if resuming:
     states = ckpt['rank_states']
     if len(states) != world_size:
         die(f'this checkpoint was written by {len(states)} processes; resume it with the same number ({world_size} now)')
@@ -223,7 +228,8 @@ ckpt = None  # free the memory
 
 model = raw_model
 if compile and device_type == 'cuda':
-    print('compiling the model...') if master else None
+    if master:
+        print('compiling the model...')
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
@@ -333,7 +339,8 @@ while True:
     if stop_requested:
         if iter_num > start_iter:
             save(state)
-        print(f'stopped by a signal at iter {iter_num}') if master else None
+        if master:
+            print(f'stopped by a signal at iter {iter_num}')
         break
     if iter_num >= max_iters:
         break
@@ -368,14 +375,16 @@ while True:
         dt = (time.time() - t_last) / iters_since_log
         n_micro = iters_since_log * gradient_accumulation_steps
         seqs_per_sec = batch_size * gradient_accumulation_steps / dt  # per GPU
-        mfu = raw_model.estimate_mfu(block_size, P, seqs_per_sec, device_name)
+        mfu = raw_model.estimate_mfu(block_size, P, seqs_per_sec, device_name)  # per GPU, so also right under DDP
         record = dict(iter=iter_num, loss=loss_sum.item() / n_micro, acc=correct_sum.item() / gradient_accumulation_steps,
                       lr=lr, grad_norm=grad_norm.item(), ms_per_iter=dt * 1000, tokens_per_sec=tokens_per_iter / dt,
-                      mfu=mfu, skipped_steps=int(bad_total.item()))
+                      tokens_per_sec_per_gpu=tokens_per_iter / world_size / dt, mfu=mfu,
+                      skipped_steps=int(bad_total.item()))
         if master:
             print(f"iter {iter_num}: loss {record['loss']:.4f}, acc {record['acc']:.4f}, lr {lr:.2e}, "
                   f"grad norm {record['grad_norm']:.3f}, {record['ms_per_iter']:.0f} ms/iter, "
-                  f"{record['tokens_per_sec']:,.0f} tok/s" + (f", MFU {mfu * 100:.1f}%" if mfu is not None else ''))
+                  f"{record['tokens_per_sec']:,.0f} tok/s{f' on {world_size} GPUs' if ddp else ''}"
+                  f"{'' if mfu is None else f', MFU {mfu * 100:.1f}%'}")
         log(record)
         loss_sum.zero_()
         correct_sum.zero_()
