@@ -119,17 +119,18 @@ def from_hf_state_dict(hf_sd, model):
     return missing
 
 
-def config_from_hf(hf_cfg, **overrides):
+def config_from_hf(hf_cfg):
+    """Our model_args for an HF MPNetConfig. HF's modeling code hard-codes padding_idx=1 and 32 buckets
+    whatever the config says, so those are fixed here too (a table of another size cannot be used)."""
     if getattr(hf_cfg, 'model_type', None) != 'mpnet':
         raise ConvertError(f'not an MPNet model (model_type={getattr(hf_cfg, "model_type", None)!r})')
-    pad = hf_cfg.pad_token_id if hf_cfg.pad_token_id is not None else 1
-    args = dict(vocab_size=hf_cfg.vocab_size, n_layer=hf_cfg.num_hidden_layers, n_head=hf_cfg.num_attention_heads,
+    if hf_cfg.relative_attention_num_buckets != 32:
+        raise ConvertError(f'relative_attention_num_buckets={hf_cfg.relative_attention_num_buckets}, but HF MPNet '
+                           f'always computes 32 buckets: this model cannot be imported faithfully')
+    return dict(vocab_size=hf_cfg.vocab_size, n_layer=hf_cfg.num_hidden_layers, n_head=hf_cfg.num_attention_heads,
                 n_embd=hf_cfg.hidden_size, n_inner=hf_cfg.intermediate_size,
-                max_positions=hf_cfg.max_position_embeddings - pad - 1,
-                rel_buckets=hf_cfg.relative_attention_num_buckets, dropout=hf_cfg.hidden_dropout_prob,
-                attn_dropout=hf_cfg.attention_probs_dropout_prob, layer_norm_eps=hf_cfg.layer_norm_eps, pad_id=pad)
-    args.update(overrides)
-    return args
+                max_positions=hf_cfg.max_position_embeddings - 2, rel_buckets=32, dropout=hf_cfg.hidden_dropout_prob,
+                attn_dropout=hf_cfg.attention_probs_dropout_prob, layer_norm_eps=hf_cfg.layer_norm_eps, pad_id=1)
 
 
 # ----------------------------------------------------------------------------------------------

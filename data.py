@@ -2,7 +2,7 @@
 Text -> token ids for MPNet pretraining.
 
 Prepare a dataset once (tokenize it into flat token streams on disk), then train from it:
-    python data.py --dataset=pydocs --tokenizer=train --vocab_size=8192   # built-in corpus, its own WordPiece vocab
+    python data.py --dataset=pydocs --tokenizer=train --vocab_size=8192 --val_frac=0.05  # as config/tiny.py
     python data.py --dataset=path/to/file_or_folder                        # .txt / .jsonl / .parquet, mpnet-base vocab
     python data.py --dataset=HuggingFaceFW/fineweb-edu:sample-10BT --num_proc=16   # hub dataset, name[:config]
 This writes data/<dataset>-<tokenizer>/: train.bin and val.bin (uint16, or uint32 for vocabs over 65536),
@@ -254,7 +254,7 @@ def prepare(dataset='pydocs', tokenizer='microsoft/mpnet-base', vocab_size=30527
             print(f"{out_dir} is already prepared with these settings")
             return out_dir
         diff = ', '.join(f'{k}: {old.get(k)!r} -> {v!r}' for k, v in settings.items() if old.get(k) != v)
-        raise DataError(f"'{out_dir}' holds data prepared with other settings ({diff}): delete it or pass another --out_dir")
+        raise DataError(f"'{out_dir}' holds data prepared with other settings ({diff}): delete it, or prepare into another folder (data.py --out_dir=DIR, then train.py --data_dir=DIR)")
     t0 = time.time()
     _files(dataset)  # fail early on a bad path or tokenizer, before a long download
     tok = None if tokenizer == 'train' else load_tokenizer(tokenizer)

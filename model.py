@@ -188,6 +188,10 @@ class AttnInputs:
     def __init__(self, positions, bias=None, flex=None):
         if bias is not None and torch.is_autocast_enabled(bias.device.type):
             bias = bias.to(torch.get_autocast_dtype(bias.device.type))  # once here, not in every layer
+        if bias is not None and bias.size(-1) % 16:
+            # memory-efficient SDPA wants a 16-aligned row stride (T+P rarely is): pad once, keep a view
+            S = bias.size(-1)
+            bias = F.pad(bias, (0, 16 - S % 16))[..., :S]
         self.positions, self.bias, self.flex = positions, bias, flex
 
 

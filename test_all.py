@@ -37,6 +37,8 @@ from model import MPNet, MPNetConfig, relative_position_bucket, two_stream_mask
 import convert_hf
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# CPU FlexAttention runs unfused (no torch.compile) by design here: forward parity only
+pytestmark = pytest.mark.filterwarnings('ignore:flex_attention called without torch.compile')
 
 
 def run_cli(*args, cwd=HERE, timeout=600):
@@ -338,6 +340,25 @@ def test_export_refuses_what_hf_cannot_represent(tmp_path, change, words):
     assert_clean_error(run_cli('convert_hf.py', str(ckpt), str(tmp_path / 'out')), words)
 
 
+def test_import_ignores_hf_config_pad_id_as_hf_does(tmp_path):
+    # transformers hard-codes padding_idx=1 whatever pad_token_id says; the import must do the same
+    from transformers import MPNetForMaskedLM
+    torch.manual_seed(0)
+    cfg = convert_hf.hf_config(tiny_config(), {'pad_token_id': 0})
+    hf = MPNetForMaskedLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(tmp_path / 'hf')
+    ckpt = convert_hf.hf_to_checkpoint(str(tmp_path / 'hf'))
+    model = MPNet(MPNetConfig(**ckpt['model_args'])).eval()
+    model.load_state_dict(ckpt['model'])
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        diff = (model.lm_logits(model.encode(ids, mask)) - hf(input_ids=ids, attention_mask=mask).logits)[mask.bool()]
+    assert diff.abs().max() < 1e-4
+
+
 def test_export_missing_checkpoint_and_bad_usage(tmp_path):
     assert_clean_error(run_cli('convert_hf.py', str(tmp_path / 'nope.pt'), str(tmp_path / 'out')), 'not found')
     assert_clean_error(run_cli('convert_hf.py', str(tmp_path / 'nope.pt')), 'usage')
@@ -395,6 +416,24 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert ckpt['rank_states'][0]['data'] == ckpt['rank_states'][1]['data']  # same count, disjoint blocks
 
 
+def test_ddp_sigterm_saves_between_log_steps(tmp_path):
+    # torchrun forwards SIGTERM to its workers and kills them ~30 s later: they must agree to stop and
+    # save at once, not at the next log step
+    args = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+            'config/tiny.py', f'--out_dir={tmp_path}', *SMALL, '--log_interval=100000', '--eval_interval=100000',
+            '--max_iters=100000']
+    proc = subprocess.Popen(args, cwd=HERE, env={**os.environ, 'PYTHONUNBUFFERED': '1'}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith('iter 0: val loss'):
+            break
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=25)[0]
+    assert 'stopped by a signal' in out, out[-3000:]
+    assert load_ckpt(tmp_path / 'ckpt.pt')['iter_num'] > 0
+
+
 def test_trained_checkpoint_exports_with_tokenizer(tmp_path):
     assert train(tmp_path, *SMALL, '--max_iters=5').returncode == 0
     proc = run_cli('convert_hf.py', str(tmp_path / 'ckpt.pt'), str(tmp_path / 'hf'))
@@ -438,6 +477,8 @@ def test_bad_input_is_one_clear_line(tmp_path):
     (tmp_path / 'empty').mkdir()
     assert_clean_error(train(tmp_path, f'--dataset={tmp_path / "empty"}'), 'empty')
     assert_clean_error(train(tmp_path / 'fresh', '--init_from=resume'), 'ckpt.pt', 'does not exist')
+    assert_clean_error(train(tmp_path, '--attn_impl=flex'), 'flex', 'CPU')
+    assert_clean_error(train(tmp_path, '--dtype=float16'), 'dtype')
 
 
 def test_sigkill_mid_training_resumes(tmp_path):

@@ -102,7 +102,7 @@ except ConfigError as e:
     die(e)
 globals().update(config)
 choices = dict(attn_impl=('sdpa', 'flex', 'manual'), lr_schedule=('linear', 'cosine'),
-               dtype=('float32', 'bfloat16', 'float16'))
+               dtype=('float32', 'bfloat16'))  # no float16: it would need loss scaling
 for key, allowed in choices.items():
     if config[key] not in allowed:
         die(f"{key} must be one of {', '.join(allowed)}; got {config[key]!r}")
@@ -125,10 +125,12 @@ master = rank == 0  # rank 0 does all the I/O
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 if device_type == 'cuda' and not torch.cuda.is_available():
     die("device is 'cuda' but no GPU is visible: pass --device=cpu (and --dtype=float32)")
+if attn_impl == 'flex' and device_type == 'cpu':
+    die("attn_impl='flex' has no backward on CPU: use --attn_impl=sdpa (or manual) for CPU training")
 torch.manual_seed(seed + rank)  # dropout; each rank its own stream
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
 autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
 P = n_pred(block_size, pred_frac)
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
@@ -171,6 +173,9 @@ except data.DataError as e:
     die(e)
 is_word_start, is_special = (t.to(device) for t in vocab_tables(tok))
 mask_id = meta['mask_id']
+if tok.pad_token_id != 1:  # MPNet's embeddings (and HF's) treat id 1 as padding: a real token there never learns
+    die(f"the tokenizer's pad id is {tok.pad_token_id}, but MPNet reserves id 1 for <pad>: use a tokenizer with "
+        f"<pad> at id 1 (microsoft/mpnet-base, or --tokenizer=train)")
 
 # -----------------------------------------------------------------------------------------------
 # model, optimizer, state
@@ -300,8 +305,11 @@ def log(record):
             wandb.log(record, step=record['iter'])
 
 
-stop_signal = []  # SIGINT/SIGTERM: save and exit at the next iteration (under DDP: the next log step)
-stop_requested = False
+stop_signal = []  # SIGINT/SIGTERM: save and exit at the next iteration boundary
+# under DDP the ranks agree on stopping through a tiny all-reduce on a CPU (gloo) group, started at one
+# iteration and read at the next: no GPU sync, and every rank stops at the same iteration
+stop_group = dist.new_group(backend='gloo') if ddp else None
+stop_flag, stop_work = torch.zeros(1), None
 for sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
 if wandb_log and master:
@@ -335,7 +343,14 @@ while True:
         if iter_num > start_iter and (improved or always_save_checkpoint):
             save(state)
         t_last = time.time()  # evaluation time is not training time
-    stop_requested = stop_requested or (bool(stop_signal) and not ddp)
+    stop_requested = bool(stop_signal)
+    if ddp:  # act on what the previous iteration's all-reduce says, so that all ranks stop together
+        stop_requested = False
+        if stop_work is not None:
+            stop_work.wait()
+            stop_requested = stop_flag.item() > 0
+        stop_flag = torch.tensor([float(bool(stop_signal))])
+        stop_work = dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX, group=stop_group, async_op=True)
     if stop_requested:
         if iter_num > start_iter:
             save(state)
@@ -390,12 +405,11 @@ while True:
         correct_sum.zero_()
         t_last, iters_since_log = time.time(), 0
         if bad_run.item() >= max_bad_steps:
-            die(f'{int(bad_run.item())} non-finite losses in a row at iter {iter_num}; stopping with the last good '
-                f'checkpoint in {ckpt_path} (lower learning_rate, raise warmup_iters, or check the data)')
-        if ddp:  # ranks act on a signal together, at the same log step
-            flag = torch.tensor(float(bool(stop_signal)), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop_requested = bool(flag.item())
+            kept = f'the last good checkpoint is {ckpt_path}' if os.path.exists(ckpt_path) else 'no checkpoint was saved yet'
+            die(f'{int(bad_run.item())} non-finite losses in a row at iter {iter_num}; stopping, {kept} '
+                f'(lower learning_rate, raise warmup_iters, or check the data)')
 
 if ddp:
+    stop_work.wait()
+    dist.barrier()  # rank 0 may still be writing the last checkpoint
     dist.destroy_process_group()
