@@ -209,6 +209,25 @@ def test_grad_checkpoint_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_bf16_sdpa_and_compiled_flex_agree():
+    # mpnet-base in bf16: forward + backward with sdpa and with compiled FlexAttention (GPU only)
+    input_ids, positions, targets = (t.cuda() for t in two_stream_batch(B=8, T=512, P=77, V=30527, seed=0))
+    out = {}
+    for impl in ('sdpa', 'flex'):
+        torch.manual_seed(0)
+        model = MPNet(MPNetConfig(attn_impl=impl, dropout=0.0, attn_dropout=0.0)).cuda()
+        step = torch.compile(model) if impl == 'flex' else model
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            logits, loss = step(input_ids, positions, 77, targets)
+        loss.backward()
+        out[impl] = logits.float(), model.rel_bias.weight.grad.float()
+    logit_diff = (out['sdpa'][0] - out['flex'][0]).abs().max().item()
+    grad_diff = (out['sdpa'][1] - out['flex'][1]).abs().max().item()
+    print(f'bf16 mpnet-base sdpa vs compiled flex: max |logit diff| {logit_diff:.3e}, max |rel-bias grad diff| {grad_diff:.3e}')
+    assert logit_diff < 0.1 and out['flex'][1].abs().sum() > 0
+
+
 def test_padded_vocab_rows_never_predicted():
     model = tiny_model(seed=0)
     assert model.wte.weight.shape[0] == 128 and model.config.vocab_size == 101
