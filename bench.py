@@ -53,7 +53,10 @@ torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+if dtype not in ('float32', 'bfloat16'):
+    print(f"error: dtype must be float32 or bfloat16; got {dtype!r}", file=sys.stderr)
+    sys.exit(1)
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
 autocast = torch.autocast(device_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
 sync = torch.cuda.synchronize if device_type == 'cuda' else (lambda: None)
 

@@ -149,8 +149,7 @@ try:
     if streaming:
         train_data = data.StreamingBatches(dataset, tokenizer, batch_size, block_size, seed, rank, world_size, device,
                                            text_field=text_field)
-        tok = train_data.tok
-        meta = dict(vocab_size=len(tok), mask_id=tok.mask_token_id, tokenizer=tokenizer)
+        tok, meta = train_data.tok, train_data.meta
         # validation: a prepared data_dir when given, else the first blocks of the stream (also trained on)
         val_source = data_dir or None
     else:
@@ -226,9 +225,7 @@ if resuming:
         torch.cuda.set_rng_state(state['cuda_rng'])
 tokenizer_files = (read_tokenizer_files(meta['tokenizer']) if os.path.isdir(str(meta['tokenizer']))
                    else tokenizer_files_of(meta['tokenizer'])) if master else {}
-special_ids = dict(bos_token_id=tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id,
-                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id if tok.eos_token_id is not None
-                   else tok.sep_token_id)
+special_ids = dict(bos_token_id=meta['bos_id'], pad_token_id=meta['pad_id'], eos_token_id=meta['eos_id'])
 ckpt = None  # free the memory
 
 model = raw_model
@@ -277,13 +274,12 @@ def evaluate():
     return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
 
 
-def rank_state(data_state):
-    return dict(data=data_state, perm_rng=perm_gen.get_state(), cpu_rng=torch.get_rng_state(),
-                cuda_rng=torch.cuda.get_rng_state() if device_type == 'cuda' else None)
-
-
-def save(state):
-    """All ranks gather their RNG and data positions; rank 0 writes atomically (convert_hf.save_checkpoint)."""
+def save():
+    """All ranks gather their RNG and data positions; rank 0 writes atomically (convert_hf.save_checkpoint).
+    Called between steps, where the live RNG states are the resume point (evaluation draws from its own
+    generator and has no dropout) and data_state is the loader's position before the prefetched batch."""
+    state = dict(data=data_state, perm_rng=perm_gen.get_state(), cpu_rng=torch.get_rng_state(),
+                 cuda_rng=torch.cuda.get_rng_state() if device_type == 'cuda' else None)
     states = [None] * world_size
     if ddp:
         dist.all_gather_object(states, state)
@@ -320,8 +316,8 @@ if wandb_log and master:
 # the loop
 
 start_iter = iter_num
-state = rank_state(train_data.state_dict())  # the resume point: before the next batch is drawn
-X = train_data.next()               # first micro-batch of the coming step
+data_state = train_data.state_dict()  # the loader's resume point: before the next batch is drawn
+X = train_data.next()                 # first micro-batch of the coming step
 params = [p for p in raw_model.parameters() if p.requires_grad]
 device_name = torch.cuda.get_device_name(device) if device_type == 'cuda' else 'cpu'
 bad_run = torch.zeros((), device=device)  # consecutive non-finite steps, read at log steps only
@@ -341,7 +337,7 @@ while True:
             print(f'iter {iter_num}: val loss {val_loss:.4f}, val acc {val_acc:.4f}, best {best_val_loss:.4f}')
         log(dict(iter=iter_num, val_loss=val_loss, val_acc=val_acc))
         if iter_num > start_iter and (improved or always_save_checkpoint):
-            save(state)
+            save()
         t_last = time.time()  # evaluation time is not training time
     stop_requested = bool(stop_signal)
     if ddp:  # act on what the previous iteration's all-reduce says, so that all ranks stop together
@@ -353,7 +349,7 @@ while True:
         stop_work = dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX, group=stop_group, async_op=True)
     if stop_requested:
         if iter_num > start_iter:
-            save(state)
+            save()
         if master:
             print(f'stopped by a signal at iter {iter_num}')
         break
@@ -384,7 +380,6 @@ while True:
     bad_total += found_inf
     iter_num += 1
     iters_since_log += 1
-    state = rank_state(data_state)
 
     if is_log_step:  # the only host syncs of the loop
         dt = (time.time() - t_last) / iters_since_log
