@@ -4,7 +4,7 @@ Throughput / MFU / memory of one MPNet training step (forward, backward, fused A
     python bench.py                                          # mpnet-base, T=512, bf16, compiled, on the GPU
     python bench.py --batch_size=64 --attn_impl=flex
     python bench.py --data_dir=data/pydocs-mpnet-base         # real tokens instead of random ones
-    python bench.py --profile=True                            # also writes a torch.profiler trace + summary
+    python bench.py --profile=out/bench_trace.json             # also a torch.profiler trace + summary
     python bench.py --device=cpu --dtype=float32 --compile=False --n_layer=2 --n_embd=128 --n_head=2 \
         --n_inner=512 --batch_size=4 --block_size=128 --vocab_size=8192   # small CPU run
 
@@ -12,8 +12,10 @@ The permutation sampler runs inside every timed step (as in train.py) and is als
 share of the step is reported.
 """
 
+import os
 import sys
 import time
+import warnings
 
 import torch
 
@@ -39,7 +41,7 @@ dtype: str = 'bfloat16' if torch.cuda.is_available() else 'float32'
 compile: bool = True                    # torch.compile (CUDA only)
 burn_in: int = 10                       # untimed steps (compilation, autotuning, allocator warm-up)
 steps: int = 20                         # timed steps
-profile: bool = False                   # write a torch.profiler trace to bench_trace.json and print a summary
+profile: str = ''                       # path: profile 3 more steps, write the trace there, print a summary
 seed: int = 1337
 # -----------------------------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
@@ -83,6 +85,7 @@ config = MPNetConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_em
                      grad_checkpoint=grad_checkpoint)
 model = MPNet(config).to(device)
 optimizer = model.configure_optimizers(0.01, 1e-4, (0.9, 0.98), 1e-6, device_type)
+model.build_masks(block_size, P, device)  # before compiling, as train.py
 step_model = torch.compile(model) if compile and device_type == 'cuda' else model
 generator = torch.Generator(device).manual_seed(seed)
 
@@ -96,7 +99,8 @@ def train_step():
     with autocast:
         _, loss = step_model(input_ids, positions, P, targets)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+    optimizer.found_inf = (~torch.isfinite(grad_norm)).float()  # train.py's on-device skip of bad steps
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss
@@ -130,6 +134,14 @@ print(f'step: {dt * 1000:.2f} ms, {batch_size * block_size / dt:,.0f} tokens/s, 
       f'MFU {"n/a (unknown device peak)" if mfu is None else f"{mfu * 100:.1f}%"}, '
       f'peak memory {"n/a" if peak_mem is None else f"{peak_mem:.2f} GiB"}, loss {loss.item():.3f}')
 print(f'permutation sampler: {dt_perm * 1000:.3f} ms per batch, {dt_perm / dt * 100:.2f}% of the step')
+if device_type == 'cuda':  # a host sync stalls the CPU until the GPU drains; train.py has them at log steps only
+    torch.cuda.set_sync_debug_mode('warn')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        train_step()
+    torch.cuda.set_sync_debug_mode('default')
+    syncs = [w for w in caught if 'synchroniz' in str(w.message)]
+    print(f'host syncs in one step: {len(syncs)}' + ''.join(f'\n  {w.filename}:{w.lineno}' for w in syncs[:5]))
 
 if profile:
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -138,7 +150,8 @@ if profile:
         for _ in range(3):
             train_step()
         sync()
-    prof.export_chrome_trace('bench_trace.json')
-    sort_by = 'cuda_time_total' if device_type == 'cuda' else 'cpu_time_total'
+    os.makedirs(os.path.dirname(os.path.abspath(profile)), exist_ok=True)
+    prof.export_chrome_trace(profile)
+    sort_by = 'self_device_time_total' if device_type == 'cuda' else 'self_cpu_time_total'  # own time, not nested
     print(prof.key_averages().table(sort_by=sort_by, row_limit=15))
-    print('wrote bench_trace.json (open in chrome://tracing or ui.perfetto.dev)')
+    print(f'wrote {profile} (open in ui.perfetto.dev or chrome://tracing)')

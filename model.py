@@ -275,6 +275,13 @@ class MPNet(nn.Module):
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         return logits, loss
 
+    def build_masks(self, T, P, device):
+        """Build the (T, P) attention mask now, before torch.compile: the compiled forward then finds it
+        in the cache, so the model compiles once and no mask is built inside the graph (otherwise the
+        first trace builds it and fills the cache, and that dict change forces a second compile)."""
+        device = torch.empty(0, device=device).device  # 'cuda' -> 'cuda:0', the key forward will look up
+        (two_stream_block_mask if self.config.attn_impl == 'flex' else two_stream_mask)(T, P, device)
+
     def _two_stream_inputs(self, positions, T, P):
         c, device = self.config, positions.device
         n_kv = T + P

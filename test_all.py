@@ -209,6 +209,28 @@ def test_grad_checkpoint_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize('impl, grad_checkpoint', [('sdpa', False), ('sdpa', True), ('manual', False), ('flex', False)])
+def test_whole_model_compiles_as_one_graph_once(impl, grad_checkpoint):
+    # fullgraph=True makes any graph break an error; a recording backend counts compilations. Dynamo
+    # traces on the CPU as on the GPU (the backend is the only device-specific part). A (T, P) no
+    # other test uses, so the mask cache starts empty as in train.py.
+    T, P = 53, 8
+    graphs = []
+    model = tiny_model(seed=5, attn_impl=impl, grad_checkpoint=grad_checkpoint).train(impl != 'flex')
+    model.build_masks(T, P, 'cpu')
+    compiled = torch.compile(model, fullgraph=True, backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
+    for seed in range(3):
+        input_ids, positions, targets = two_stream_batch(T=T, P=P, seed=seed)
+        with torch.set_grad_enabled(impl != 'flex'):  # FlexAttention has no backward on CPU
+            logits, loss = compiled(input_ids, positions, P, targets)
+        if impl != 'flex':
+            loss.backward()
+    assert len(graphs) == 1  # no recompilation across steps: masks come from the cache, shapes are static
+    with torch.no_grad():  # the traced graph computes what the eager model computes
+        model.eval()
+        torch.testing.assert_close(compiled(input_ids, positions, P)[0], model(input_ids, positions, P)[0])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_cuda_bf16_sdpa_and_compiled_flex_agree():
     # mpnet-base in bf16: forward + backward with sdpa and with compiled FlexAttention (GPU only)
@@ -427,9 +449,18 @@ def test_resume_is_exact(tmp_path):
 
 def test_ddp_two_processes_on_cpu(tmp_path):
     proc = run_cli('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py', 'config/tiny.py',
-                   f'--out_dir={tmp_path}', *SMALL, '--max_iters=10', '--eval_interval=10')
+                   f'--out_dir={tmp_path}', *SMALL, '--max_iters=10', '--eval_interval=10',
+                   '--gradient_accumulation_steps=2')
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert 'effective batch: 1 accum x 2 GPUs x 8 seqs = 16 sequences' in proc.stdout
+    assert 'effective batch: 2 accum x 2 GPUs x 8 seqs = 32 sequences' in proc.stdout
+    # throughput counts every micro-batch on every rank in total, and half of that per GPU
+    logs = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl') if '"loss"' in l]
+    assert [r['iter'] for r in logs] == [5, 10]
+    for r in logs:
+        assert r['tokens_per_sec'] == pytest.approx(2 * 2 * 8 * 64 / (r['ms_per_iter'] / 1000))
+        assert r['tokens_per_sec_per_gpu'] == pytest.approx(r['tokens_per_sec'] / 2)
+        assert r['mfu'] is None  # no made-up peak for a CPU
+    assert f"{logs[-1]['tokens_per_sec']:,.0f} tok/s on 2 GPUs" in proc.stdout
     ckpt = load_ckpt(tmp_path / 'ckpt.pt')
     assert ckpt['iter_num'] == 10 and len(ckpt['rank_states']) == 2
     assert ckpt['rank_states'][0]['data'] == ckpt['rank_states'][1]['data']  # same count, disjoint blocks
@@ -538,18 +569,27 @@ def test_sigterm_saves_and_exits(tmp_path):
 # ==============================================================================================
 # bench.py
 
-def test_bench_runs_on_cpu():
-    proc = run_cli('bench.py', '--device=cpu', '--dtype=float32', '--compile=False', '--n_layer=2', '--n_embd=64',
-                   '--n_head=2', '--n_inner=128', '--batch_size=4', '--block_size=67', '--vocab_size=1000',
-                   '--burn_in=1', '--steps=2')
+def test_bench_runs_on_cpu(tmp_path):
+    small = ['--device=cpu', '--dtype=float32', '--compile=False', '--n_layer=2', '--n_embd=64', '--n_head=2',
+             '--n_inner=128', '--batch_size=4', '--burn_in=1', '--steps=2']
+    proc = run_cli('bench.py', *small, '--block_size=67', '--vocab_size=1000', f'--profile={tmp_path}/trace.json')
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert 'device: cpu, torch ' in out and 'attn_impl=sdpa' in out
     step = re.search(r'step: ([\d.]+) ms, ([\d,]+) tokens/s', out)
     assert step and float(step.group(1)) > 0 and int(step.group(2).replace(',', '')) > 0
+    assert int(step.group(2).replace(',', '')) == pytest.approx(4 * 67 / (float(step.group(1)) / 1000), rel=0.01)
     assert 'MFU n/a (unknown device peak)' in out  # no made-up peak for a CPU
     assert re.search(r'permutation sampler: [\d.]+ ms per batch, [\d.]+% of the step', out)
+    assert 'Self CPU time total' in out and 'aten::mm' in out  # the profile summary
+    assert json.load(open(tmp_path / 'trace.json'))['traceEvents']
+    # real tokens from a prepared folder (the one config/tiny.py trains on): its vocabulary is used
+    data_dir = os.path.abspath(data.prepare('pydocs', 'train', 8192, val_frac=0.05))
+    proc = run_cli('bench.py', *small, '--block_size=64', f'--data_dir={data_dir}')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'batch 4 x 64 tokens, 10 predicted per sequence, real data' in proc.stdout
     assert_clean_error(run_cli('bench.py', '--batch_size=x'), 'batch_size')
+    assert_clean_error(run_cli('bench.py', '--dtype=float16'), 'dtype')
 
 # ==============================================================================================
 # permute.py

@@ -229,6 +229,7 @@ special_ids = dict(bos_token_id=meta['bos_id'], pad_token_id=meta['pad_id'], eos
 ckpt = None  # free the memory
 
 model = raw_model
+raw_model.build_masks(block_size, P, device)  # outside the compiled graph: one compile
 if compile and device_type == 'cuda':
     if master:
         print('compiling the model...')
