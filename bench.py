@@ -45,19 +45,27 @@ profile: str = ''                       # path: profile 3 more steps, write the 
 seed: int = 1337
 # -----------------------------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-try:
-    globals().update(configure({k: globals()[k] for k in config_keys}, sys.argv[1:]))
-except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
+
+
+def die(message):
+    print(f'error: {message}', file=sys.stderr)
     sys.exit(1)
+
+
+try:
+    globals().update(configure({k: globals()[k] for k in config_keys}, sys.argv[1:],
+                               dict(attn_impl=('sdpa', 'flex', 'manual'), dtype=('float32', 'bfloat16'))))
+except ConfigError as e:
+    die(e)
 
 torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-if dtype not in ('float32', 'bfloat16'):
-    print(f"error: dtype must be float32 or bfloat16; got {dtype!r}", file=sys.stderr)
-    sys.exit(1)
+if device_type == 'cuda' and not torch.cuda.is_available():
+    die("device is 'cuda' but no GPU is visible: pass --device=cpu (and --dtype=float32)")
+if attn_impl == 'flex' and device_type == 'cpu':
+    die("attn_impl='flex' has no backward on CPU: use --attn_impl=sdpa (or manual) on the CPU")
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
 autocast = torch.autocast(device_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
 sync = torch.cuda.synchronize if device_type == 'cuda' else (lambda: None)

@@ -32,8 +32,9 @@ def _check(key, value, defaults, source):
     return float(value) if isinstance(default, float) else value
 
 
-def configure(defaults, argv):
-    """Return {key: value} of the defaults overridden by config files and --key=value arguments."""
+def configure(defaults, argv, choices=None):
+    """Return {key: value} of the defaults overridden by config files and --key=value arguments;
+    choices: {key: allowed values} for keys that take one of a few values."""
     config = dict(defaults)
     for arg in argv:
         if not arg.startswith('--'):
@@ -59,4 +60,7 @@ def configure(defaults, argv):
             if isinstance(defaults.get(key), str):
                 value = text  # a string key takes the text as written, e.g. --out_dir=2024
             config[key] = _check(key, value, defaults, f'--{key}')
+    for key, allowed in (choices or {}).items():
+        if config[key] not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {config[key]!r}")
     return config

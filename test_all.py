@@ -239,6 +239,7 @@ def test_cuda_bf16_sdpa_and_compiled_flex_agree():
     for impl in ('sdpa', 'flex'):
         torch.manual_seed(0)
         model = MPNet(MPNetConfig(attn_impl=impl, dropout=0.0, attn_dropout=0.0)).cuda()
+        model.build_masks(512, 77, 'cuda')
         step = torch.compile(model) if impl == 'flex' else model
         with torch.autocast('cuda', dtype=torch.bfloat16):
             logits, loss = step(input_ids, positions, 77, targets)
@@ -590,6 +591,8 @@ def test_bench_runs_on_cpu(tmp_path):
     assert 'batch 4 x 64 tokens, 10 predicted per sequence, real data' in proc.stdout
     assert_clean_error(run_cli('bench.py', '--batch_size=x'), 'batch_size')
     assert_clean_error(run_cli('bench.py', '--dtype=float16'), 'dtype')
+    assert_clean_error(run_cli('bench.py', '--attn_impl=fast'), 'attn_impl', 'sdpa')
+    assert_clean_error(run_cli('bench.py', *small, '--attn_impl=flex'), 'flex', 'CPU')
 
 # ==============================================================================================
 # permute.py

@@ -96,16 +96,13 @@ def die(msg):
     sys.exit(1)
 
 
+choices = dict(attn_impl=('sdpa', 'flex', 'manual'), lr_schedule=('linear', 'cosine'),
+               dtype=('float32', 'bfloat16'))  # no float16: it would need loss scaling
 try:
-    config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:])
+    config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:], choices)
 except ConfigError as e:
     die(e)
 globals().update(config)
-choices = dict(attn_impl=('sdpa', 'flex', 'manual'), lr_schedule=('linear', 'cosine'),
-               dtype=('float32', 'bfloat16'))  # no float16: it would need loss scaling
-for key, allowed in choices.items():
-    if config[key] not in allowed:
-        die(f"{key} must be one of {', '.join(allowed)}; got {config[key]!r}")
 if not 0 < pred_frac < 1:
     die(f'pred_frac must be in (0, 1); got {pred_frac}')
 
