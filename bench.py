@@ -88,9 +88,12 @@ else:
     get_tokens = lambda: fixed
 
 P = n_pred(block_size, pred_frac)
-config = MPNetConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_inner=n_inner,
-                     max_positions=max(512, block_size), dropout=dropout, attn_dropout=dropout, attn_impl=attn_impl,
-                     grad_checkpoint=grad_checkpoint)
+try:
+    config = MPNetConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_inner=n_inner,
+                         max_positions=max(512, block_size), dropout=dropout, attn_dropout=dropout,
+                         attn_impl=attn_impl, grad_checkpoint=grad_checkpoint)
+except ValueError as e:
+    die(e)
 model = MPNet(config).to(device)
 optimizer = model.configure_optimizers(0.01, 1e-4, (0.9, 0.98), 1e-6, device_type)
 model.build_masks(block_size, P, device)  # before compiling, as train.py

@@ -46,6 +46,11 @@ class MPNetConfig:
             raise ValueError(f"attn_impl must be 'sdpa', 'flex' or 'manual', got {self.attn_impl!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f'n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})')
+        if self.attn_impl == 'flex' and self.grad_checkpoint and not self.rope:
+            # measured (torch 2.13, eager): FlexAttention recomputed under checkpoint returns a NaN
+            # gradient for the captured bias table, while every other gradient is right
+            raise ValueError("attn_impl='flex' with grad_checkpoint gives a wrong relative-bias gradient: "
+                             "use attn_impl='sdpa' with grad_checkpoint")
 
     @property
     def padded_vocab_size(self):
@@ -242,11 +247,18 @@ class MPNet(nn.Module):
             x = x + self.wpe(positions + self.config.pad_id + 1)
         return self.drop(self.ln_emb(x))
 
-    def rel_bias_table(self, q_pos, k_pos):
-        """(B, nh, Lq, Lk) relative position bias for query positions (B, Lq), key positions (B, Lk)."""
+    def distance_bias(self, T, device):
+        """(2T-1, nh): the bias of every distance d = k_pos - q_pos in [-(T-1), T-1], at row d + T - 1.
+        Biases are looked up by distance, not by bucket, so that the backward's scatter-add lands on
+        2T-1 rows rather than 32 (far fewer colliding atomic adds on a GPU); the values are the same."""
         c = self.config
-        buckets = relative_position_bucket(k_pos[:, None, :] - q_pos[:, :, None], c.rel_buckets, c.rel_max_distance)
-        return rearrange(self.rel_bias(buckets), 'b lq lk nh -> b nh lq lk')
+        dist = torch.arange(-(T - 1), T, device=device)
+        return self.rel_bias(relative_position_bucket(dist, c.rel_buckets, c.rel_max_distance))
+
+    def rel_bias_table(self, q_pos, k_pos, T):
+        """(B, nh, Lq, Lk) relative position bias for query positions (B, Lq), key positions (B, Lk) in [0, T)."""
+        d = k_pos[:, None, :] - q_pos[:, :, None] + T - 1
+        return rearrange(F.embedding(d, self.distance_bias(T, q_pos.device)), 'b lq lk nh -> b nh lq lk')
 
     def lm_logits(self, hidden):
         """LM head on (..., C) hidden states -> (..., vocab_size) logits; padding rows are cut off."""
@@ -292,7 +304,7 @@ class MPNet(nn.Module):
             bias = torch.zeros(visible.shape, device=device)
         else:
             # (B, nh, T+2P, T+P); query rows use their own positions, which equal their mask copies' (fairseq)
-            bias = self.rel_bias_table(positions, positions[:, :n_kv])
+            bias = self.rel_bias_table(positions, positions[:, :n_kv], T)
         return AttnInputs(positions, bias=bias.masked_fill(~visible, float('-inf')))
 
     def _flex_attention(self, positions, T, P):
@@ -302,9 +314,7 @@ class MPNet(nn.Module):
             return lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask)
         # bias by relative distance d = k_pos - q_pos in [-(T-1), T-1]: a (nh, 2T-1) table per forward,
         # looked up inside the kernel, so nothing of size (B, nh, L, L) is ever built
-        c = self.config
-        dist = torch.arange(-(T - 1), T, device=positions.device)
-        dist_bias = self.rel_bias(relative_position_bucket(dist, c.rel_buckets, c.rel_max_distance)).t()  # (nh, 2T-1)
+        dist_bias = self.distance_bias(T, positions.device).t()  # (nh, 2T-1)
 
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + dist_bias[h, positions[b, kv_idx] - positions[b, q_idx] + T - 1].to(score.dtype)
@@ -326,7 +336,7 @@ class MPNet(nn.Module):
             bias = torch.zeros(B, 1, T, T, device=input_ids.device)
             rope_pos = arange
         else:
-            bias = self.rel_bias_table(arange, arange)
+            bias = self.rel_bias_table(arange, arange, T)
             rope_pos = None
         bias = bias.masked_fill(~attention_mask.bool()[:, None, None, :], float('-inf'))
         # flex's block mask is specialised to the two-stream layout: the plain path always uses a bias
@@ -368,7 +378,7 @@ class MPNet(nn.Module):
 
 
 # dense bf16 peak FLOP/s by device name substring (vendor datasheets, no sparsity)
-PEAK_BF16_FLOPS = {'H200': 989e12, 'H100 SXM': 989e12, 'H100 80GB HBM3': 989e12, 'H100 PCIe': 756e12,
+PEAK_BF16_FLOPS = {'H200 NVL': 835e12, 'H200': 989e12, 'H100 SXM': 989e12, 'H100 80GB HBM3': 989e12, 'H100 PCIe': 756e12,
                    'H100 NVL': 835e12, 'A100': 312e12, 'L40S': 362e12, 'A10G': 70e12, 'RTX 4090': 165e12}
 
 

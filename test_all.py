@@ -199,6 +199,13 @@ def test_impls_agree_and_bias_gets_gradients():
     torch.testing.assert_close(grads['sdpa'], grads['manual'], atol=1e-6, rtol=1e-4)
 
 
+def test_flex_with_grad_checkpoint_is_refused():
+    # its bias gradient comes out NaN (FlexAttention recomputed under checkpoint), so it is not offered
+    with pytest.raises(ValueError, match='grad_checkpoint'):
+        tiny_config(attn_impl='flex', grad_checkpoint=True)
+    tiny_config(attn_impl='flex', grad_checkpoint=True, rope=True)  # no captured bias: fine
+
+
 def test_grad_checkpoint_gives_the_same_gradients():
     input_ids, positions, targets = two_stream_batch()
     grads = []
@@ -232,23 +239,25 @@ def test_whole_model_compiles_as_one_graph_once(impl, grad_checkpoint):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
-def test_cuda_bf16_sdpa_and_compiled_flex_agree():
-    # mpnet-base in bf16: forward + backward with sdpa and with compiled FlexAttention (GPU only)
+def test_cuda_bf16_compiled_sdpa_and_flex_agree_with_eager():
+    # mpnet-base in bf16, forward + backward: compiled sdpa and compiled flex against eager sdpa (GPU only)
     input_ids, positions, targets = (t.cuda() for t in two_stream_batch(B=8, T=512, P=77, V=30527, seed=0))
     out = {}
-    for impl in ('sdpa', 'flex'):
+    for impl, compiled in (('sdpa', False), ('sdpa', True), ('flex', True)):
         torch.manual_seed(0)
         model = MPNet(MPNetConfig(attn_impl=impl, dropout=0.0, attn_dropout=0.0)).cuda()
         model.build_masks(512, 77, 'cuda')
-        step = torch.compile(model) if impl == 'flex' else model
+        step = torch.compile(model) if compiled else model
         with torch.autocast('cuda', dtype=torch.bfloat16):
             logits, loss = step(input_ids, positions, 77, targets)
         loss.backward()
-        out[impl] = logits.float(), model.rel_bias.weight.grad.float()
-    logit_diff = (out['sdpa'][0] - out['flex'][0]).abs().max().item()
-    grad_diff = (out['sdpa'][1] - out['flex'][1]).abs().max().item()
-    print(f'bf16 mpnet-base sdpa vs compiled flex: max |logit diff| {logit_diff:.3e}, max |rel-bias grad diff| {grad_diff:.3e}')
-    assert logit_diff < 0.1 and out['flex'][1].abs().sum() > 0
+        out[impl, compiled] = logits.float(), model.rel_bias.weight.grad.float(), model.wte.weight.grad.float()
+    ref = out['sdpa', False]
+    for key in (('sdpa', True), ('flex', True)):
+        logit_diff = (out[key][0] - ref[0]).abs().max().item()
+        grad_err = [((out[key][i] - ref[i]).norm() / ref[i].norm()).item() for i in (1, 2)]
+        print(f'{key}: max |logit diff| {logit_diff:.3e}, relative grad error rel_bias {grad_err[0]:.3e}, wte {grad_err[1]:.3e}')
+        assert logit_diff < 0.1 and max(grad_err) < 0.05 and ref[1].abs().sum() > 0
 
 
 def test_padded_vocab_rows_never_predicted():
@@ -530,6 +539,7 @@ def test_bad_input_is_one_clear_line(tmp_path):
     assert_clean_error(train(tmp_path / 'fresh', '--init_from=resume'), 'ckpt.pt', 'does not exist')
     assert_clean_error(train(tmp_path, '--attn_impl=flex'), 'flex', 'CPU')
     assert_clean_error(train(tmp_path, '--dtype=float16'), 'dtype')
+    assert_clean_error(train(tmp_path, '--n_embd=100', '--n_head=3'), 'n_embd', 'multiple of n_head')
 
 
 def test_sigkill_mid_training_resumes(tmp_path):

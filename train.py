@@ -201,7 +201,10 @@ if model_args['vocab_size'] != meta['vocab_size']:
         f"{meta['tokenizer']!r} has {meta['vocab_size']}: prepare the data with the model's tokenizer")
 if block_size > model_args['max_positions']:
     die(f"block_size {block_size} exceeds the model's max_positions {model_args['max_positions']}")
-raw_model = MPNet(MPNetConfig(**model_args))
+try:
+    raw_model = MPNet(MPNetConfig(**model_args))
+except ValueError as e:  # an impossible shape or combination, named by MPNetConfig
+    die(e)
 if ckpt is not None:
     raw_model.load_state_dict(ckpt['model'])
 raw_model.to(device)
@@ -358,7 +361,7 @@ while True:
     for micro_step in range(gradient_accumulation_steps):
         input_ids, positions, targets = permute(X, perm_gen)
         data_state = train_data.state_dict()
-        X = train_data.next()  # the next batch's host-to-device copy overlaps this step's compute
+        X = train_data.next()  # queued from pinned memory: the CPU does not wait for the copy
         last = micro_step == gradient_accumulation_steps - 1
         with (model.no_sync() if ddp and not last else nullcontext()):  # DDP syncs gradients once per step
             with autocast:
@@ -367,6 +370,7 @@ while True:
         loss_sum += loss.detach().float()
         if is_log_step:
             correct_sum += (logits.detach().argmax(-1) == targets).float().mean()
+        del logits  # (B, P, V): not kept alive through the next forward
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'), foreach=True)
     # a non-finite loss makes a non-finite norm (identical on all ranks after DDP's all-reduce);
     # fused AdamW then skips the whole update on the device, with no host sync
@@ -380,6 +384,8 @@ while True:
     iters_since_log += 1
 
     if is_log_step:  # the only host syncs of the loop
+        if device_type == 'cuda':  # wait for the queued steps, so that they are timed in this window
+            torch.cuda.synchronize(device)
         dt = (time.time() - t_last) / iters_since_log
         n_micro = iters_since_log * gradient_accumulation_steps
         seqs_per_sec = batch_size * gradient_accumulation_steps / dt  # per GPU
