@@ -302,6 +302,13 @@ def log(record):
             wandb.log(record, step=record['iter'])
 
 
+def now():
+    """Wall time once the GPU has run what was queued, so that work is timed in the window that queued it."""
+    if device_type == 'cuda':
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
 stop_signal = []  # SIGINT/SIGTERM: save and exit at the next iteration boundary
 # under DDP the ranks agree on stopping through a tiny all-reduce on a CPU (gloo) group, started at one
 # iteration and read at the next: no GPU sync, and every rank stops at the same iteration
@@ -324,13 +331,18 @@ device_name = torch.cuda.get_device_name(device) if device_type == 'cuda' else '
 bad_run = torch.zeros((), device=device)  # consecutive non-finite steps, read at log steps only
 bad_total = torch.zeros((), device=device)
 loss_sum, correct_sum = torch.zeros((), device=device), torch.zeros((), device=device)
-t_last, iters_since_log = time.time(), 0
+
+
+# training time of the current log window: train_time plus the running segment since t_last, over
+# timed_iters steps (evaluation and the first, compiling, step are left out)
+t_last, train_time, timed_iters, iters_since_log = time.time(), 0.0, 0, 0
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for group in optimizer.param_groups:
         group['lr'] = lr
 
     if iter_num % eval_interval == 0 or iter_num == max_iters:
+        train_time += now() - t_last
         val_loss, val_acc = evaluate()
         improved = val_loss < best_val_loss
         best_val_loss = min(best_val_loss, val_loss)
@@ -339,7 +351,7 @@ while True:
         log(dict(iter=iter_num, val_loss=val_loss, val_acc=val_acc))
         if iter_num > start_iter and (improved or always_save_checkpoint):
             save()
-        t_last = time.time()  # evaluation time is not training time
+        t_last = time.time()
     stop_requested = bool(stop_signal)
     if ddp:  # act on what the previous iteration's all-reduce says, so that all ranks stop together
         stop_requested = False
@@ -382,11 +394,12 @@ while True:
     bad_total += found_inf
     iter_num += 1
     iters_since_log += 1
+    timed_iters += 1
+    if iter_num == start_iter + 1 and not is_log_step:  # compilation and warm-up are not throughput
+        t_last, train_time, timed_iters = now(), 0.0, 0
 
-    if is_log_step:  # the only host syncs of the loop
-        if device_type == 'cuda':  # wait for the queued steps, so that they are timed in this window
-            torch.cuda.synchronize(device)
-        dt = (time.time() - t_last) / iters_since_log
+    if is_log_step:  # the loop's host syncs: here, at evaluation, and once after the first step
+        dt = (train_time + now() - t_last) / timed_iters
         n_micro = iters_since_log * gradient_accumulation_steps
         seqs_per_sec = batch_size * gradient_accumulation_steps / dt  # per GPU
         mfu = raw_model.estimate_mfu(block_size, P, seqs_per_sec, device_name)  # per GPU, so also right under DDP
@@ -402,7 +415,7 @@ while True:
         log(record)
         loss_sum.zero_()
         correct_sum.zero_()
-        t_last, iters_since_log = time.time(), 0
+        t_last, train_time, timed_iters, iters_since_log = time.time(), 0.0, 0, 0
         if bad_run.item() >= max_bad_steps:
             kept = f'the last good checkpoint is {ckpt_path}' if os.path.exists(ckpt_path) else 'no checkpoint was saved yet'
             die(f'{int(bad_run.item())} non-finite losses in a row at iter {iter_num}; stopping, {kept} '
