@@ -378,8 +378,10 @@ class MPNet(nn.Module):
 
 
 # dense bf16 peak FLOP/s by device name substring (vendor datasheets, no sparsity)
-PEAK_BF16_FLOPS = {'H200 NVL': 835e12, 'H200': 989e12, 'H100 SXM': 989e12, 'H100 80GB HBM3': 989e12, 'H100 PCIe': 756e12,
-                   'H100 NVL': 835e12, 'A100': 312e12, 'L40S': 362e12, 'A10G': 70e12, 'RTX 4090': 165e12}
+# (first match wins, so 'H200 NVL' comes before 'H200')
+PEAK_BF16_FLOPS = {'H200 NVL': 835e12, 'H200': 989e12, 'H100 SXM': 989e12, 'H100 80GB HBM3': 989e12,
+                   'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'A100': 312e12, 'L40S': 362e12, 'A10G': 70e12,
+                   'RTX 4090': 165e12}
 
 
 def peak_flops(device_name):

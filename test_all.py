@@ -279,6 +279,7 @@ def test_flop_count_matches_flop_counter():
         model(input_ids, positions, 6)
     assert model.estimate_flops(37, 6) == 3 * counter.get_total_flops()
     assert model.estimate_mfu(37, 6, 1.0, 'Some Unknown Accelerator') is None
+    assert model.estimate_mfu(37, 6, 1e6, 'NVIDIA H200 NVL') == pytest.approx(3 * counter.get_total_flops() * 1e6 / 835e12)
     assert model.estimate_mfu(37, 6, 1e6, 'NVIDIA H100 80GB HBM3') == pytest.approx(3 * counter.get_total_flops() * 1e6 / 989e12)
 
 
