@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from configurator import ConfigError, configure
+from configurator import CHOICES, ConfigError, check_device, configure
 from model import MPNet, MPNetConfig
 from permute import n_pred, permute_batch
 
@@ -53,8 +53,8 @@ def die(message):
 
 
 try:
-    globals().update(configure({k: globals()[k] for k in config_keys}, sys.argv[1:],
-                               dict(attn_impl=('sdpa', 'flex', 'manual'), dtype=('float32', 'bfloat16'))))
+    globals().update(configure({k: globals()[k] for k in config_keys}, sys.argv[1:], CHOICES))
+    check_device(device, attn_impl)
 except ConfigError as e:
     die(e)
 
@@ -62,10 +62,6 @@ torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-if device_type == 'cuda' and not torch.cuda.is_available():
-    die("device is 'cuda' but no GPU is visible: pass --device=cpu (and --dtype=float32)")
-if attn_impl == 'flex' and device_type == 'cpu':
-    die("attn_impl='flex' has no backward on CPU: use --attn_impl=sdpa (or manual) on the CPU")
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
 autocast = torch.autocast(device_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
 sync = torch.cuda.synchronize if device_type == 'cuda' else (lambda: None)

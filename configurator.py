@@ -6,15 +6,30 @@ The configurator shared by train.py and bench.py (nanoGPT's, made strict):
 Each argument without '=' is a config file executed over the script's globals (assignments only);
 each --key=value is parsed as a Python literal (a bare word stays a string). An unknown key, a value of
 the wrong type or a missing file is a ConfigError: one line, naming the problem and the fix.
+CHOICES and check_device hold the value and machine checks both scripts make.
 """
 
 import ast
 import difflib
 import os
 
+import torch
+
 
 class ConfigError(Exception):
     pass
+
+
+# values a key may take in both train.py and bench.py (no float16: it would need loss scaling)
+CHOICES = dict(attn_impl=('sdpa', 'flex', 'manual'), dtype=('float32', 'bfloat16'))
+
+
+def check_device(device, attn_impl):
+    """The refusals that depend on the machine, shared by train.py and bench.py."""
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise ConfigError("device is 'cuda' but no GPU is visible: pass --device=cpu (and --dtype=float32)")
+    if attn_impl == 'flex' and not device.startswith('cuda'):
+        raise ConfigError("attn_impl='flex' has no backward on CPU: use --attn_impl=sdpa (or manual) on the CPU")
 
 
 def _check(key, value, defaults, source):

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from configurator import ConfigError, configure
+from configurator import CHOICES, ConfigError, check_device, configure
 from convert_hf import hf_to_checkpoint, read_tokenizer_files, save_checkpoint, tokenizer_files_of, ConvertError
 from model import MPNet, MPNetConfig
 from permute import n_pred, permute_batch, vocab_tables
@@ -96,10 +96,10 @@ def die(msg):
     sys.exit(1)
 
 
-choices = dict(attn_impl=('sdpa', 'flex', 'manual'), lr_schedule=('linear', 'cosine'),
-               dtype=('float32', 'bfloat16'))  # no float16: it would need loss scaling
 try:
-    config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:], choices)
+    config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:],
+                       {**CHOICES, 'lr_schedule': ('linear', 'cosine')})
+    check_device(config['device'], config['attn_impl'])
 except ConfigError as e:
     die(e)
 globals().update(config)
@@ -120,10 +120,6 @@ else:
     rank, world_size = 0, 1
 master = rank == 0  # rank 0 does all the I/O
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-if device_type == 'cuda' and not torch.cuda.is_available():
-    die("device is 'cuda' but no GPU is visible: pass --device=cpu (and --dtype=float32)")
-if attn_impl == 'flex' and device_type == 'cpu':
-    die("attn_impl='flex' has no backward on CPU: use --attn_impl=sdpa (or manual) for CPU training")
 torch.manual_seed(seed + rank)  # dropout; each rank its own stream
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
@@ -331,8 +327,6 @@ device_name = torch.cuda.get_device_name(device) if device_type == 'cuda' else '
 bad_run = torch.zeros((), device=device)  # consecutive non-finite steps, read at log steps only
 bad_total = torch.zeros((), device=device)
 loss_sum, correct_sum = torch.zeros((), device=device), torch.zeros((), device=device)
-
-
 # training time of the current log window: train_time plus the running segment since t_last, over
 # timed_iters steps (evaluation and the first, compiling, step are left out)
 t_last, train_time, timed_iters, iters_since_log = time.time(), 0.0, 0, 0
