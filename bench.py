@@ -69,9 +69,12 @@ sync = torch.cuda.synchronize if device_type == 'cuda' else (lambda: None)
 if data_dir:
     import data
     from permute import vocab_tables
-    meta = data.load_meta(data_dir)
+    try:
+        meta, tok, _ = data.load_prepared(data_dir)
+    except data.DataError as e:
+        die(e)
     vocab_size = meta['vocab_size']
-    is_word_start, is_special = (t.to(device) for t in vocab_tables(data.load_tokenizer(meta['tokenizer'])))
+    is_word_start, is_special = (t.to(device) for t in vocab_tables(tok))
     mask_id = meta['mask_id']
     batches = data.Batches(data_dir, 'train', batch_size, block_size, seed=seed, device=device)
     get_tokens = batches.next

@@ -6,7 +6,7 @@ The configurator shared by train.py and bench.py (nanoGPT's, made strict):
 Each argument without '=' is a config file executed over the script's globals (assignments only);
 each --key=value is parsed as a Python literal (a bare word stays a string). An unknown key, a value of
 the wrong type or a missing file is a ConfigError: one line, naming the problem and the fix.
-CHOICES and check_device hold the value and machine checks both scripts make.
+CHOICES, LIMITS and check_device hold the value, range and machine checks both scripts make.
 """
 
 import ast
@@ -24,10 +24,33 @@ class ConfigError(Exception):
 CHOICES = dict(attn_impl=('sdpa', 'flex', 'manual'), dtype=('float32', 'bfloat16'))
 
 
+# the range of every numeric setting of train.py and bench.py, checked once by configure() (the model's
+# shape and dropout are checked by MPNetConfig, where they are defined): '>= 1', '> 0', '[0, 1)', ...
+LIMITS = dict(
+    batch_size='>= 1', block_size='>= 2', gradient_accumulation_steps='>= 1', max_iters='>= 0',
+    eval_interval='>= 1', eval_iters='>= 1', log_interval='>= 1', learning_rate='> 0', min_lr='>= 0',
+    warmup_iters='>= 0', lr_decay_iters='>= 0', weight_decay='>= 0', beta1='[0, 1)', beta2='[0, 1)', eps='> 0',
+    grad_clip='>= 0', max_bad_steps='>= 1', pred_frac='(0, 1)', mask_prob='[0, 1]', rand_prob='[0, 1]',
+    vocab_size='>= 6', val_frac='(0, 1)', seed='>= 0', burn_in='>= 0', steps='>= 1', num_proc='>= 1')
+
+
+def _within(value, limit):
+    if limit[0] in '[(':
+        lo, hi = (float(x) for x in limit[1:-1].split(','))
+        return (lo <= value if limit[0] == '[' else lo < value) and (value <= hi if limit[-1] == ']' else value < hi)
+    op, bound = limit.split()
+    return value >= float(bound) if op == '>=' else value > float(bound)
+
+
 def check_device(device, attn_impl):
     """The refusals that depend on the machine, shared by train.py and bench.py."""
-    if device.startswith('cuda') and not torch.cuda.is_available():
+    kind, _, index = device.partition(':')
+    if kind not in ('cpu', 'cuda') or (index and (kind != 'cuda' or not index.isdigit())):
+        raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
+    if kind == 'cuda' and not torch.cuda.is_available():
         raise ConfigError("device is 'cuda' but no GPU is visible: pass --device=cpu (and --dtype=float32)")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}, but only {torch.cuda.device_count()} GPU(s) are visible")
     if attn_impl == 'flex' and not device.startswith('cuda'):
         raise ConfigError("attn_impl='flex' has no backward on CPU: use --attn_impl=sdpa (or manual) on the CPU")
 
@@ -78,4 +101,15 @@ def configure(defaults, argv, choices=None):
     for key, allowed in (choices or {}).items():
         if config[key] not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {config[key]!r}")
+    check_limits(config)
     return config
+
+
+def check_limits(config):
+    """ConfigError for the first value of config outside its LIMITS, or an empty name or path."""
+    for key, limit in LIMITS.items():
+        if config.get(key) is not None and not _within(config[key], limit):
+            raise ConfigError(f"{key} must be {'in ' * (limit[0] in '[(')}{limit}; got {config[key]!r}")
+    for key in ('out_dir', 'dataset', 'tokenizer'):
+        if isinstance(config.get(key), str) and not config[key].strip():
+            raise ConfigError(f'{key} must not be empty')

@@ -2,7 +2,7 @@
 Checkpoint <-> HuggingFace MPNetForMaskedLM.
 
     python convert_hf.py out/ckpt.pt out/hf                     # export: safetensors + config.json + tokenizer
-    python convert_hf.py --from_hf=microsoft/mpnet-base out/ckpt.pt   # import, to continue pretraining
+    python convert_hf.py --from_hf=microsoft/mpnet-base out/ckpt.pt   # import, to continue pretraining (never over a file)
     python convert_hf.py --from_hf=path/to/sentence-mpnet out/ckpt.pt # encoder-only MPNetModel: fresh MLM head
 
 Export reloads the written folder with transformers and compares its logits with ours on a sample
@@ -15,6 +15,7 @@ import tempfile
 
 import torch
 
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from model import MPNet, MPNetConfig
 
 
@@ -167,18 +168,10 @@ def tokenizer_files_of(name_or_dir):
 
 # ----------------------------------------------------------------------------------------------
 
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise ConvertError(f"checkpoint '{path}' not found (train one with: python train.py config/tiny.py)")
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    model = MPNet(MPNetConfig(**ckpt['model_args']))
-    model.load_state_dict(ckpt['model'])
-    return ckpt, model.eval()
-
-
 def export(ckpt_path, out_dir, atol=1e-4):
     """Write an HF MPNetForMaskedLM folder and check its logits against ours. Returns the max |diff|."""
-    ckpt, model = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)
+    model = model_from_checkpoint(ckpt, ckpt_path).eval()
     c = model.config
     check_exportable(c)
     from transformers import MPNetForMaskedLM
@@ -241,7 +234,10 @@ def hf_to_checkpoint(name_or_dir):
             'special_ids': {k: getattr(hf_cfg, k) for k in ('bos_token_id', 'pad_token_id', 'eos_token_id')}}
 
 
-def import_hf(name_or_dir, ckpt_path):
+def import_hf(name_or_dir, ckpt_path, overwrite=False):
+    if os.path.exists(ckpt_path) and not overwrite:
+        raise ConvertError(f"'{ckpt_path}' already exists and may hold a trained model: choose another path, "
+                           f"or pass --overwrite to replace it")
     ckpt = hf_to_checkpoint(name_or_dir)
     save_checkpoint(ckpt, ckpt_path)
     n_params = sum(t.numel() for t in ckpt['model'].values())
@@ -249,22 +245,14 @@ def import_hf(name_or_dir, ckpt_path):
     return ckpt
 
 
-def save_checkpoint(ckpt, path):
-    """Atomic write: a crash mid-save never leaves a corrupt checkpoint behind."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp'
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
 def main(argv):
     from_hf = [a.split('=', 1)[1] for a in argv if a.startswith('--from_hf=')]
     args = [a for a in argv if not a.startswith('--')]
-    unknown = [a for a in argv if a.startswith('--') and not a.startswith('--from_hf=')]
+    unknown = [a for a in argv if a.startswith('--') and not a.startswith('--from_hf=') and a != '--overwrite']
     if unknown:
         raise ConvertError(f'unknown option {unknown[0]} (usage: convert_hf.py CKPT OUT_DIR | convert_hf.py --from_hf=NAME CKPT)')
     if from_hf and len(args) == 1:
-        import_hf(from_hf[0], args[0])
+        import_hf(from_hf[0], args[0], overwrite='--overwrite' in argv)
     elif not from_hf and len(args) == 2:
         export(args[0], args[1])
     else:
@@ -274,6 +262,6 @@ def main(argv):
 if __name__ == '__main__':
     try:
         main(sys.argv[1:])
-    except ConvertError as e:
+    except (ConvertError, CheckpointError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(1)

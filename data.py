@@ -13,15 +13,24 @@ block_size-1 consecutive tokens of that stream, so blocks run across document bo
 Sources: 'pydocs' is the Python installation's own documentation (pydoc topics + standard-library
 docstrings, ~2 MB of English, built once into data/pydocs.jsonl). A .txt file gives one document per
 blank-line separated paragraph; undecodable bytes become U+FFFD and are counted. .jsonl/.parquet give one
-document per row (--text_field). Anything else is a HuggingFace hub dataset. A corpus too big to prepare
-is read by StreamingBatches instead, which tokenizes on the fly.
+document per row (--text_field); rows whose text is null or not a string are skipped and counted.
+Anything else is a HuggingFace hub dataset. A corpus too big to prepare is read by StreamingBatches
+instead, which tokenizes on the fly.
 
-Training from prepared data needs only torch + numpy: datasets/tokenizers/transformers are imported where used.
+meta.json records what the folder was made from (source files' sizes and times, or the hub revision);
+preparing again over a changed source is refused unless --overwrite. load_prepared checks a folder
+before training reads it, and gives the fingerprint that DDP ranks compare.
+
+Training from prepared data needs torch, numpy and tokenizers: datasets and transformers are imported
+where used (preparing, streaming).
 """
 import os
+import re
 import sys
 import json
 import glob
+import hashlib
+import shutil
 import time
 
 import numpy as np
@@ -207,10 +216,23 @@ def _encoder(tok):
     backend.no_padding()
     return backend
 
+# a word longer than this is <unk> for WordPiece (BERT's max_input_chars_per_word); the vocabulary trainer's
+# time grows with the square of a word's length, so such words are left out of vocabulary training.
+# Letters and digits, not CJK ideographs (BERT splits those into single characters)
+LONG_WORD = re.compile(r'[^\W_\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]{101,}')
+
+def prepare_command(settings, out_dir):
+    """The data.py command that prepares out_dir again with the recorded settings, replacing it."""
+    s = settings or {}
+    return ' '.join(['python data.py', f"--dataset={s.get('dataset', '...')}", f"--tokenizer={s.get('tokenizer', '...')}"] +
+                    [f'--{k}={s[k]}' for k in ('vocab_size', 'val_frac', 'text_field', 'seed') if s.get(k) is not None] +
+                    [f'--out_dir={out_dir}', '--overwrite'])
+
 def train_tokenizer(texts, vocab_size):
     """A lowercase WordPiece vocab (BERT's recipe) from an iterator of texts (or of lists of texts), in
     MPNet's special-token layout <s>=0 <pad>=1 </s>=2 <unk>=3, then <mask>=4 (mpnet-base has it last), then
     the learned pieces, continuations marked '##'. A small corpus can give fewer than vocab_size tokens.
+    Words over 100 characters (LONG_WORD) are left out: they encode as <unk> anyway, and would cost time.
     Not bit-reproducible: the `tokenizers` trainer breaks ties in hash-map order (tokenizers#1794)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers, processors, decoders
     from transformers import PreTrainedTokenizerFast
@@ -218,7 +240,8 @@ def train_tokenizer(texts, vocab_size):
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix='##')
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(
+    capped = ([LONG_WORD.sub(' ', t) for t in x] if isinstance(x, list) else LONG_WORD.sub(' ', x) for x in texts)
+    tok.train_from_iterator(capped, trainers.WordPieceTrainer(
         vocab_size=vocab_size, special_tokens=['<s>', '<pad>', '</s>', '<unk>', '<mask>'], min_frequency=2,
         limit_alphabet=1000, continuing_subword_prefix='##'))
     # what tokenizer(text) adds, as HF's MPNet tokenizer does; data.py itself encodes without special tokens
@@ -239,24 +262,83 @@ def default_out_dir(dataset, tokenizer, vocab_size):
     """Where prepare() writes unless told: e.g. data/pydocs-train8192, data/fineweb-edu_sample-10BT-mpnet-base."""
     return os.path.join(DATA_ROOT, f"{_slug(dataset)}-{f'train{vocab_size}' if tokenizer == 'train' else _slug(tokenizer)}")
 
+def _source_record(dataset, local):
+    """What prepared data is made from, so that a change is noticed: each local file's path, size and
+    modification time, or the hub dataset's name and revision (None where the hub cannot be asked)."""
+    if local:
+        root = os.path.expanduser(dataset) if os.path.isdir(os.path.expanduser(dataset)) else None
+        return dict(files=[[os.path.relpath(f, root) if root else os.path.basename(f), os.path.getsize(f),
+                            os.stat(f).st_mtime_ns] for f in local[1]])
+    name, _, config = dataset.partition(':')
+    try:
+        from huggingface_hub import HfApi
+        revision = HfApi().dataset_info(name).sha
+    except Exception:  # offline, private, or no such dataset: the load itself will say which
+        revision = None
+    return dict(hub=name, config=config or None, revision=revision)
+
+def _source_changes(old, new):
+    """What differs between two source records, as short phrases ([] if nothing, or if either is unknown)."""
+    if not old or not new:
+        return []
+    if 'files' in old and 'files' in new:
+        a, b = ({f: (size, mtime) for f, size, mtime in r['files']} for r in (old, new))
+        return ([f'{f} added' for f in b if f not in a] + [f'{f} removed' for f in a if f not in b] +
+                [f'{f} modified' for f in a if f in b and a[f] != b[f]])
+    if old.get('revision') and new.get('revision') and old['revision'] != new['revision']:
+        return [f"hub revision {old['revision'][:10]} is now {new['revision'][:10]}"]
+    return []
+
 def prepare(dataset='pydocs', tokenizer='microsoft/mpnet-base', vocab_size=30527, out_dir=None, val_frac=0.005,
-            text_field='text', num_proc=None, seed=1337):
-    """Tokenize `dataset` into out_dir (see the module docstring) and return out_dir; a no-op if done before.
+            text_field='text', num_proc=None, seed=1337, overwrite=False):
+    """Tokenize `dataset` into out_dir (see the module docstring) and return out_dir; a no-op if done before
+    with the same settings from the same source files (a changed source is refused unless overwrite).
+    The folder is built under a temporary name and renamed when complete, so a failure leaves nothing.
     Memory stays bounded: datasets keeps the text and token ids on disk (Arrow), and the .bin files are
     appended one batch of documents at a time."""
     out_dir = out_dir or default_out_dir(dataset, tokenizer, vocab_size)
-    local = dataset != 'pydocs' and os.path.exists(os.path.expanduser(dataset))
-    settings = dict(dataset=os.path.abspath(os.path.expanduser(dataset)) if local else dataset, tokenizer=tokenizer,
-                    vocab_size=vocab_size if tokenizer == 'train' else None, text_field=text_field, val_frac=val_frac, seed=seed)
-    if os.path.exists(os.path.join(out_dir, 'meta.json')):
-        old = load_meta(out_dir).get('settings') or {}
-        if old == settings:
-            print(f"{out_dir} is already prepared with these settings")
+    local = _files(dataset)  # fail early on a bad path, before a long download
+    settings = dict(dataset=os.path.abspath(os.path.expanduser(dataset)) if local and dataset != 'pydocs' else dataset,
+                    tokenizer=tokenizer, vocab_size=vocab_size if tokenizer == 'train' else None,
+                    text_field=text_field, val_frac=val_frac, seed=seed)
+    source = _source_record(dataset, local)
+    command = prepare_command(settings, out_dir)
+    if os.path.exists(os.path.join(out_dir, 'meta.json')) and not overwrite:
+        old = load_meta(out_dir)
+        if (old.get('settings') or {}) != settings:
+            diff = ', '.join(f'{k}: {old["settings"].get(k)!r} -> {v!r}' for k, v in settings.items()
+                             if old.get('settings', {}).get(k) != v) if old.get('settings') else 'unknown'
+            raise DataError(f"'{out_dir}' holds data prepared with other settings ({diff}): delete it, or prepare into another folder (data.py --out_dir=DIR, then train.py --data_dir=DIR)")
+        changes = _source_changes(old.get('source'), source)
+        if changes:
+            raise DataError(f"'{out_dir}' was prepared from an earlier version of '{dataset}' "
+                            f"({', '.join(changes[:3])}{', ...' if len(changes) > 3 else ''}): re-prepare it with "
+                            f"{command} (a run resumed on it then reads other blocks)")
+        print(f"{out_dir} is already prepared with these settings from the same source")
+        return out_dir
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, 'meta.json')):
+        raise DataError(f"'{out_dir}' exists but is not a prepared dataset (no meta.json): delete it, or choose "
+                        f"another --out_dir")  # never deleted here, even with overwrite: it may be anything
+    staging = f'{out_dir.rstrip(os.sep)}.partial-{os.getpid()}'
+    try:
+        meta = _prepare_into(staging, out_dir, dataset, tokenizer, vocab_size, val_frac, text_field, num_proc, seed)
+        meta.update(settings=settings, source=source)
+        with open(os.path.join(staging, 'meta.json'), 'w') as f:
+            json.dump(meta, f, indent=2)
+        if os.path.exists(os.path.join(out_dir, 'meta.json')) and not overwrite:
+            print(f'{out_dir} was prepared meanwhile by another process; using it')  # two runs started at once
+            shutil.rmtree(staging)
             return out_dir
-        diff = ', '.join(f'{k}: {old.get(k)!r} -> {v!r}' for k, v in settings.items() if old.get(k) != v)
-        raise DataError(f"'{out_dir}' holds data prepared with other settings ({diff}): delete it, or prepare into another folder (data.py --out_dir=DIR, then train.py --data_dir=DIR)")
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+def _prepare_into(folder, out_dir, dataset, tokenizer, vocab_size, val_frac, text_field, num_proc, seed):
+    """prepare()'s work, written into folder (renamed to out_dir when done); returns the meta dict."""
     t0 = time.time()
-    _files(dataset)  # fail early on a bad path or tokenizer, before a long download
     tok = None if tokenizer == 'train' else load_tokenizer(tokenizer)
     ds, field, is_txt = _source(dataset, text_field)
     n_docs = len(ds)
@@ -272,33 +354,38 @@ def prepare(dataset='pydocs', tokenizer='microsoft/mpnet-base', vocab_size=30527
             n_chars = 0
             for a, batch in zip(range(0, n_docs, 1000), ds.select_columns([field]).iter(batch_size=1000)):
                 is_val = _uniform(np.arange(a, a + len(batch[field])), seed) <= val_cut
-                yield [t for t, v in zip(batch[field], is_val) if t and not v]
-                n_chars += sum(len(t) for t in batch[field] if t)
+                texts = [t for t, v in zip(batch[field], is_val) if isinstance(t, str) and t and not v]
+                yield texts
+                n_chars += sum(map(len, texts))
                 if n_chars > TOKENIZER_TRAIN_CHARS:
                     return
         tok = train_tokenizer(train_texts(), vocab_size)
     ids, dtype = _special_ids(tok), token_dtype(len(tok))
-    os.makedirs(out_dir, exist_ok=True)
-    tok.save_pretrained(os.path.join(out_dir, 'tokenizer'))
+    os.makedirs(folder, exist_ok=True)
+    tok.save_pretrained(os.path.join(folder, 'tokenizer'))
 
     encoder, eos = _encoder(tok), ids['eos_id']
     def tokenize(batch, indices):
+        texts = batch[field]
         out = {'ids': [np.array(e.ids + [eos] if e.ids else [], dtype=np.int32)  # an empty doc adds nothing
-                       for e in encoder.encode_batch_fast(batch[field], add_special_tokens=False)],
-               'val': (_uniform(indices, seed) <= val_cut).tolist()}
+                       for e in encoder.encode_batch_fast([t if isinstance(t, str) else '' for t in texts],
+                                                          add_special_tokens=False)],
+               'val': (_uniform(indices, seed) <= val_cut).tolist(),
+               'not_text': [t is not None and not isinstance(t, str) for t in texts],  # a number, a list, ...
+               'null': [t is None for t in texts]}
         if is_txt:  # undecodable byte sequences the reader replaced by U+FFFD
-            out['n_bad'] = [t.count('\ufffd') for t in batch[field]]
+            out['n_bad'] = [t.count('\ufffd') for t in texts]
         return out
     if num_proc and num_proc > 1:  # forked workers must not use the Rust thread pool the parent already used
         os.environ['TOKENIZERS_PARALLELISM'] = 'false'
     # 256 documents a batch: enough for the Rust thread pool, and bounded even when documents are books
     tokenized = ds.map(tokenize, batched=True, batch_size=256, with_indices=True, remove_columns=ds.column_names,
                        num_proc=num_proc, desc='tokenizing', load_from_cache_file=False,
-                       cache_file_name=os.path.join(out_dir, 'tokenized.arrow'))  # intermediate, removed below
+                       cache_file_name=os.path.join(folder, 'tokenized.arrow'))  # intermediate, removed below
 
     import pyarrow.compute as pc
-    n_tokens, n_split_docs, n_bad = {'train': 0, 'val': 0}, {'train': 0, 'val': 0}, 0
-    files = {s: open(os.path.join(out_dir, f'{s}.bin.tmp'), 'wb') for s in n_tokens}
+    n_tokens, n_split_docs, n_bad, n_null, n_not_text, max_id = {'train': 0, 'val': 0}, {'train': 0, 'val': 0}, 0, 0, 0, 0
+    files = {s: open(os.path.join(folder, f'{s}.bin'), 'wb') for s in n_tokens}
     for table in tokenized.with_format('arrow').iter(batch_size=4096):
         lens = pc.list_value_length(table['ids']).to_numpy()
         tokens = pc.list_flatten(table['ids']).to_numpy()
@@ -308,31 +395,31 @@ def prepare(dataset='pydocs', tokenizer='microsoft/mpnet-base', vocab_size=30527
             files[split].write(tokens[tok_sel].astype(dtype).tobytes())
             n_tokens[split] += int(tok_sel.sum())
             n_split_docs[split] += int((lens[doc_sel] > 0).sum())
+        max_id = max(max_id, int(tokens.max(initial=0)))
+        n_null += int(pc.sum(table['null']).as_py() or 0)
+        n_not_text += int(pc.sum(table['not_text']).as_py() or 0)
         n_bad += int(pc.sum(table['n_bad']).as_py()) if is_txt else 0
     del tokenized
-    for f in glob.glob(os.path.join(out_dir, 'tokenized*.arrow')):
+    for f in glob.glob(os.path.join(folder, 'tokenized*.arrow')):
         os.remove(f)
-    for split, f in files.items():
+    for f in files.values():
         f.close()
-        os.replace(f.name, os.path.join(out_dir, f'{split}.bin'))
     if not (n_split_docs['train'] and n_split_docs['val']):
         n = n_split_docs['train'] + n_split_docs['val']
         raise DataError(f"dataset '{dataset}' has {n or 'no'} non-empty documents, {n_split_docs['val']} of them in val: "
                         f"need at least one in each split (is --text_field right? raise --val_frac?)")
-
-    meta = dict(dataset=dataset, tokenizer='tokenizer', tokenizer_source=tokenizer, vocab_size=len(tok),
-                dtype=np.dtype(dtype).name, **ids, n_tokens=n_tokens, n_docs=n_split_docs, n_undecodable=n_bad,
-                settings=settings)
-    with open(os.path.join(out_dir, 'meta.json.tmp'), 'w') as f:  # written last: its presence means "done"
-        json.dump(meta, f, indent=2)
-    os.replace(os.path.join(out_dir, 'meta.json.tmp'), os.path.join(out_dir, 'meta.json'))
     dt = time.time() - t0
     if n_bad:
         print(f"warning: {n_bad:,} undecodable byte sequences in the .txt files were replaced by U+FFFD")
+    if n_null or n_not_text:
+        print(f"warning: skipped {n_null + n_not_text:,} rows whose '{field}' is not text ({n_null:,} null, "
+              f"{n_not_text:,} numbers, lists or other values)")
     print(f"wrote {out_dir}: train.bin {n_tokens['train']:,} tokens ({n_split_docs['train']:,} docs), "
-          f"val.bin {n_tokens['val']:,} tokens ({n_split_docs['val']:,} docs), {meta['dtype']}, vocab {len(tok):,}, "
+          f"val.bin {n_tokens['val']:,} tokens ({n_split_docs['val']:,} docs), {np.dtype(dtype).name}, vocab {len(tok):,}, "
           f"meta.json, tokenizer/ in {dt:.1f}s: {sum(n_tokens.values()) / dt:,.0f} tokens/s")
-    return out_dir
+    return dict(dataset=dataset, tokenizer='tokenizer', tokenizer_source=tokenizer, vocab_size=len(tok),
+                dtype=np.dtype(dtype).name, **ids, n_tokens=n_tokens, n_docs=n_split_docs, max_id=max_id,
+                n_undecodable=n_bad, n_skipped_rows=n_null + n_not_text)
 
 def load_meta(data_dir):
     path = os.path.join(data_dir, 'meta.json')
@@ -343,6 +430,75 @@ def load_meta(data_dir):
     if os.path.isdir(os.path.join(data_dir, meta['tokenizer'])):  # stored relative, so the folder can be moved
         meta['tokenizer'] = os.path.join(data_dir, meta['tokenizer'])
     return meta
+
+SCAN_TOKENS = 2**31  # token files up to this size are scanned whole for ids beyond the vocabulary when loaded
+
+def load_prepared(data_dir):
+    """(meta, tokenizer, fingerprint) of a prepared folder, once its parts are checked to agree: each .bin
+    holds whole tokens, as many as meta.json says, within the tokenizer's vocabulary (scanned whole up to
+    SCAN_TOKENS; larger files are checked batch by batch), and meta.json agrees with the tokenizer. The
+    fingerprint {tokenizer, tokens} (the vocabulary; the token files' sizes and 64 samples of each) is
+    what DDP ranks compare, and what a checkpoint records of the data it was trained on."""
+    meta = load_meta(data_dir)
+    tok, special = _token_table(meta['tokenizer'])
+    fix = f're-prepare it: {prepare_command(meta.get("settings"), data_dir)}'
+    if tok.get_vocab_size() != meta['vocab_size']:
+        raise DataError(f"'{data_dir}/meta.json' says vocab_size {meta['vocab_size']} but its tokenizer has "
+                        f"{tok.get_vocab_size()} tokens: the folder's parts do not belong together; {fix}")
+    wrong = {k: (meta.get(k), v) for k, v in special.items() if meta.get(k) != v}
+    if wrong:
+        raise DataError(f"'{data_dir}/meta.json' disagrees with its tokenizer on special ids "
+                        f"({', '.join(f'{k} {a} vs {b}' for k, (a, b) in wrong.items())}); {fix}")
+    dtype = np.dtype(meta['dtype'])
+    if dtype not in (np.uint16, np.uint32) or np.iinfo(dtype).max < meta['vocab_size'] - 1:
+        raise DataError(f"'{data_dir}/meta.json' gives dtype {dtype.name}, which cannot hold a vocabulary of "
+                        f"{meta['vocab_size']}; {fix}")
+    h = hashlib.sha256()
+    for split in ('train', 'val'):
+        path = os.path.join(data_dir, f'{split}.bin')
+        if not os.path.isfile(path):
+            raise DataError(f"'{path}' is missing; {fix}")
+        size = os.path.getsize(path)
+        if size % dtype.itemsize:
+            raise DataError(f"'{path}' has {size:,} bytes, not a whole number of {dtype.name} tokens (truncated, "
+                            f"or not written by data.py); {fix}")
+        n = size // dtype.itemsize
+        if n != meta.get('n_tokens', {}).get(split, n):
+            raise DataError(f"'{path}' holds {n:,} tokens but meta.json says {meta['n_tokens'][split]:,} "
+                            f"(truncated or replaced); {fix}")
+        tokens = np.memmap(path, dtype=dtype, mode='r') if n else np.zeros(0, dtype)
+        if n <= SCAN_TOKENS:
+            top = max([int(tokens[a:a + 2**24].max()) for a in range(0, n, 2**24)], default=0)
+            if top >= meta['vocab_size']:
+                raise DataError(f"'{path}' holds token id {top}, beyond the tokenizer's {meta['vocab_size']} tokens: "
+                                f"it was not made with this tokenizer; {fix}")
+        h.update(f'{split} {n}'.encode())
+        for a in np.linspace(0, max(n - 2**15, 0), 64).astype(np.int64):  # 64 samples of 32k tokens
+            h.update(tokens[a:a + 2**15].tobytes())
+    return meta, tok, dict(tokenizer=tokenizer_fingerprint(tok), tokens=h.hexdigest()[:16])
+
+def _token_table(tok_dir):
+    """A prepared folder's tokenizer as a bare `tokenizers.Tokenizer`, and its special ids read from the
+    folder's config files as transformers would: quick to load, and training needs no transformers."""
+    from tokenizers import Tokenizer
+    path = os.path.join(tok_dir, 'tokenizer.json')
+    if not os.path.isfile(path):
+        raise DataError(f"'{tok_dir}' holds no tokenizer.json: re-prepare the data")
+    tok, names = Tokenizer.from_file(path), {}
+    for name in ('special_tokens_map.json', 'tokenizer_config.json'):  # transformers 4 wrote both, 5 the second
+        if os.path.isfile(os.path.join(tok_dir, name)):
+            with open(os.path.join(tok_dir, name)) as f:
+                for key, value in json.load(f).items():
+                    if key.endswith('_token') and value:
+                        names.setdefault(key[:-len('_token')], value['content'] if isinstance(value, dict) else value)
+    ids = {k: tok.token_to_id(v) for k, v in names.items()}
+    pick = lambda a, b: ids.get(a) if ids.get(a) is not None else ids.get(b)  # <s>/</s>, or [CLS]/[SEP] (BERT)
+    return tok, dict(bos_id=pick('bos', 'cls'), eos_id=pick('eos', 'sep'), pad_id=ids.get('pad'), unk_id=ids.get('unk'),
+                     mask_id=ids.get('mask'))
+
+def tokenizer_fingerprint(tok):
+    """A short hash of the token <-> id table: equal for the same vocabulary, wherever it was loaded from."""
+    return hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()[:16]
 
 # -----------------------------------------------------------------------------
 # batches of packed blocks
@@ -361,12 +517,15 @@ class Batches:
     Epoch e visits the grid of n_blocks slots in a seeded permutation (a Feistel bijection: no table in
     memory), the grid shifted by a seeded offset in [0, block_size-1) so blocks differ between epochs.
     The i-th next() on rank r of world_size W takes batch i*W + r of that sequence: ranks never share a
-    block within an epoch, and the whole state is i, the same on every rank, so resuming is exact."""
+    block within an epoch. The state is the number of blocks of the sequence consumed by all ranks, the
+    same on every rank: resuming is exact, and resuming with another batch size or number of processes
+    continues at exactly the next block of the sequence."""
 
     def __init__(self, data_dir, split, batch_size, block_size, seed=1337, rank=0, world_size=1, device='cpu'):
         assert split in ('train', 'val') and 0 <= rank < world_size and block_size >= 2
         meta = load_meta(data_dir)
         self.path, self.dtype, self.bos = os.path.join(data_dir, f'{split}.bin'), np.dtype(meta['dtype']), meta['bos_id']
+        self.vocab_size = meta['vocab_size']
         self.batch_size, self.block_size, self.seed = batch_size, block_size, seed
         self.rank, self.world_size, self.device = rank, world_size, device
         n, L = os.path.getsize(self.path) // self.dtype.itemsize, block_size - 1
@@ -374,12 +533,12 @@ class Batches:
         if self.n_blocks < 1:
             raise DataError(f"{self.path} has {n:,} tokens, too few for one block of {block_size}: "
                             f"lower block_size or prepare more data (or a larger val_frac)")
-        self.i = 0
+        self.offset, self.i = 0, 0  # blocks consumed before the last load_state_dict, batches since
 
     def starts(self, i):
         """Stream offsets of the blocks of this rank's i-th batch."""
         L = self.block_size - 1
-        p = (i * self.world_size + self.rank) * self.batch_size + np.arange(self.batch_size)
+        p = self.offset + (i * self.world_size + self.rank) * self.batch_size + np.arange(self.batch_size)
         epoch, j = p // self.n_blocks, p % self.n_blocks
         starts = np.empty(self.batch_size, dtype=np.int64)
         for e in np.unique(epoch):  # usually one; two when the batch straddles an epoch's end
@@ -392,15 +551,19 @@ class Batches:
         self.i += 1
         # a fresh memmap per batch: a long-lived one keeps every page it touched (as nanoGPT notes)
         data = np.memmap(self.path, dtype=self.dtype, mode='r')
-        return _batch(self.bos, data[starts[:, None] + np.arange(self.block_size - 1)], self.device)
+        blocks = data[starts[:, None] + np.arange(self.block_size - 1)]
+        if blocks.max() >= self.vocab_size:  # files too large to scan when loaded are checked here
+            raise DataError(f"'{self.path}' holds token id {blocks.max()}, beyond the vocabulary of {self.vocab_size}: "
+                            f"it was not made with this tokenizer; re-prepare it")
+        return _batch(self.bos, blocks, self.device)
 
     def state_dict(self):
-        return dict(i=self.i, batch_size=self.batch_size, world_size=self.world_size)
+        return dict(blocks=self.offset + self.i * self.world_size * self.batch_size)
 
     def load_state_dict(self, d):
-        d = d[self.rank % len(d)] if isinstance(d, list) else d  # a list of every rank's state is fine too
-        # exact for the same layout; a new batch_size or world_size resumes after the same number of blocks
-        self.i = -(-d['i'] * d['batch_size'] * d['world_size'] // (self.batch_size * self.world_size))
+        d = d[0] if isinstance(d, list) else d  # every rank's state is the same
+        self.offset = d['blocks'] if 'blocks' in d else d['i'] * d['batch_size'] * d['world_size']  # older files
+        self.i = 0
 
 def eval_blocks(data_dir, split, n_blocks, block_size, seed=0):
     """A fixed random set of n_blocks blocks [n_blocks, block_size] (the same on every call), on the CPU."""
@@ -413,10 +576,12 @@ class StreamingBatches:
     packed, its partial last block dropped, and its blocks shuffled by a seed from (seed, rank, epoch, first
     document). The state is (epoch, first document of the window, blocks taken from it); it differs between
     ranks, so save every rank's (load_state_dict takes the list), and resume with the same world_size.
-    self.meta holds the special ids and vocab_size, as load_meta does for prepared data."""
+    The first held_out documents (stream_val_blocks' validation set) are never read. Rows whose text is
+    null or not a string are skipped and counted (n_skipped). self.meta holds the special ids and
+    vocab_size, as load_meta does for prepared data."""
 
     def __init__(self, dataset, tokenizer, batch_size, block_size, seed=1337, rank=0, world_size=1, device='cpu',
-                 text_field='text', buffer_blocks=1000):
+                 text_field='text', buffer_blocks=1000, held_out=0):
         assert 0 <= rank < world_size and block_size >= 2
         if tokenizer == 'train':
             raise DataError("streaming needs an existing tokenizer: train one with data.py --tokenizer=train on a "
@@ -428,7 +593,8 @@ class StreamingBatches:
         self.ds, self.field, _ = _source(dataset, text_field, streaming=True)
         self.dataset, self.batch_size, self.block_size, self.seed = dataset, batch_size, block_size, seed
         self.rank, self.world_size, self.device, self.buffer_blocks = rank, world_size, device, buffer_blocks
-        self.load_state_dict(dict(epoch=0, doc=0, pos=0, world_size=world_size))
+        self.held_out, self.n_skipped = held_out, 0
+        self.load_state_dict(dict(epoch=0, doc=held_out, pos=0, world_size=world_size, held_out=held_out))
 
     def _read_window(self):
         L, W = self.block_size - 1, self.world_size
@@ -446,17 +612,16 @@ class StreamingBatches:
                     ended = True
                     break
                 if self._next_doc % W == self.rank:
-                    if self.field not in example:
-                        raise DataError(f"dataset '{self.dataset}' has no column '{self.field}' "
-                                        f"(columns: {', '.join(example)}): pass --text_field=NAME")
-                    texts.append(example[self.field] or '')
+                    text = _text_of(example, self.field, self.dataset)
+                    self.n_skipped += not isinstance(text, str)
+                    texts.append(text if isinstance(text, str) else '')
                 self._next_doc += 1
             for e in self.encoder.encode_batch_fast(texts, add_special_tokens=False):
                 if e.ids:
                     parts.append(np.array(e.ids + [self.meta['eos_id']], dtype=np.int64))
                     n += len(parts[-1])
         nb = n // L
-        if nb == 0 and ended and self.doc == 0:
+        if nb == 0 and ended and self.doc == self.held_out:
             raise DataError(f"dataset '{self.dataset}' has fewer than {L + 1} tokens for rank {self.rank} of {W}")
         stream = np.concatenate(parts)[:nb * L] if parts else np.zeros(0, dtype=np.int64)
         order = np.random.default_rng([self.seed, self.rank, self.epoch, self.doc]).permutation(nb)
@@ -470,21 +635,51 @@ class StreamingBatches:
             rows.append(self._blocks[self.pos:self.pos + self.batch_size - sum(map(len, rows))])
             self.pos += len(rows[-1])
             if self.pos == len(self._blocks):  # window used up: the next starts where this one stopped reading
-                self.epoch, self.doc = (self.epoch + 1, 0) if self._ended else (self.epoch, self._next_doc)
+                self.epoch, self.doc = (self.epoch + 1, self.held_out) if self._ended else (self.epoch, self._next_doc)
                 self.pos, self._blocks = 0, None
                 self._it = None if self._ended else self._it
         return _batch(self.meta['bos_id'], np.concatenate(rows), self.device)
 
     def state_dict(self):
-        return dict(epoch=self.epoch, doc=self.doc, pos=self.pos, world_size=self.world_size)
+        return dict(epoch=self.epoch, doc=self.doc, pos=self.pos, world_size=self.world_size, held_out=self.held_out)
 
     def load_state_dict(self, d):
+        n = len(d) if isinstance(d, list) else d['world_size']
+        if n != self.world_size:
+            raise DataError(f"a streaming run reads documents by rank and this one was saved by {n} processes: "
+                            f"resume it with the same number of processes ({self.world_size} now)")
         d = d[self.rank] if isinstance(d, list) else d
-        if d['world_size'] != self.world_size:
-            raise DataError(f"the streaming data position was saved with world_size={d['world_size']}: "
-                            f"resume with the same number of processes")
+        if d.get('held_out', 0) != self.held_out:
+            raise DataError(f"this streaming run held out its first {d.get('held_out', 0)} documents for validation, "
+                            f"now {self.held_out}: resume with the same eval_iters, batch_size and block_size")
         self.epoch, self.doc, self.pos = d['epoch'], d['doc'], d['pos']
         self._it, self._blocks = None, None
+
+def _text_of(example, field, dataset):
+    if field not in example:
+        raise DataError(f"dataset '{dataset}' has no column '{field}' (columns: {', '.join(example)}): "
+                        f"pass --text_field=NAME")
+    return example[field]
+
+def stream_val_blocks(dataset, tokenizer, n_blocks, block_size, text_field='text'):
+    """The validation set of a streaming run without a prepared data_dir: the first documents of the
+    stream, packed in order into n_blocks fixed blocks (<s> + block_size-1 tokens), on the CPU.
+    Returns (blocks, n_docs); StreamingBatches(held_out=n_docs) never trains on those documents."""
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    encoder, ids = _encoder(tok), _special_ids(tok)
+    ds, field, _ = _source(dataset, text_field, streaming=True)
+    need, parts, n, n_docs = n_blocks * (block_size - 1), [], 0, 0
+    for example in ds:
+        n_docs += 1
+        text = _text_of(example, field, dataset)
+        doc = encoder.encode(text, add_special_tokens=False).ids if isinstance(text, str) else []
+        if doc:
+            parts.append(np.array(doc + [ids['eos_id']], dtype=np.int64))
+            n += len(parts[-1])
+        if n >= need:
+            return _batch(ids['bos_id'], np.concatenate(parts)[:need].reshape(n_blocks, block_size - 1), 'cpu'), n_docs
+    raise DataError(f"dataset '{dataset}' has {n:,} tokens, too few to hold out {n_blocks} validation blocks of "
+                    f"{block_size} and still train: lower eval_iters, or pass a prepared --data_dir for validation")
 
 # -----------------------------------------------------------------------------
 
@@ -499,8 +694,12 @@ if __name__ == '__main__':
     parser.add_argument('--text_field', default='text')
     parser.add_argument('--num_proc', type=int, default=None, help='tokenizer processes (default: one, multithreaded)')
     parser.add_argument('--seed', type=int, default=1337)
+    parser.add_argument('--overwrite', action='store_true', help='re-prepare out_dir even if it holds prepared data')
+    from configurator import ConfigError, check_limits
     try:
-        prepare(**vars(parser.parse_args()))
-    except DataError as e:
+        args = vars(parser.parse_args())
+        check_limits(args)
+        prepare(**args)
+    except (DataError, ConfigError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(1)

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
+from contextlib import nullcontext
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from einops import rearrange
 
 
@@ -42,10 +44,22 @@ class MPNetConfig:
     grad_checkpoint: bool = False  # recompute each block's activations in backward: less memory, ~30% more compute
 
     def __post_init__(self):
+        for name in ('vocab_size', 'n_layer', 'n_head', 'n_embd', 'n_inner', 'max_positions', 'rel_buckets',
+                     'rel_max_distance'):
+            if getattr(self, name) < 1:
+                raise ValueError(f'{name} must be at least 1; got {getattr(self, name)}')
+        for name in ('dropout', 'attn_dropout'):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f'{name} must be in [0, 1); got {getattr(self, name)}')
+        if self.vocab_size <= self.pad_id:
+            raise ValueError(f'vocab_size ({self.vocab_size}) must exceed pad_id ({self.pad_id})')
         if self.attn_impl not in ('sdpa', 'flex', 'manual'):
             raise ValueError(f"attn_impl must be 'sdpa', 'flex' or 'manual', got {self.attn_impl!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f'n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})')
+        if self.rope and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f'rope rotates pairs of channels: the head size n_embd/n_head = '
+                             f'{self.n_embd // self.n_head} must be even')
         if self.attn_impl == 'flex' and self.grad_checkpoint and not self.rope:
             # measured (torch 2.13, eager): FlexAttention recomputed under checkpoint returns a NaN
             # gradient for the captured bias table, while every other gradient is right
@@ -124,6 +138,13 @@ def rotary(x, positions, theta):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+# SDPA's cuDNN and flash backwards return no gradient for attn_mask (torch's derivatives.yaml:
+# _scaled_dot_product_cudnn_attention and _flash_attention_for_cpu differentiate q, k and v only),
+# and PyTorch prefers cuDNN on H100: the learned relative bias would stop training, silently or with
+# an error depending on the version. Whenever the bias needs a gradient, only these may run.
+MASK_GRAD_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 # ----------------------------------------------------------------------------------------------
 # Modules
 
@@ -153,7 +174,8 @@ class Attention(nn.Module):
             att = F.dropout(F.softmax(att.float(), dim=-1).to(q.dtype), dropout_p, self.training)
             y = att @ v
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.bias, dropout_p=dropout_p)
+            with sdpa_kernel(MASK_GRAD_BACKENDS) if attn.bias.requires_grad else nullcontext():
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.bias, dropout_p=dropout_p)
         return self.o(rearrange(y, 'b nh l hs -> b l (nh hs)'))
 
 

@@ -8,16 +8,24 @@ references written here for the two-stream masks and the permutation. Tiny real 
 corpora are built in the tests; the hubs are never contacted.
 """
 
+import contextlib
 import functools
+import gc
+import io
 import json
 import math
 import os
 import random
 import re
+import resource
+import runpy
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import traceback
 import types
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -34,6 +42,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 import data
 from permute import n_pred, permute_batch, vocab_tables
 from model import MPNet, MPNetConfig, relative_position_bucket, two_stream_mask
+import checkpoint
 import convert_hf
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,6 +54,28 @@ def run_cli(*args, cwd=HERE, timeout=600):
     """Run a project script as a user would; returns the CompletedProcess."""
     env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_here(script, *args):
+    """Run a project script in this process (runpy, as `python script args` from the project folder) for
+    refusals that happen before any training: the same code as a subprocess without a fresh torch import.
+    An exception other than SystemExit comes back as a traceback on stderr, as it would from python."""
+    out, err, argv, cwd, code = io.StringIO(), io.StringIO(), sys.argv, os.getcwd(), 0
+    sys.argv = [script, *args]
+    os.chdir(HERE)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(os.path.join(HERE, script), run_name='__main__')
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except Exception:
+        err.write(traceback.format_exc())
+        code = 1
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+    gc.collect()  # the script's globals (an out_dir lock among them) go, as they would with its process
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
 def assert_clean_error(proc, *words):
@@ -321,6 +352,11 @@ def test_rope_model_trains_and_export_is_refused(tmp_path):
 # ==============================================================================================
 # convert_hf.py
 
+def load_model(path):
+    path = str(path)
+    return checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(path), path).eval()
+
+
 def random_hf_mlm(seed=0, **kw):
     from transformers import MPNetForMaskedLM
     torch.manual_seed(seed)
@@ -347,7 +383,7 @@ def test_hf_import_plain_path_and_export_roundtrip(tmp_path):
     ckpt = tmp_path / 'ckpt.pt'
     proc = run_cli('convert_hf.py', f'--from_hf={tmp_path / "hf_in"}', str(ckpt))
     assert proc.returncode == 0, proc.stderr
-    _, model = convert_hf.load_checkpoint(str(ckpt))
+    model = load_model(ckpt)
     ids, mask = padded_batch()
     keep = mask.bool()
     with torch.no_grad():
@@ -377,7 +413,7 @@ def test_import_encoder_only_model_gets_fresh_head(tmp_path):
     proc = run_cli('convert_hf.py', f'--from_hf={tmp_path / "enc"}', str(tmp_path / 'ckpt.pt'))
     assert proc.returncode == 0, proc.stderr
     assert 'no MLM head' in proc.stdout
-    _, model = convert_hf.load_checkpoint(str(tmp_path / 'ckpt.pt'))
+    model = load_model(tmp_path / 'ckpt.pt')
     ids, mask = padded_batch()
     with torch.no_grad():
         ours = model.encode(ids, mask)
@@ -391,7 +427,7 @@ def test_export_refuses_what_hf_cannot_represent(tmp_path, change, words):
     model = MPNet(tiny_config(**change))
     ckpt = tmp_path / 'c.pt'
     torch.save({'model': model.state_dict(), 'model_args': vars(tiny_config(**change))}, ckpt)
-    assert_clean_error(run_cli('convert_hf.py', str(ckpt), str(tmp_path / 'out')), words)
+    assert_clean_error(run_here('convert_hf.py', str(ckpt), str(tmp_path / 'out')), words)
 
 
 def test_import_ignores_hf_config_pad_id_as_hf_does(tmp_path):
@@ -414,9 +450,9 @@ def test_import_ignores_hf_config_pad_id_as_hf_does(tmp_path):
 
 
 def test_export_missing_checkpoint_and_bad_usage(tmp_path):
-    assert_clean_error(run_cli('convert_hf.py', str(tmp_path / 'nope.pt'), str(tmp_path / 'out')), 'not found')
-    assert_clean_error(run_cli('convert_hf.py', str(tmp_path / 'nope.pt')), 'usage')
-    assert_clean_error(run_cli('convert_hf.py', f'--from_hf={tmp_path / "missing"}', str(tmp_path / 'c.pt')), 'missing')
+    assert_clean_error(run_here('convert_hf.py', str(tmp_path / 'nope.pt'), str(tmp_path / 'out')), 'not found')
+    assert_clean_error(run_here('convert_hf.py', str(tmp_path / 'nope.pt')), 'usage')
+    assert_clean_error(run_here('convert_hf.py', f'--from_hf={tmp_path / "missing"}', str(tmp_path / 'c.pt')), 'missing')
 
 
 # ==============================================================================================
@@ -432,6 +468,20 @@ def train(out_dir, *args, timeout=600):
 
 def load_ckpt(path):
     return torch.load(path, map_location='cpu', weights_only=True)
+
+
+@pytest.fixture(scope='module')
+def small_run(tmp_path_factory):
+    """A run folder of SMALL trained 10 iterations (checkpoints at 5 and 10); tests work on copies."""
+    folder = tmp_path_factory.mktemp('small_run')
+    proc = train(folder, *SMALL, '--max_iters=10', '--eval_interval=5', '--lr_decay_iters=40')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder
+
+
+def copy_run(small_run, folder):
+    shutil.copytree(small_run, folder, dirs_exist_ok=True)
+    return folder
 
 
 def test_tiny_config_learns(tmp_path):
@@ -476,7 +526,36 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert f"{logs[-1]['tokens_per_sec']:,.0f} tok/s on 2 GPUs" in proc.stdout
     ckpt = load_ckpt(tmp_path / 'ckpt.pt')
     assert ckpt['iter_num'] == 10 and len(ckpt['rank_states']) == 2
-    assert ckpt['rank_states'][0]['data'] == ckpt['rank_states'][1]['data']  # same count, disjoint blocks
+    assert ckpt['rank_states'][0]['data'] == ckpt['rank_states'][1]['data'] == {'blocks': 10 * 2 * 2 * 8}
+    # 10. prepared data resumes on another number of processes, at exactly the next block, and says so
+    proc = train(tmp_path, *SMALL, '--max_iters=15', '--eval_interval=5', '--gradient_accumulation_steps=2',
+                 '--init_from=resume')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'written by 2 processes and resumes on 1' in proc.stdout and 'not bit-identical' in proc.stdout
+    assert load_ckpt(tmp_path / 'ckpt.pt')['rank_states'][0]['data'] == {'blocks': 320 + 5 * 2 * 8}
+
+
+def test_ddp_ranks_that_see_different_or_no_data_stop_every_rank(tmp_path):
+    # data_dir expands $LOCAL_RANK, so two ranks on one machine can be given the folders two nodes would have
+    prepared = data.prepare('pydocs', 'train', 8192, out_dir=os.path.join(HERE, 'data', 'pydocs-train8192'), val_frac=0.05)
+    shutil.copytree(prepared, tmp_path / 'd0')
+    shutil.copytree(prepared, tmp_path / 'd1')
+    val = np.fromfile(tmp_path / 'd1' / 'val.bin', dtype=np.uint16)
+    val[:100] = val[100:200]  # same size and vocabulary, other tokens: as if prepared apart
+    val.tofile(tmp_path / 'd1' / 'val.bin')
+    def torchrun(data_dir):
+        return run_cli('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+                       'config/tiny.py', f'--out_dir={tmp_path / "run"}', *SMALL, '--max_iters=2', f'--data_dir={data_dir}')
+    def check_one_line(proc, words):  # every rank stops, one line says why (torchrun then reports its children)
+        assert proc.returncode != 0 and 'File "' + os.path.join(HERE, 'train.py') not in proc.stderr, proc.stderr[-3000:]
+        lines = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+        assert len(lines) == 1 and words in lines[0] and 'shared file system' in lines[0], proc.stderr[-3000:]
+    node = socket.gethostname()
+    check_one_line(torchrun(f'{tmp_path}/d$LOCAL_RANK'),
+                   f'rank 1 on node {node} sees other prepared data than rank 0 on node {node} (tokens differ)')
+    shutil.rmtree(tmp_path / 'd1')
+    check_one_line(torchrun(f'{tmp_path}/d$LOCAL_RANK'), f"rank 1 on node {node}: '{tmp_path}/d1' is not a prepared dataset")
+    assert not (tmp_path / 'run' / 'ckpt.pt').exists()
 
 
 def test_ddp_sigterm_saves_between_log_steps(tmp_path):
@@ -497,8 +576,8 @@ def test_ddp_sigterm_saves_between_log_steps(tmp_path):
     assert load_ckpt(tmp_path / 'ckpt.pt')['iter_num'] > 0
 
 
-def test_trained_checkpoint_exports_with_tokenizer(tmp_path):
-    assert train(tmp_path, *SMALL, '--max_iters=5').returncode == 0
+def test_trained_checkpoint_exports_with_tokenizer(tmp_path, small_run):
+    copy_run(small_run, tmp_path)
     proc = run_cli('convert_hf.py', str(tmp_path / 'ckpt.pt'), str(tmp_path / 'hf'))
     assert proc.returncode == 0, proc.stderr[-3000:]
     from transformers import AutoTokenizer, MPNetForMaskedLM
@@ -506,7 +585,7 @@ def test_trained_checkpoint_exports_with_tokenizer(tmp_path):
     hf = MPNetForMaskedLM.from_pretrained(tmp_path / 'hf').eval()
     enc = tok(['the return value of a function'], return_tensors='pt')
     assert enc['input_ids'][0, 0] == 0 and enc['input_ids'][0, -1] == 2  # <s> ... </s>
-    _, model = convert_hf.load_checkpoint(str(tmp_path / 'ckpt.pt'))
+    model = load_model(tmp_path / 'ckpt.pt')
     with torch.no_grad():
         ours = model.lm_logits(model.encode(enc['input_ids']))
         theirs = hf(**enc).logits
@@ -533,19 +612,22 @@ def test_continue_pretraining_from_hf(tmp_path):
 
 
 def test_bad_input_is_one_clear_line(tmp_path):
-    assert_clean_error(train(tmp_path, '--lr=1e-3'), "unknown config key 'lr'", 'learning_rate')
-    assert_clean_error(train(tmp_path, '--batch_size=big'), 'batch_size', 'int')
-    assert_clean_error(run_cli('train.py', 'config/nope.py'), "config file 'config/nope.py' not found")
-    assert_clean_error(train(tmp_path, f'--dataset={tmp_path / "missing"}'), 'missing')
+    def here(*args):
+        return run_here('train.py', 'config/tiny.py', f'--out_dir={tmp_path}', *args)
+    assert_clean_error(here('--lr=1e-3'), "unknown config key 'lr'", 'learning_rate')
+    assert_clean_error(here('--batch_size=big'), 'batch_size', 'int')
+    assert_clean_error(run_here('train.py', 'config/nope.py'), "config file 'config/nope.py' not found")
+    assert_clean_error(here(f'--dataset={tmp_path / "missing"}'), 'missing')
     (tmp_path / 'empty').mkdir()
-    assert_clean_error(train(tmp_path, f'--dataset={tmp_path / "empty"}'), 'empty')
-    assert_clean_error(train(tmp_path / 'fresh', '--init_from=resume'), 'ckpt.pt', 'does not exist')
-    assert_clean_error(train(tmp_path, '--attn_impl=flex'), 'flex', 'CPU')
-    assert_clean_error(train(tmp_path, '--dtype=float16'), 'dtype')
-    assert_clean_error(train(tmp_path, '--n_embd=100', '--n_head=3'), 'n_embd', 'multiple of n_head')
+    assert_clean_error(here(f'--dataset={tmp_path / "empty"}'), 'empty')
+    assert_clean_error(run_here('train.py', 'config/tiny.py', f'--out_dir={tmp_path / "fresh"}', '--init_from=resume'),
+                       'ckpt.pt', 'does not exist')
+    assert_clean_error(here('--attn_impl=flex'), 'flex', 'CPU')
+    assert_clean_error(here('--dtype=float16'), 'dtype')
+    assert_clean_error(here('--n_embd=100', '--n_head=3'), 'n_embd', 'multiple of n_head')
 
 
-def test_sigkill_mid_training_resumes(tmp_path):
+def test_sigkill_mid_training_resumes_and_one_run_per_out_dir(tmp_path):
     env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
     args = [sys.executable, 'train.py', 'config/tiny.py', f'--out_dir={tmp_path}', *SMALL, '--max_iters=100000',
             '--eval_interval=3']
@@ -555,14 +637,19 @@ def test_sigkill_mid_training_resumes(tmp_path):
         saves += line.startswith('saved ')
         if saves == 2:
             break
-    time.sleep(0.5)
+    # 9. a second run into the same folder, while the first one trains: refused, naming the holder
+    second = train(tmp_path, *SMALL, '--init_from=resume')
+    assert_clean_error(second, 'is in use by a running training', f'pid {proc.pid} on {socket.gethostname()}')
     proc.kill()
     proc.wait()
-    ckpt = load_ckpt(tmp_path / 'ckpt.pt')  # never a torn file: written to .tmp, then os.replace
+    ckpt = load_ckpt(tmp_path / 'ckpt.pt')  # never a torn file: written to a temp file, then os.replace
     assert ckpt['iter_num'] >= 6
+    (tmp_path / f'ckpt.pt.{proc.pid}.123.tmp').write_bytes(b'half a checkpoint')  # as kill -9 mid-save leaves it
+    # the killed run's lock is taken over, and its temp file removed
     proc = train(tmp_path, *SMALL, f'--max_iters={ckpt["iter_num"] + 3}', '--eval_interval=3', '--init_from=resume')
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert load_ckpt(tmp_path / 'ckpt.pt')['iter_num'] == ckpt['iter_num'] + 3
+    assert str(os.getpid()) not in (tmp_path / 'train.lock').read_text() and not list(tmp_path.glob('*.tmp'))
 
 
 def test_sigterm_saves_and_exits(tmp_path):
@@ -578,6 +665,236 @@ def test_sigterm_saves_and_exits(tmp_path):
     assert proc.returncode == 0, out[-2000:]
     assert 'stopped by a signal' in out
     assert load_ckpt(tmp_path / 'ckpt.pt')['iter_num'] >= 5
+
+
+# ---- never lose a trained model, never train on wrong data, refuse nonsense in one line (issue 11)
+
+@pytest.mark.parametrize('args, words', [
+    (['--batch_size=0'], 'batch_size must be >= 1; got 0'), (['--batch_size=-4'], 'batch_size must be >= 1'),
+    (['--eval_iters=0'], 'eval_iters'), (['--gradient_accumulation_steps=0'], 'gradient_accumulation_steps'),
+    (['--max_iters=-1'], 'max_iters must be >= 0'), (['--eval_interval=0'], 'eval_interval'),
+    (['--log_interval=0'], 'log_interval'), (['--block_size=1'], 'block_size must be >= 2'),
+    (['--out_dir='], 'out_dir must not be empty'), (['--device=mps'], "device must be 'cpu', 'cuda' or 'cuda:N'"),
+    (['--init_from=run/ckpt.pt'], "init_from 'run/ckpt.pt' not found"), (['--learning_rate=-0.001'], 'learning_rate'),
+    (['--beta2=1.0'], 'beta2 must be in [0, 1)'), (['--pred_frac=1.0'], 'pred_frac'), (['--dropout=1.5'], 'dropout'),
+    (['--n_layer=0'], 'n_layer must be at least 1'), (['--mask_prob=0.9', '--rand_prob=0.2'], 'mask_prob + rand_prob'),
+    (['--warmup_iters=2000'], 'lr_decay_iters (1000) must be at least warmup_iters (2000)'),
+    (['--min_lr=0.1'], 'min_lr'), (['--overwrite=True', '--init_from=resume'], 'overwrite'),
+    (['--seed=-1'], 'seed'), (['--rope=True', '--n_embd=132', '--n_head=4'], 'head size')])
+def test_nonsense_settings_are_refused_in_one_line(tmp_path, args, words):
+    assert_clean_error(run_here('train.py', 'config/tiny.py', f'--out_dir={tmp_path}', *args), words)
+
+
+def test_nonsense_in_the_other_scripts_is_one_line(tmp_path):
+    assert_clean_error(run_here('bench.py', '--batch_size=0'), 'batch_size')
+    assert_clean_error(run_here('bench.py', '--steps=0', '--device=cpu'), 'steps')
+    assert_clean_error(run_here('data.py', '--val_frac=0'), 'val_frac')
+    assert_clean_error(run_here('data.py', '--vocab_size=3', '--tokenizer=train'), 'vocab_size')
+    garbage = tmp_path / 'garbage.pt'
+    garbage.write_bytes(os.urandom(1000))
+    assert_clean_error(run_here('convert_hf.py', str(garbage), str(tmp_path / 'hf')), 'not a readable checkpoint')
+    # importing over an existing checkpoint file would replace a trained model
+    assert_clean_error(run_here('convert_hf.py', '--from_hf=anything', str(garbage)), 'already exists', '--overwrite')
+    proc = run_cli('train.py', 'config/tiny.py', '--batch_size=0')  # and as a real process: one line, no traceback
+    assert_clean_error(proc, 'batch_size must be >= 1')
+
+
+def test_never_lose_a_trained_model(tmp_path, small_run):
+    common = [*SMALL, '--eval_interval=5', '--lr_decay_iters=40']
+    copy_run(small_run, tmp_path)  # trained 10 iterations with these settings
+    first = load_ckpt(tmp_path / 'ckpt.pt')
+    assert load_ckpt(tmp_path / 'best.pt')['iter_num'] == 10
+    # 1. the same command again, without resume: refused, nothing touched
+    proc = train(tmp_path, *common, '--max_iters=4')
+    assert_clean_error(proc, 'already holds a run', '--init_from=resume', '--overwrite=True')
+    assert load_ckpt(tmp_path / 'ckpt.pt')['iter_num'] == 10
+    # 2. a run that diverges while staying finite: the latest checkpoint is worse, best.pt keeps the good model
+    proc = train(tmp_path, *common, '--max_iters=20', '--init_from=resume', '--learning_rate=50.0', '--warmup_iters=0')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    latest, best = load_ckpt(tmp_path / 'ckpt.pt'), load_ckpt(tmp_path / 'best.pt')
+    assert latest['iter_num'] == 20 and latest['val_loss'] > 2 * first['val_loss']
+    assert best['iter_num'] == 10 and all(torch.equal(best['model'][k], first['model'][k]) for k in first['model'])
+    assert f"the best model is {tmp_path / 'best.pt'} (iter 10" in proc.stdout
+    # ... and one whose weights overflow: a non-finite validation loss is never written
+    proc = train(tmp_path, *common, '--max_iters=30', '--init_from=resume', '--learning_rate=1e38', '--warmup_iters=0')
+    assert_clean_error(proc, 'validation loss is nan', 'nothing saved', 'best.pt (iter 10')
+    assert load_ckpt(tmp_path / 'ckpt.pt')['iter_num'] == 20 and load_ckpt(tmp_path / 'best.pt')['iter_num'] == 10
+    # 3. overwrite=True starts over: the old checkpoints and log are gone, not mixed in
+    proc = train(tmp_path, *common, '--max_iters=4', '--eval_interval=2', '--overwrite=True')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert load_ckpt(tmp_path / 'ckpt.pt')['iter_num'] == 4 and load_ckpt(tmp_path / 'best.pt')['iter_num'] <= 4
+    assert max(json.loads(line)['iter'] for line in open(tmp_path / 'metrics.jsonl')) == 4
+    assert not list(tmp_path.glob('*.tmp'))
+    # 4. another run's checkpoint file starts a new run: its weights, a fresh optimizer, iteration 0
+    proc = train(tmp_path / 'next', *common, f'--init_from={tmp_path / "best.pt"}', '--max_iters=3')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    nxt = load_ckpt(tmp_path / 'next' / 'ckpt.pt')
+    assert nxt['iter_num'] == 3 and int(nxt['optimizer']['state'][0]['step']) == 3
+
+
+def test_concurrent_writers_never_share_a_temp_file(tmp_path):
+    # two writers of one path (two runs before the lock existed) crashed on one shared '.tmp' name
+    code = ('import sys, torch; sys.path.insert(0, sys.argv[1]); from checkpoint import save_checkpoint\n'
+            'for i in range(40): save_checkpoint({"who": sys.argv[3], "x": torch.randn(50_000)}, sys.argv[2])')
+    path = str(tmp_path / 'ckpt.pt')
+    procs = [subprocess.Popen([sys.executable, '-c', code, HERE, path, who], stderr=subprocess.PIPE, text=True)
+             for who in 'ab']
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert torch.load(path, weights_only=True)['who'] in 'ab' and os.listdir(tmp_path) == ['ckpt.pt']
+
+
+def in_private_mount(script):
+    """Run a shell script in a private mount namespace (unshare -m, root only), where it may mount a
+    small or read-only tmpfs; None where this machine does not allow it."""
+    if subprocess.run(['unshare', '-m', 'true'], capture_output=True).returncode != 0:
+        return None
+    return subprocess.run(['unshare', '-m', 'sh', '-ec', script], cwd=HERE, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+
+
+def test_read_only_folder_and_full_disk_are_one_line_and_keep_the_checkpoint(tmp_path, small_run):
+    run = copy_run(small_run, tmp_path / 'run')
+    before = (run / 'ckpt.pt').read_bytes()
+    # a write that fails half-way (here a file size limit; a full disk behaves alike): one line, the previous
+    # checkpoint intact, no temp file left
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, len(before) // 2))
+    proc = subprocess.run([sys.executable, 'train.py', 'config/tiny.py', f'--out_dir={run}', *SMALL, '--max_iters=15',
+                           '--eval_interval=5', '--lr_decay_iters=40', '--init_from=resume'], cwd=HERE,
+                          capture_output=True, text=True, preexec_fn=limit)
+    assert_clean_error(proc, 'could not write', 'the previous ckpt.pt is unchanged')
+    assert (run / 'ckpt.pt').read_bytes() == before and not list(run.glob('*.tmp'))
+    # a read-only out_dir (resume) and a disk too small for a checkpoint (new run): refused before any work
+    py = f'{sys.executable} train.py config/tiny.py {" ".join(SMALL)} --max_iters=5'
+    proc = in_private_mount(f'''
+        mkdir -p {tmp_path}/ro {tmp_path}/small
+        mount -t tmpfs tmpfs {tmp_path}/ro && cp {run}/ckpt.pt {tmp_path}/ro/ && mount -o remount,ro {tmp_path}/ro
+        mount -t tmpfs -o size=1m tmpfs {tmp_path}/small
+        {py} --out_dir={tmp_path}/ro --init_from=resume 2>&1 || true
+        echo ===
+        {py} --out_dir={tmp_path}/small 2>&1 || true''')
+    if proc is None:
+        pytest.skip('unshare -m is not allowed here: no private tmpfs for the read-only / small-disk cases')
+    ro, small = proc.stdout.split('===')
+    assert ro.strip().splitlines()[-1].startswith(f"error: cannot write to out_dir '{tmp_path}/ro' (Read-only"), ro
+    assert 'val loss' not in ro and 'Traceback' not in ro  # before loading or evaluating anything
+    assert small.strip().splitlines()[-1].startswith(f"error: out_dir '{tmp_path}/small' has 0.00 GiB free"), small
+    assert 'iter 0' not in small
+
+
+def test_prepared_data_is_checked_against_its_source_and_itself(env, tmp_path):
+    src = tmp_path / 'corpus'
+    src.mkdir()
+    write_jsonl(src / 'a.jsonl', env.docs[:150] + [None, 42, ['a', 'list']] + env.docs[150:300])  # not text: skipped
+    out = data.prepare(str(src), tokenizer=env.tok_dir, out_dir=str(tmp_path / 'prep'), val_frac=0.1)
+    meta, tok, fp = data.load_prepared(out)
+    assert meta['n_skipped_rows'] == 3 and meta['n_docs']['train'] + meta['n_docs']['val'] == 300
+    # 3. a file added to (or changed in) the source folder is noticed, and re-preparing is one flag
+    write_jsonl(src / 'c.jsonl', env.docs[300:320])
+    with pytest.raises(data.DataError, match=r"earlier version.*c\.jsonl added.*--overwrite"):
+        data.prepare(str(src), tokenizer=env.tok_dir, out_dir=out, val_frac=0.1)
+    data.prepare(str(src), tokenizer=env.tok_dir, out_dir=out, val_frac=0.1, overwrite=True)
+    assert data.load_meta(out)['n_docs']['train'] + data.load_meta(out)['n_docs']['val'] == 320
+    os.utime(src / 'a.jsonl', ns=(1, 1))
+    with pytest.raises(data.DataError, match=r'a\.jsonl modified'):
+        data.prepare(str(src), tokenizer=env.tok_dir, out_dir=out, val_frac=0.1)
+    # a failed prepare leaves nothing behind (it builds under a temporary name)
+    with pytest.raises(data.DataError, match='non-empty documents'):
+        data.prepare(write_jsonl(tmp_path / 'nulls.jsonl', [None, None]), tokenizer=env.tok_dir,
+                     out_dir=str(tmp_path / 'never'))
+    assert not [p for p in os.listdir(tmp_path) if p.startswith('never')]
+    # 7. damaged prepared files: one DataError each, naming the file and the fix
+    def damaged(name, change, match):
+        bad = tmp_path / name
+        shutil.copytree(out, bad)
+        change(bad)
+        with pytest.raises(data.DataError, match=match):
+            data.load_prepared(str(bad))
+    def set_meta(**kw):
+        def change(folder):
+            meta = json.load(open(folder / 'meta.json'))
+            json.dump({**meta, **kw}, open(folder / 'meta.json', 'w'))
+        return change
+    def append(raw):
+        return lambda folder: open(folder / 'train.bin', 'ab').write(raw)
+    def put_id(folder):
+        val = np.fromfile(folder / 'val.bin', dtype=np.uint16)
+        val[7] = 9999
+        val.tofile(folder / 'val.bin')
+    damaged('odd', append(b'\x01'), 'not a whole number of uint16 tokens')
+    damaged('longer', append(b'\x01\x00'), 'meta.json says')
+    damaged('vocab', set_meta(vocab_size=2500), 'says vocab_size 2500 but its tokenizer has')
+    damaged('ids', put_id, "token id 9999, beyond the tokenizer's")
+    damaged('dtype', set_meta(dtype='int8'), 'dtype int8')
+    # the fingerprint DDP ranks compare: the same for a copy, different for other tokens or another vocabulary
+    shutil.copytree(out, tmp_path / 'copy')
+    assert data.load_prepared(str(tmp_path / 'copy'))[2] == data.load_prepared(out)[2]
+
+
+def test_streaming_validation_is_held_out_of_training(env, tmp_path):
+    docs = env.docs[:200]
+    src = write_jsonl(tmp_path / 'stream.jsonl', docs)
+    tok = data.load_tokenizer(env.tok_dir)
+    val, n_val = data.stream_val_blocks(src, env.tok_dir, n_blocks=6, block_size=33)
+    encoded = [tok.encode(t, add_special_tokens=False) + [2] for t in docs]
+    val_stream = np.concatenate([np.array(e) for e in encoded[:n_val]])
+    assert val.shape == (6, 33) and torch.equal(val[:, 1:].flatten(), torch.from_numpy(val_stream[:6 * 32]))
+    assert 0 < n_val < 50 and len(val_stream) - 6 * 32 < len(encoded[n_val - 1])  # just enough documents
+    for r in range(2):
+        rank_stream = np.concatenate([np.array(e) for i, e in enumerate(encoded) if i >= n_val and i % 2 == r])
+        s = data.StreamingBatches(src, env.tok_dir, 4, 33, seed=3, rank=r, world_size=2, held_out=n_val, buffer_blocks=8)
+        for _ in range(40):  # beyond one epoch: the held-out documents never come back
+            for row in s.next().numpy():
+                assert find_slice(rank_stream, row[1:]) and not find_slice(val_stream, row[1:])
+    with pytest.raises(data.DataError, match='held out its first'):
+        data.StreamingBatches(src, env.tok_dir, 4, 33, held_out=3).load_state_dict(s.state_dict() | {'world_size': 1})
+
+
+def test_streaming_run_says_where_validation_comes_from(env, tmp_path):
+    src = write_jsonl(tmp_path / 'stream.jsonl', env.docs[:300])
+    proc = train(tmp_path / 'run', *SMALL, f'--dataset={src}', f'--tokenizer={env.tok_dir}', '--streaming=True',
+                 '--max_iters=2', '--eval_interval=2')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r'validation: the first \d+ documents of the stream, held out of training', proc.stdout)
+
+
+def test_vocabulary_training_is_bounded_on_one_huge_word(tmp_path):
+    # 1 MB without a separator: the trainer's time grows with the square of a word's length (about 40 min
+    # here unbounded); words over 100 characters are <unk> for WordPiece anyway and are left out
+    rng = random.Random(0)
+    blob = ''.join(rng.choice('abcdefghijklmnopqrstuvwxyz0123456789') for _ in range(1_000_000))
+    src = write_jsonl(tmp_path / 'c.jsonl', sentences(300) + [f'see {blob} here'])
+    code = ('import sys; sys.path.insert(0, sys.argv[1]); import data\n'
+            'out = data.prepare(sys.argv[2], tokenizer="train", vocab_size=300, out_dir=sys.argv[3], val_frac=0.1)\n'
+            'print(data.load_meta(out)["vocab_size"])')
+    proc = subprocess.run([sys.executable, '-c', code, HERE, src, str(tmp_path / 'prep')], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 100 < int(proc.stdout.split()[-1]) <= 300
+    assert not data.LONG_WORD.search(data.LONG_WORD.sub(' ', f'x {blob} y')) and data.LONG_WORD.search('a' * 101)
+    assert not data.LONG_WORD.search('a' * 100 + '_' + 'b' * 100) and not data.LONG_WORD.search('\u4e00' * 500)
+
+
+def test_sdpa_trains_the_bias_only_with_backends_that_differentiate_the_mask():
+    # cuDNN and flash SDPA return no gradient for attn_mask; with the bias learned, they must be off
+    seen = []
+
+    class Watch(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is F.scaled_dot_product_attention:
+                seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+                             torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()))
+            return func(*args, **(kwargs or {}))
+    model = tiny_model(seed=0, attn_impl='sdpa').train()
+    input_ids, positions, targets = two_stream_batch()
+    with Watch():
+        model(input_ids, positions, 6, targets)[1].backward()
+    assert len(seen) == 2 and set(seen) == {(False, False, True, True)}
+    assert model.rel_bias.weight.grad.abs().sum() > 0
+    seen.clear()
+    with Watch(), torch.no_grad():  # no bias gradient (evaluation): every backend stays allowed
+        model(input_ids, positions, 6)
+    assert set(seen) == {(True, True, True, True)}
 
 
 # ==============================================================================================
@@ -602,10 +919,10 @@ def test_bench_runs_on_cpu(tmp_path):
     proc = run_cli('bench.py', *small, '--block_size=64', f'--data_dir={data_dir}')
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'batch 4 x 64 tokens, 10 predicted per sequence, real data' in proc.stdout
-    assert_clean_error(run_cli('bench.py', '--batch_size=x'), 'batch_size')
-    assert_clean_error(run_cli('bench.py', '--dtype=float16'), 'dtype')
-    assert_clean_error(run_cli('bench.py', '--attn_impl=fast'), 'attn_impl', 'sdpa')
-    assert_clean_error(run_cli('bench.py', *small, '--attn_impl=flex'), 'flex', 'CPU')
+    assert_clean_error(run_here('bench.py', '--batch_size=x'), 'batch_size')
+    assert_clean_error(run_here('bench.py', '--dtype=float16'), 'dtype')
+    assert_clean_error(run_here('bench.py', '--attn_impl=fast'), 'attn_impl', 'sdpa')
+    assert_clean_error(run_here('bench.py', *small, '--attn_impl=flex'), 'flex', 'CPU')
 
 # ==============================================================================================
 # permute.py
@@ -1058,10 +1375,16 @@ def test_batches_ranks_epochs_and_resume(tmp_path):
     again = data.Batches(d, 'train', 7, T, seed=5, rank=1, world_size=2)
     again.load_state_dict(state)
     assert all(torch.equal(again.next(), x) for x in full[30:])
-    # a new batch size resumes after the same number of blocks
-    wider = data.Batches(d, 'train', 14, T, seed=5, rank=1, world_size=2)
-    wider.load_state_dict(state)
-    assert wider.i == 15
+    # another batch size or number of processes continues at exactly the next block of the sequence: the
+    # 2 x 7 run above consumed 420 blocks, so the ranks' next batches, in rank order, are blocks 420, 421, ...
+    seq = data.Batches(d, 'train', 1, T, seed=5)
+    sequence = [seq.next()[0] for _ in range(420 + 12)]
+    for bs, ws in ((12, 1), (3, 4), (5, 2)):
+        ranks = [data.Batches(d, 'train', bs, T, seed=5, rank=r, world_size=ws) for r in range(ws)]
+        for b in ranks:
+            b.load_state_dict([state] * 2)  # the list of every rank's state, as a checkpoint holds it
+        rows = torch.cat([b.next() for b in ranks])  # one step of every rank: bs * ws blocks
+        assert torch.equal(rows, torch.stack(sequence[420:420 + bs * ws])), (bs, ws)
 
 def test_eval_blocks_fixed(tmp_path):
     d = fake_prepared(tmp_path / 'fake', np.arange(5000))

@@ -4,17 +4,21 @@ MPNet pretraining: one loop, bf16 on CUDA (float32 CPU runs for smoke tests), DD
     python train.py config/tiny.py                          # built-in corpus, small model, CPU minutes
     python train.py config/base.py --batch_size=16          # mpnet-base on one GPU
     python train.py config/base.py --init_from=resume       # continue out_dir/ckpt.pt after a stop or crash
+    python train.py config/tiny.py --init_from=out-tiny/best.pt --out_dir=out-next   # a new run from another's weights
     torchrun --standalone --nproc_per_node=8 train.py config/base.py
     torchrun --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=29500 --nproc_per_node=8 train.py config/base.py
 
 Every global below can be set by a config file (assignments only) or --key=value; the resolved
-config is printed and saved in each checkpoint.
+config is printed and saved in each checkpoint. A run owns its out_dir (checkpoint.py describes the
+files): it refuses to start over a previous run unless told to resume or to overwrite, keeps the best
+model beside the latest, and never writes a checkpoint whose validation loss is not finite.
 """
 
 import json
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -24,15 +28,18 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+from checkpoint import (CheckpointError, check_free_space, checkpoint_bytes, claim_run_dir, link_checkpoint,
+                        load_checkpoint, model_from_checkpoint, save_checkpoint)
 from configurator import CHOICES, ConfigError, check_device, configure
-from convert_hf import hf_to_checkpoint, read_tokenizer_files, save_checkpoint, tokenizer_files_of, ConvertError
+from convert_hf import hf_to_checkpoint, read_tokenizer_files, tokenizer_files_of, ConvertError
 from model import MPNet, MPNetConfig
 from permute import n_pred, permute_batch, vocab_tables
 
 # -----------------------------------------------------------------------------------------------
 # I/O
 out_dir: str = 'out'
-init_from: str = 'scratch'              # 'scratch' | 'resume' (out_dir/ckpt.pt) | an HF MPNet name or folder
+init_from: str = 'scratch'              # 'scratch' | 'resume' (out_dir/ckpt.pt) | a .pt file (weights, new optimizer) | HF name/folder
+overwrite: bool = False                 # start over in an out_dir that holds a run: its checkpoints and log are replaced
 eval_interval: int = 500
 eval_iters: int = 20                    # validation batches: fixed blocks and fixed permutations
 log_interval: int = 10
@@ -44,8 +51,8 @@ wandb_run_name: str = 'run'
 dataset: str = 'pydocs'                 # 'pydocs' (built in), a .txt/.jsonl/.parquet file or folder, or a hub dataset
 tokenizer: str = 'microsoft/mpnet-base' # hub name or folder, or 'train' (WordPiece learned on the corpus)
 vocab_size: int = 30527                 # only for tokenizer='train'
-data_dir: str = ''                      # a prepared folder (data.py); '' = prepare dataset + tokenizer under data/
-streaming: bool = False                 # tokenize on the fly (hub datasets too large to prepare)
+data_dir: str = ''                      # a prepared folder (data.py; $VARS expand, e.g. node-local scratch); '' = prepare under data/
+streaming: bool = False                 # tokenize on the fly (corpora too large to prepare); validate on data_dir or held-out docs
 text_field: str = 'text'
 val_frac: float = 0.005                 # documents held out for validation when preparing
 batch_size: int = 32                    # sequences per GPU per micro-step
@@ -92,7 +99,10 @@ config_keys = [k for k, v in globals().items() if not k.startswith('_') and isin
 
 
 def die(msg):
-    print(f'error: {msg}', file=sys.stderr)
+    if int(os.environ.get('LOCAL_RANK', 0)) == 0:  # one line per node, not one per process
+        print(f'error: {msg}', file=sys.stderr)
+    if dist.is_initialized():  # leaving with a live process group aborts the process instead of exiting 1
+        dist.destroy_process_group()
     sys.exit(1)
 
 
@@ -103,8 +113,22 @@ try:
 except ConfigError as e:
     die(e)
 globals().update(config)
-if not 0 < pred_frac < 1:
-    die(f'pred_frac must be in (0, 1); got {pred_frac}')
+# what no single key's range can say (each key's range is checked by configure, the model's shape by MPNetConfig)
+if mask_prob + rand_prob > 1:
+    die(f'mask_prob + rand_prob must be at most 1; got {mask_prob} + {rand_prob}')
+if decay_lr and lr_decay_iters < warmup_iters:
+    die(f'lr_decay_iters ({lr_decay_iters}) must be at least warmup_iters ({warmup_iters}): decay follows warmup')
+if min_lr > learning_rate:
+    die(f'min_lr ({min_lr}) must not exceed learning_rate ({learning_rate})')
+if overwrite and init_from == 'resume':
+    die("overwrite=True starts the run over; it cannot be combined with init_from='resume'")
+if init_from not in ('scratch', 'resume') and init_from.endswith('.pt') and not os.path.isfile(init_from):
+    die(f"init_from '{init_from}' not found: give 'scratch', 'resume', a checkpoint file, or an HF model name or folder")
+try:
+    MPNetConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_inner=n_inner, max_positions=max_positions,
+                dropout=dropout, attn_dropout=attn_dropout, attn_impl=attn_impl, rope=rope, grad_checkpoint=grad_checkpoint)
+except ValueError as e:
+    die(e)
 
 # -----------------------------------------------------------------------------------------------
 # processes, devices, precision
@@ -127,46 +151,91 @@ ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
 autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
 P = n_pred(block_size, pred_frac)
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if master:
     print('config:\n' + '\n'.join(f'  {k} = {config[k]!r}' for k in config_keys))
     print(f'effective batch: {gradient_accumulation_steps} accum x {world_size} GPUs x {batch_size} seqs = '
           f'{tokens_per_iter // block_size:,} sequences, {tokens_per_iter:,} tokens per optimizer step '
           f'({P} predicted per sequence)')
-    os.makedirs(out_dir, exist_ok=True)
+
+# -----------------------------------------------------------------------------------------------
+# the run's folder: one run at a time, and never a previous run replaced by accident
+
+ckpt_path, best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
+if master:
+    try:
+        run_lock = claim_run_dir(out_dir, init_from == 'resume', overwrite)  # held until this process exits
+    except CheckpointError as e:
+        die(e)
+if init_from == 'resume' and not os.path.isfile(ckpt_path):
+    die(f"init_from='resume' but {ckpt_path} does not exist: train first, or set --out_dir to the run's folder")
+
+
+def stop_unless_ranks_agree(value, error, what):
+    """Each rank passes its value of `what` (e.g. its data's fingerprint), or the error that kept it from
+    one; if any rank failed or differs from rank 0, every rank stops with one line naming that rank's node."""
+    mine = dict(rank=rank, host=socket.gethostname(), value=value, error=error)
+    everyone = [mine]
+    if ddp:
+        everyone = [None] * world_size
+        dist.all_gather_object(everyone, mine)
+    first = everyone[0]
+    for r in everyone:
+        if r['error'] and (r['rank'] == 0 or not first['error']):
+            die(r['error'] if not ddp else f"rank {r['rank']} on node {r['host']}: {r['error']} (every node needs the "
+                f"same {what}: a shared file system, or a copy of rank 0's folder; see README, several nodes)")
+    for r in everyone:
+        if r['value'] != first['value']:
+            differ = ' and '.join(k for k in first['value'] if r['value'][k] != first['value'][k])
+            die(f"rank {r['rank']} on node {r['host']} sees other {what} than rank 0 on node {first['host']} "
+                f"({differ} differ): copy rank 0's folder to every node (a vocabulary trained twice differs) or use "
+                f"a shared file system; see README, several nodes")
 
 # -----------------------------------------------------------------------------------------------
 # data
 
+data_dir = os.path.expandvars(os.path.expanduser(data_dir))
+data_error, fingerprint = None, None
 try:
     if streaming:
+        if data_dir:  # validation from a prepared folder of the same tokenizer; the stream is trained on whole
+            val_meta, _, _ = data.load_prepared(data_dir)
+            val_tokens, held_out = data.eval_blocks(data_dir, 'val', eval_iters * batch_size, block_size), 0
+            val_said = f'validation: {data_dir}/val.bin; the stream is trained on whole'
+        else:  # the first documents of the stream, never trained on
+            val_tokens, held_out = data.stream_val_blocks(dataset, tokenizer, eval_iters * batch_size, block_size,
+                                                          text_field=text_field)
+            val_said = f'validation: the first {held_out:,} documents of the stream, held out of training'
         train_data = data.StreamingBatches(dataset, tokenizer, batch_size, block_size, seed, rank, world_size, device,
-                                           text_field=text_field)
+                                           text_field=text_field, held_out=held_out)
         tok, meta = train_data.tok, train_data.meta
-        # validation: a prepared data_dir when given, else the first blocks of the stream (also trained on)
-        val_source = data_dir or None
+        if data_dir and val_meta['vocab_size'] != meta['vocab_size']:
+            raise data.DataError(f"data_dir '{data_dir}' was prepared with a tokenizer of {val_meta['vocab_size']} "
+                                 f"tokens, the stream's has {meta['vocab_size']}: prepare it with --tokenizer={tokenizer}")
+        fingerprint = dict(tokenizer=data.tokenizer_fingerprint(tok), tokens=f'stream of {dataset}')
     else:
         if not data_dir:
-            if master:
-                data_dir = data.prepare(dataset, tokenizer, vocab_size, val_frac=val_frac, text_field=text_field)
-            if ddp:
-                dist.barrier()
-            data_dir = data.default_out_dir(dataset, tokenizer, vocab_size) if not data_dir else data_dir
-        meta = data.load_meta(data_dir)
-        tok = data.load_tokenizer(meta['tokenizer'])
-        train_data = data.Batches(data_dir, 'train', batch_size, block_size, seed, rank, world_size, device)
-        val_source = data_dir
-    if val_source:
-        val_tokens = data.eval_blocks(val_source, 'val', eval_iters * batch_size, block_size)
-    else:
-        val_tokens = data.StreamingBatches(dataset, tok, eval_iters * batch_size, block_size, seed=0,
-                                           text_field=text_field).next().cpu()
+            data_dir = data.default_out_dir(dataset, tokenizer, vocab_size)
+            if master:  # the other ranks wait for it at the barrier below
+                data.prepare(dataset, tokenizer, vocab_size, out_dir=data_dir, val_frac=val_frac, text_field=text_field)
 except data.DataError as e:
-    die(e)
+    data_error = str(e)
+if ddp:
+    dist.barrier()
+if not streaming and data_error is None:
+    try:
+        meta, tok, fingerprint = data.load_prepared(data_dir)  # checked: sizes, ids within the vocabulary, meta
+        train_data = data.Batches(data_dir, 'train', batch_size, block_size, seed, rank, world_size, device)
+        val_tokens = data.eval_blocks(data_dir, 'val', eval_iters * batch_size, block_size)
+        val_said = f'validation: {data_dir}/val.bin'
+    except data.DataError as e:
+        data_error = str(e)
+stop_unless_ranks_agree(fingerprint, data_error, 'prepared data')
+if master:
+    print(val_said)
 is_word_start, is_special = (t.to(device) for t in vocab_tables(tok))
 mask_id = meta['mask_id']
-if tok.pad_token_id != 1:  # MPNet's embeddings (and HF's) treat id 1 as padding: a real token there never learns
-    die(f"the tokenizer's pad id is {tok.pad_token_id}, but MPNet reserves id 1 for <pad>: use a tokenizer with "
+if meta['pad_id'] != 1:  # MPNet's embeddings (and HF's) treat id 1 as padding: a real token there never learns
+    die(f"the tokenizer's pad id is {meta['pad_id']}, but MPNet reserves id 1 for <pad>: use a tokenizer with "
         f"<pad> at id 1 (microsoft/mpnet-base, or --tokenizer=train)")
 
 # -----------------------------------------------------------------------------------------------
@@ -175,34 +244,39 @@ if tok.pad_token_id != 1:  # MPNet's embeddings (and HF's) treat id 1 as padding
 model_args = dict(vocab_size=meta['vocab_size'], n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_inner=n_inner,
                   max_positions=max_positions, dropout=dropout, attn_dropout=attn_dropout, attn_impl=attn_impl,
                   rope=rope, grad_checkpoint=grad_checkpoint)
-iter_num, best_val_loss, ckpt = 0, float('inf'), None
-if init_from == 'resume':
-    if not os.path.isfile(ckpt_path):
-        die(f"init_from='resume' but {ckpt_path} does not exist: train first, or set --out_dir to the run's folder")
-    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-    iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
-    if 'optimizer' not in ckpt and master:  # e.g. written by convert_hf.py --from_hf
-        print(f'note: {ckpt_path} holds weights only; starting a fresh optimizer and schedule from them')
-elif init_from != 'scratch':
-    try:
+iter_num, best_val_loss, best_iter, last_saved, ckpt = 0, float('inf'), None, None, None
+try:
+    if init_from == 'resume':
+        ckpt = load_checkpoint(ckpt_path)
+        iter_num, best_val_loss, best_iter = ckpt['iter_num'], ckpt['best_val_loss'], ckpt.get('best_iter')
+        if 'optimizer' not in ckpt and master:  # e.g. written by convert_hf.py --from_hf
+            print(f'note: {ckpt_path} holds weights only; starting a fresh optimizer and schedule from them')
+    elif os.path.isfile(init_from):  # another run's checkpoint: its weights start a new run
+        ckpt = {k: v for k, v in load_checkpoint(init_from).items() if k not in ('optimizer', 'rank_states')}
+    elif init_from != 'scratch':
         ckpt = hf_to_checkpoint(init_from)
-    except ConvertError as e:
-        die(e)
+except (CheckpointError, ConvertError) as e:
+    die(e)
 if ckpt is not None:
     # the architecture comes from the checkpoint; kernel, dropout and recomputation are this run's choice
     model_args = {**ckpt['model_args'], 'attn_impl': attn_impl, 'dropout': dropout, 'attn_dropout': attn_dropout,
                   'grad_checkpoint': grad_checkpoint}
+    trained_on = (ckpt.get('data_fingerprint') or {}).get('tokenizer')
+    if trained_on and trained_on != fingerprint['tokenizer']:
+        die(f"the checkpoint was trained with another vocabulary than the data's tokenizer {meta['tokenizer']!r} "
+            f"(the same token ids would mean other tokens): train on data prepared with the checkpoint's tokenizer")
+    if init_from == 'resume' and ckpt.get('data_fingerprint', fingerprint) != fingerprint and master:
+        print(f'note: the prepared data changed since {ckpt_path} was written (same vocabulary): resuming on the new data')
 if model_args['vocab_size'] != meta['vocab_size']:
     die(f"vocab mismatch: the model has {model_args['vocab_size']} tokens but the data's tokenizer "
         f"{meta['tokenizer']!r} has {meta['vocab_size']}: prepare the data with the model's tokenizer")
 if block_size > model_args['max_positions']:
     die(f"block_size {block_size} exceeds the model's max_positions {model_args['max_positions']}")
 try:
-    raw_model = MPNet(MPNetConfig(**model_args))
-except ValueError as e:  # an impossible shape or combination, named by MPNetConfig
+    raw_model = (MPNet(MPNetConfig(**model_args)) if ckpt is None else
+                 model_from_checkpoint(ckpt, ckpt_path if init_from == 'resume' else init_from, **model_args))
+except (ValueError, CheckpointError) as e:  # an impossible shape or combination, named by MPNetConfig
     die(e)
-if ckpt is not None:
-    raw_model.load_state_dict(ckpt['model'])
 raw_model.to(device)
 optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), eps, device_type)
 resuming = init_from == 'resume' and 'optimizer' in ckpt
@@ -211,18 +285,36 @@ if resuming:
 perm_gen = torch.Generator(device).manual_seed(seed + rank)  # the permutations' own random stream
 if resuming:
     states = ckpt['rank_states']
-    if len(states) != world_size:
-        die(f'this checkpoint was written by {len(states)} processes; resume it with the same number ({world_size} now)')
-    state = states[rank]
-    train_data.load_state_dict(state['data'])
-    perm_gen.set_state(state['perm_rng'])
-    torch.set_rng_state(state['cpu_rng'])
-    if device_type == 'cuda' and state.get('cuda_rng') is not None:
-        torch.cuda.set_rng_state(state['cuda_rng'])
+    try:  # prepared data: one position for all ranks, mapped exactly; streaming: per rank, same world size
+        train_data.load_state_dict([s['data'] for s in states])
+    except data.DataError as e:
+        die(e)
+    if len(states) == world_size:
+        state = states[rank]
+        perm_gen.set_state(state['perm_rng'])
+        torch.set_rng_state(state['cpu_rng'])
+        if device_type == 'cuda' and state.get('cuda_rng') is not None:
+            torch.cuda.set_rng_state(state['cuda_rng'])
+    else:
+        perm_gen.manual_seed(seed + rank + 7919 * iter_num)  # new streams: no saved state to take them from
+        torch.manual_seed(seed + rank + 7919 * iter_num)
+        if master:
+            print(f'note: {ckpt_path} was written by {len(states)} processes and resumes on {world_size}: the data '
+                  f'continues at exactly the next block, with new random streams, so the run is not bit-identical '
+                  f'to an uninterrupted one')
 tokenizer_files = (read_tokenizer_files(meta['tokenizer']) if os.path.isdir(str(meta['tokenizer']))
                    else tokenizer_files_of(meta['tokenizer'])) if master else {}
 special_ids = dict(bos_token_id=meta['bos_id'], pad_token_id=meta['pad_id'], eos_token_id=meta['eos_id'])
 ckpt = None  # free the memory
+if master:
+    if overwrite:  # the previous run goes only now, once this one has everything it needs
+        for path in (ckpt_path, best_path, os.path.join(out_dir, 'metrics.jsonl')):
+            if os.path.exists(path):
+                os.remove(path)
+    try:  # room for the checkpoint being written next to the ones kept
+        check_free_space(out_dir, checkpoint_bytes(raw_model), 1 if os.path.exists(ckpt_path) else 2)
+    except CheckpointError as e:
+        die(e)
 
 model = raw_model
 raw_model.build_masks(block_size, P, device)  # outside the compiled graph: one compile
@@ -271,10 +363,23 @@ def evaluate():
     return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
 
 
-def save():
-    """All ranks gather their RNG and data positions; rank 0 writes atomically (convert_hf.save_checkpoint).
-    Called between steps, where the live RNG states are the resume point (evaluation draws from its own
-    generator and has no dropout) and data_state is the loader's position before the prefetched batch."""
+def kept():
+    """Which files hold what, for the messages that end a run."""
+    best = (f'the best model is {best_path} (iter {best_iter}, val loss {best_val_loss:.4f})'
+            if best_iter is not None and os.path.exists(best_path) else
+            f'no checkpoint beat the starting model (val loss {best_val_loss:.4f})' if math.isfinite(best_val_loss) else
+            'no model was evaluated yet')
+    last = (f'the latest checkpoint is {ckpt_path}' + (f' (iter {last_saved[0]}, val loss {last_saved[1]:.4f})'
+            if last_saved and last_saved[1] is not None and last_saved[0] != best_iter else '')
+            if os.path.exists(ckpt_path) else 'no checkpoint was saved')
+    return f'{best}; {last}'
+
+
+def save(val_loss=None, improved=False):
+    """All ranks gather their RNG and data positions; rank 0 writes ckpt.pt atomically, and links best.pt to
+    it when the validation loss improved. Called between steps, where the live RNG states are the resume
+    point (evaluation draws from its own generator and has no dropout) and data_state is the loader's
+    position before the prefetched batch. Weights that are not finite are never written."""
     state = dict(data=data_state, perm_rng=perm_gen.get_state(), cpu_rng=torch.get_rng_state(),
                  cuda_rng=torch.cuda.get_rng_state() if device_type == 'cuda' else None)
     states = [None] * world_size
@@ -282,18 +387,32 @@ def save():
         dist.all_gather_object(states, state)
     else:
         states = [state]
-    if master:
+    if not master:
+        return
+    if not torch.stack([torch.isfinite(p).all() for p in params]).all():  # a host sync, at save time only
+        print(f'warning: the weights are not finite at iter {iter_num}: not saved; {kept()}')
+        return
+    try:
         save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
-                             config=config, iter_num=iter_num, best_val_loss=best_val_loss, rank_states=states,
-                             tokenizer_files=tokenizer_files, special_ids=special_ids, data_dir=data_dir),
-                        ckpt_path)
-        print(f'saved {ckpt_path} at iter {iter_num}')
+                             config=config, iter_num=iter_num, val_loss=val_loss, best_val_loss=best_val_loss,
+                             best_iter=best_iter, rank_states=states, data_fingerprint=fingerprint,
+                             tokenizer_files=tokenizer_files, special_ids=special_ids, data_dir=data_dir), ckpt_path)
+        if improved:
+            link_checkpoint(ckpt_path, best_path)
+    except CheckpointError as e:
+        die(e)
+    global last_saved
+    last_saved = (iter_num, val_loss)
+    print(f'saved {ckpt_path} at iter {iter_num}' + (f' (also {best_path}: the best so far)' if improved else ''))
 
 
 def log(record):
     if master:
-        with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
-            f.write(json.dumps(record) + '\n')
+        try:
+            with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
+                f.write(json.dumps(record) + '\n')
+        except OSError as e:
+            die(f"cannot append to {os.path.join(out_dir, 'metrics.jsonl')} ({e.strerror}); {kept()}")
         if wandb_log:
             wandb.log(record, step=record['iter'])
 
@@ -337,14 +456,19 @@ while True:
 
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         train_time += now() - t_last
-        val_loss, val_acc = evaluate()
-        improved = val_loss < best_val_loss
-        best_val_loss = min(best_val_loss, val_loss)
+        val_loss, val_acc = evaluate()  # all-reduced: every rank decides alike below
+        if not math.isfinite(val_loss):
+            die(f'validation loss is {val_loss} at iter {iter_num}: nothing saved; {kept()} '
+                f'(lower learning_rate, raise warmup_iters, or check the data)')
+        improved = val_loss < best_val_loss and iter_num > start_iter
+        if iter_num > start_iter or init_from != 'resume':  # a new run's starting model is the first to beat
+            best_val_loss = min(best_val_loss, val_loss)
+        best_iter = iter_num if improved else best_iter
         if master:
             print(f'iter {iter_num}: val loss {val_loss:.4f}, val acc {val_acc:.4f}, best {best_val_loss:.4f}')
         log(dict(iter=iter_num, val_loss=val_loss, val_acc=val_acc))
         if iter_num > start_iter and (improved or always_save_checkpoint):
-            save()
+            save(val_loss, improved)
         t_last = time.time()
     stop_requested = bool(stop_signal)
     if ddp:  # act on what the previous iteration's all-reduce says, so that all ranks stop together
@@ -411,10 +535,15 @@ while True:
         correct_sum.zero_()
         t_last, train_time, timed_iters, iters_since_log = time.time(), 0.0, 0, 0
         if bad_run.item() >= max_bad_steps:
-            kept = f'the last good checkpoint is {ckpt_path}' if os.path.exists(ckpt_path) else 'no checkpoint was saved yet'
-            die(f'{int(bad_run.item())} non-finite losses in a row at iter {iter_num}; stopping, {kept} '
+            die(f'{int(bad_run.item())} non-finite losses in a row at iter {iter_num}; stopping: {kept()} '
                 f'(lower learning_rate, raise warmup_iters, or check the data)')
 
+if master:
+    if iter_num == start_iter and start_iter >= max_iters > 0:
+        print(f'nothing to train: the run is at iter {iter_num} and max_iters is {max_iters} (raise --max_iters)')
+    else:
+        print(f'done: {kept()}; export with: python convert_hf.py {best_path if os.path.exists(best_path) else ckpt_path} '
+              f'{os.path.join(out_dir, "hf")}')
 if ddp:
     stop_work.wait()
     dist.barrier()  # rank 0 may still be writing the last checkpoint
