@@ -31,7 +31,8 @@ LIMITS = dict(
     eval_interval='>= 1', eval_iters='>= 1', log_interval='>= 1', learning_rate='> 0', min_lr='>= 0',
     warmup_iters='>= 0', lr_decay_iters='>= 0', weight_decay='>= 0', beta1='[0, 1)', beta2='[0, 1)', eps='> 0',
     grad_clip='>= 0', max_bad_steps='>= 1', pred_frac='(0, 1)', mask_prob='[0, 1]', rand_prob='[0, 1]',
-    vocab_size='>= 6', val_frac='(0, 1)', seed='>= 0', burn_in='>= 0', steps='>= 1', num_proc='>= 1')
+    vocab_size='>= 6', val_frac='(0, 1)', seed='>= 0', burn_in='>= 0', steps='>= 1', num_proc='>= 1',
+    head_warmup_iters='>= 0', head_warmup_lr='> 0', probe_docs='>= 2')
 
 
 def _within(value, limit):

@@ -3,13 +3,22 @@ Checkpoint <-> HuggingFace MPNetForMaskedLM.
 
     python convert_hf.py out/ckpt.pt out/hf                     # export: safetensors + config.json + tokenizer
     python convert_hf.py --from_hf=microsoft/mpnet-base out/ckpt.pt   # import, to continue pretraining (never over a file)
-    python convert_hf.py --from_hf=path/to/sentence-mpnet out/ckpt.pt # encoder-only MPNetModel: fresh MLM head
+    python convert_hf.py --from_hf=path/to/all-mpnet-base-v2 out/ckpt.pt  # sentence-transformers MPNet: new MLM head
 
-Export reloads the written folder with transformers and compares its logits with ours on a sample
-batch; a mismatch exits non-zero. HF parameter names appear only in HF_NAMES below.
+A sentence-transformers folder (modules.json: Transformer + Pooling / Normalize) keeps its modules: an
+import carries their configuration in the checkpoint, and the export writes it back, so that
+SentenceTransformer(export) is the same model with the trained encoder.
+
+Export builds the folder beside OUT_DIR, reloads it with transformers, compares its logits with ours on a
+sample batch (a tolerance scaled to the depth and the logits), and only then moves it into OUT_DIR, which
+must be new, empty, or an earlier export (replaced whole). A mismatch exits non-zero and writes nothing.
+HF parameter names appear only in HF_NAMES below.
 """
 
+import contextlib
+import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -135,9 +144,11 @@ def config_from_hf(hf_cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# tokenizer files travel inside the checkpoint as {filename: text}, so an export can ship them
+# what travels inside a checkpoint as {relative path: text}, so that an export rebuilds the user's artefact:
+# the tokenizer files, and a sentence-transformers folder's module configuration
 
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'vocab.txt')
+ST_CARRIED = ('Pooling', 'Normalize', 'Dropout')  # sentence-transformers modules configured by text alone
 
 
 def read_tokenizer_files(folder):
@@ -166,42 +177,180 @@ def tokenizer_files_of(name_or_dir):
         return read_tokenizer_files(tmp)
 
 
-# ----------------------------------------------------------------------------------------------
+def read_sentence_transformers(folder):
+    """({relative path: text}, path of the Transformer module) of a sentence-transformers folder: its
+    modules.json, config_sentence_transformers.json, the Transformer's sentence_bert_config.json and every
+    file of its Pooling / Normalize / Dropout modules. ({}, '') for a plain HF folder. A module with weights
+    or code of its own (Dense, a custom class) is refused: an export could not rebuild it."""
+    if not folder or not os.path.isfile(os.path.join(folder, 'modules.json')):
+        return {}, ''
+    with open(os.path.join(folder, 'modules.json'), encoding='utf-8') as f:
+        modules = json.load(f)
+    kinds = [m['type'].rsplit('.', 1)[-1] for m in modules]
+    if kinds.count('Transformer') != 1:
+        raise ConvertError(f"'{folder}/modules.json' has {kinds.count('Transformer')} Transformer modules; one MPNet is expected")
+    for m, kind in zip(modules, kinds):
+        if kind != 'Transformer' and (kind not in ST_CARRIED or not m['type'].startswith('sentence_transformers.')):
+            raise ConvertError(f"sentence-transformers module '{m.get('path') or m.get('name')}' ({m['type']}) cannot "
+                               f"be carried through training and export: only {', '.join(ST_CARRIED)} modules after the "
+                               f"Transformer can (others hold weights or code of their own)")
+    transformer_path = modules[kinds.index('Transformer')]['path']
+    names = ['modules.json', 'config_sentence_transformers.json', os.path.join(transformer_path, 'sentence_bert_config.json')]
+    for m, kind in zip(modules, kinds):
+        if kind != 'Transformer' and m['path']:
+            for root, _, files in os.walk(os.path.join(folder, m['path'])):
+                names += [os.path.relpath(os.path.join(root, n), folder) for n in sorted(files)]
+    carried = {}
+    for name in names:
+        if os.path.isfile(os.path.join(folder, name)):
+            try:
+                with open(os.path.join(folder, name), encoding='utf-8') as f:
+                    carried[name] = f.read()
+            except UnicodeDecodeError:
+                raise ConvertError(f"'{os.path.join(folder, name)}' is not a text file: this module cannot be carried") from None
+    return carried, transformer_path
 
-def export(ckpt_path, out_dir, atol=1e-4):
-    """Write an HF MPNetForMaskedLM folder and check its logits against ours. Returns the max |diff|."""
+
+def sentence_pooling(st_files):
+    """'cls' if the carried sentence-transformers Pooling module takes the first token, else 'mean'."""
+    for name, text in (st_files or {}).items():
+        if name.endswith('config.json') and 'pooling_mode' in text:
+            cfg = json.loads(text)
+            return 'cls' if cfg.get('pooling_mode_cls_token') or cfg.get('pooling_mode') == 'cls' else 'mean'
+    return 'mean'
+
+
+def _hub_small_files(name):
+    """A local snapshot of a hub model's configuration files (no weights), or None if the hub cannot be reached."""
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(name, allow_patterns=['*.json', '*.txt'])
+    except Exception:
+        return None
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' load report and progress bars off: an import expects a missing MLM head and says so itself."""
+    from transformers.utils import logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+# ----------------------------------------------------------------------------------------------
+# export
+
+EXPORT_MARK = 'nano_mpnet.json'  # written into every export: what it came from, and that it may be replaced
+
+
+def parity(model, hf):
+    """(max |logit diff| between our model and an HF one on a padded sample batch, the tolerance it must stay
+    under). fp32 rounding differs between the two implementations and grows with depth and with the logits'
+    size: a 12-layer model continued from all-mpnet-base-v2 differed by 1.3e-4 at logits near 16 (relative
+    8e-6). The tolerance, 5e-6 x n_layer x max|logit|, leaves room for that; a wrong conversion is off by O(1)."""
+    ids, attention_mask = sample_batch(model.config)
+    with torch.no_grad():
+        ours = model.lm_logits(model.encode(ids, attention_mask))
+        theirs = hf(input_ids=ids, attention_mask=attention_mask).logits
+    keep = attention_mask.bool()
+    diff = (ours[keep] - theirs[keep]).abs().max().item()
+    return diff, 1e-5 + 5e-6 * model.config.n_layer * theirs[keep].abs().max().item()
+
+
+def _tokenizer_config(text, max_positions):
+    """The tokenizer's config for an export: model_max_length at most the model's positions (truncation
+    then stops where the model does), and a class that transformers 4 also knows, giving only the inputs
+    MPNet takes (a generic fast tokenizer of transformers 4 adds token_type_ids, which MPNet refuses)."""
+    cfg = json.loads(text)
+    length = cfg.get('model_max_length')
+    cfg['model_max_length'] = min(length, max_positions) if isinstance(length, int) else max_positions
+    if cfg.get('tokenizer_class') == 'TokenizersBackend':  # transformers 5's name for a tokenizer.json tokenizer
+        cfg['tokenizer_class'] = 'PreTrainedTokenizerFast'
+    cfg['model_input_names'] = ['input_ids', 'attention_mask']
+    return json.dumps(cfg, indent=2, ensure_ascii=False) + '\n'
+
+
+def _load_sentence_transformer(folder):
+    """One line on how sentence-transformers loads an export that carries its modules."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return 'sentence-transformers is not installed here, so the module files were written but not loaded'
+    with quiet_transformers():
+        st = SentenceTransformer(folder, device='cpu')
+    return (f"SentenceTransformer loads it: {' -> '.join(type(m).__name__ for m in st)}, "
+            f"max_seq_length {st.max_seq_length}")
+
+
+def export(ckpt_path, out_dir):
+    """Write an HF MPNetForMaskedLM folder (plus the sentence-transformers modules the checkpoint carries) and
+    check its logits against ours. The folder is built beside out_dir and moved there only once it passed;
+    an out_dir that is not empty must be an earlier export, which is then replaced whole. Returns the diff."""
     ckpt = load_checkpoint(ckpt_path)
     model = model_from_checkpoint(ckpt, ckpt_path).eval()
     c = model.config
     check_exportable(c)
+    if os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir)
+                                   and not os.path.isfile(os.path.join(out_dir, EXPORT_MARK))):
+        raise ConvertError(f"'{out_dir}' is not empty and holds no earlier export ({EXPORT_MARK}): export into a new "
+                           f"or empty folder (an earlier export is replaced whole, never mixed)")
     from transformers import MPNetForMaskedLM
     hf = MPNetForMaskedLM(hf_config(c, ckpt.get('special_ids'))).eval()
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
     missing = [k for k in missing if not k.endswith('position_ids')]
     if missing or unexpected:
         raise ConvertError(f'internal: HF names do not match (missing {missing[:3]}, unexpected {unexpected[:3]})')
-    os.makedirs(out_dir, exist_ok=True)
-    hf.save_pretrained(out_dir, safe_serialization=True)
     tok_files = ckpt.get('tokenizer_files') or {}
     if not tok_files and ckpt.get('config', {}).get('tokenizer'):
         tok_files = tokenizer_files_of(ckpt['config']['tokenizer'])
-    for name, text in tok_files.items():
-        with open(os.path.join(out_dir, name), 'w', encoding='utf-8') as f:
-            f.write(text)
+    staging = f"{out_dir.rstrip(os.sep)}.partial-{os.getpid()}"
+    try:
+        hf_dir = os.path.join(staging, ckpt.get('st_path', ''))  # sentence-transformers may keep it in a subfolder
+        with quiet_transformers():
+            hf.save_pretrained(hf_dir, safe_serialization=True)
+        files = {**{os.path.join(ckpt.get('st_path', ''), n): (_tokenizer_config(t, c.max_positions)
+                                                               if n == 'tokenizer_config.json' else t)
+                    for n, t in tok_files.items()}, **ckpt.get('st_files', {})}
+        for name, text in files.items():
+            os.makedirs(os.path.dirname(os.path.join(staging, name)), exist_ok=True)
+            with open(os.path.join(staging, name), 'w', encoding='utf-8') as f:
+                f.write(text)
+        # parity: reload the folder as a user would
+        with quiet_transformers():
+            diff, tol = parity(model, MPNetForMaskedLM.from_pretrained(hf_dir).eval())
+        if not diff < tol:
+            raise ConvertError(f'exported model disagrees with ours: max |logit diff| {diff:.2e} >= {tol:.2e} '
+                               f'(tolerance for {c.n_layer} layers at these logits); nothing was written to {out_dir}')
+        st_said = _load_sentence_transformer(staging) if ckpt.get('st_files') else None
+        with open(os.path.join(staging, EXPORT_MARK), 'w') as f:
+            json.dump(dict(checkpoint=os.path.abspath(ckpt_path), iter_num=ckpt.get('iter_num'),
+                           val_loss=ckpt.get('val_loss'), max_logit_diff=diff, tolerance=tol), f, indent=2)
+        umask = os.umask(0)
+        os.umask(umask)
+        for root, dirs, names in os.walk(staging):  # ordinary modes (safetensors writes 0600)
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o777 & ~umask)
+            for n in names:
+                os.chmod(os.path.join(root, n), 0o666 & ~umask)
+        os.chmod(staging, 0o777 & ~umask)
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f'wrote {out_dir} ({", ".join(sorted(os.listdir(out_dir)))}); max |logit diff| vs transformers: {diff:.2e} '
+          f'(tolerance {tol:.1e})')
     if not tok_files:
         print('note: the checkpoint names no loadable tokenizer; the export holds the model only')
-
-    # parity: reload the folder as a user would and compare logits on a padded sample batch
-    reloaded = MPNetForMaskedLM.from_pretrained(out_dir).eval()
-    ids, attention_mask = sample_batch(c)
-    with torch.no_grad():
-        ours = model.lm_logits(model.encode(ids, attention_mask))
-        theirs = reloaded(input_ids=ids, attention_mask=attention_mask).logits
-    keep = attention_mask.bool()
-    diff = (ours[keep] - theirs[keep]).abs().max().item()
-    print(f'wrote {out_dir} ({", ".join(sorted(os.listdir(out_dir)))}); max |logit diff| vs transformers: {diff:.2e}')
-    if not diff < atol:
-        raise ConvertError(f'exported model disagrees with ours: max |logit diff| {diff:.2e} >= {atol}')
+    if st_said:
+        print(st_said)
     return diff
 
 
@@ -214,23 +363,39 @@ def sample_batch(config, B=2, T=23, seed=0):
     return ids, attention_mask
 
 
+# ----------------------------------------------------------------------------------------------
+# import
+
 def hf_to_checkpoint(name_or_dir):
-    """HF MPNetForMaskedLM or MPNetModel (hub name or folder) -> a checkpoint dict train.py can start from."""
-    if name_or_dir.startswith(('/', '.', '~')) and not os.path.isdir(name_or_dir):
+    """HF MPNetForMaskedLM or MPNetModel, or a sentence-transformers MPNet (hub name or folder) -> a checkpoint
+    dict train.py can start from. Prints one line on what it found. head_fresh says the MLM head is new."""
+    local = os.path.isdir(name_or_dir)
+    if name_or_dir.startswith(('/', '.', '~')) and not local:
         raise ConvertError(f"HF model folder '{name_or_dir}' not found (give a local folder or a hub name)")
+    st_files, st_path = read_sentence_transformers(name_or_dir if local else _hub_small_files(name_or_dir))
     from transformers import AutoConfig, MPNetForMaskedLM
+    where = dict(pretrained_model_name_or_path=os.path.join(name_or_dir, st_path) if local else name_or_dir,
+                 **({} if local or not st_path else {'subfolder': st_path}))
     try:
-        hf_cfg = AutoConfig.from_pretrained(name_or_dir)
+        hf_cfg = AutoConfig.from_pretrained(**where)
     except (OSError, ValueError) as e:
         raise ConvertError(f"cannot load HF model '{name_or_dir}': {str(e).splitlines()[0]}")
     model_args = config_from_hf(hf_cfg)
-    hf, info = MPNetForMaskedLM.from_pretrained(name_or_dir, output_loading_info=True)
+    with quiet_transformers():
+        hf, info = MPNetForMaskedLM.from_pretrained(**where, output_loading_info=True)
     model = MPNet(MPNetConfig(**model_args))
     hf_sd = {k: v for k, v in hf.state_dict().items() if k not in info['missing_keys']}
-    if from_hf_state_dict(hf_sd, model):
-        print(f"note: '{name_or_dir}' has no MLM head (encoder-only MPNetModel); the head is initialised fresh")
+    head_fresh = bool(from_hf_state_dict(hf_sd, model))
+    said = [f"imported '{name_or_dir}': MPNet {model_args['n_layer']} x {model_args['n_embd']}"]
+    if head_fresh:
+        said.append('encoder only: its MLM head is new (train.py trains it alone first, head_warmup_iters)')
+    if st_files:
+        modules = ' -> '.join(m['type'].rsplit('.', 1)[-1] for m in json.loads(st_files['modules.json']))
+        said.append(f'sentence-transformers modules {modules} carried for export')
+    print(', '.join(said))
     return {'model': model.state_dict(), 'model_args': model_args, 'config': {'init_from': name_or_dir},
-            'iter_num': 0, 'best_val_loss': float('inf'), 'tokenizer_files': tokenizer_files_of(name_or_dir),
+            'iter_num': 0, 'best_val_loss': float('inf'), 'head_fresh': head_fresh, 'st_files': st_files,
+            'st_path': st_path, 'tokenizer_files': tokenizer_files_of(where['pretrained_model_name_or_path']),
             'special_ids': {k: getattr(hf_cfg, k) for k in ('bos_token_id', 'pad_token_id', 'eos_token_id')}}
 
 
@@ -240,8 +405,7 @@ def import_hf(name_or_dir, ckpt_path, overwrite=False):
                            f"or pass --overwrite to replace it")
     ckpt = hf_to_checkpoint(name_or_dir)
     save_checkpoint(ckpt, ckpt_path)
-    n_params = sum(t.numel() for t in ckpt['model'].values())
-    print(f'wrote {ckpt_path} from {name_or_dir} ({n_params / 1e6:.1f}M parameters)')
+    print(f'wrote {ckpt_path}')
     return ckpt
 
 

@@ -569,6 +569,32 @@ def eval_blocks(data_dir, split, n_blocks, block_size, seed=0):
     """A fixed random set of n_blocks blocks [n_blocks, block_size] (the same on every call), on the CPU."""
     return Batches(data_dir, split, n_blocks, block_size, seed=seed).next()
 
+def probe_pairs(rows, bos_id, eos_id, pad_id, n_pairs, max_len=128, min_len=16):
+    """The embedding probe's inputs. rows: token sequences whose documents end with </s> (a prefix of
+    val.bin, or validation blocks without their <s>); the text between two </s> is a document (or, at a
+    row's edge, a piece of one). The first n_pairs of at least 2*min_len tokens each give a pair, their
+    first and second half, each cut to max_len tokens. Returns (ids, attention_mask), both [2, n, L]:
+    <s> half </s>, padded with pad_id. Built once at start (a loop over documents, not per step)."""
+    pairs = []
+    for row in rows:
+        row = np.asarray(row)
+        cuts = np.concatenate([[-1], np.flatnonzero(row == eos_id), [len(row)]])
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            if b - a - 1 >= 2 * min_len and len(pairs) < n_pairs:
+                piece = row[a + 1:b].tolist()
+                pairs.append((piece[:len(piece) // 2][:max_len], piece[len(piece) // 2:][:max_len]))
+    L = max((len(x) for pair in pairs for x in pair), default=0) + 2
+    ids = torch.full((2, len(pairs), L), pad_id, dtype=torch.long)
+    for i, pair in enumerate(pairs):
+        for side, half in enumerate(pair):
+            ids[side, i, :len(half) + 2] = torch.tensor([bos_id, *half, eos_id])
+    return ids, (ids != pad_id).long()
+
+def val_prefix(data_dir, n_tokens=2**21):
+    """The first n_tokens of a prepared folder's val.bin (whole documents, for the embedding probe)."""
+    meta = load_meta(data_dir)
+    return np.memmap(os.path.join(data_dir, 'val.bin'), dtype=np.dtype(meta['dtype']), mode='r')[:n_tokens]
+
 class StreamingBatches:
     """Packed blocks tokenized on the fly, for a hub or local dataset too big to prepare.
     Rank r of W reads documents r, r+W, r+2W, ... of the stream, in windows of about buffer_blocks blocks

@@ -370,12 +370,19 @@ class MPNet(nn.Module):
 
     # -- training helpers ---------------------------------------------------------------
 
+    def head_parameters(self):
+        """The LM head's own parameters (its decoder is wte, which belongs to the encoder)."""
+        return [self.head_dense.weight, self.head_dense.bias, self.head_ln.weight, self.head_ln.bias, self.head_bias]
+
     def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type):
+        """AdamW over four groups, each tagged part='encoder' or 'head' (so that a new head can train alone)."""
         # decay matrices and embeddings; never biases or LayerNorm parameters (BERT / fairseq practice)
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+        head = {id(p) for p in self.head_parameters()}
+        groups = []
+        for part in ('encoder', 'head'):
+            params = [p for p in self.parameters() if p.requires_grad and (id(p) in head) == (part == 'head')]
+            groups += [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay, 'part': part},
+                       {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0, 'part': part}]
         # fused: one kernel for all parameters (CUDA and CPU), and it can skip a step on the device (found_inf)
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=True)
 

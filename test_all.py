@@ -317,10 +317,13 @@ def test_flop_count_matches_flop_counter():
 def test_optimizer_groups_skip_decay_on_biases_and_norms():
     model = tiny_model()
     opt = model.configure_optimizers(0.01, 1e-3, (0.9, 0.98), 1e-6, 'cpu')
-    decay, no_decay = opt.param_groups
-    assert decay['weight_decay'] == 0.01 and no_decay['weight_decay'] == 0.0
-    assert all(p.dim() >= 2 for p in decay['params']) and all(p.dim() == 1 for p in no_decay['params'])
+    for decay, no_decay in (opt.param_groups[:2], opt.param_groups[2:]):
+        assert decay['weight_decay'] == 0.01 and no_decay['weight_decay'] == 0.0 and decay['part'] == no_decay['part']
+        assert all(p.dim() >= 2 for p in decay['params']) and all(p.dim() == 1 for p in no_decay['params'])
     assert sum(p.numel() for g in opt.param_groups for p in g['params']) == model.get_num_params()
+    head = [p for g in opt.param_groups if g['part'] == 'head' for p in g['params']]
+    assert {id(p) for p in head} == {id(p) for p in model.head_parameters()}
+    assert id(model.head_dense.weight) in map(id, head) and id(model.wte.weight) not in map(id, head)  # tied decoder
 
 
 def test_rope_model_trains_and_export_is_refused(tmp_path):
@@ -392,7 +395,7 @@ def test_hf_import_plain_path_and_export_roundtrip(tmp_path):
             set_impl(model, impl)
             ours = model.lm_logits(model.encode(ids, mask))
             assert (ours[keep] - theirs[keep]).abs().max() < 1e-4, impl
-    proc = run_cli('convert_hf.py', str(ckpt), str(tmp_path / 'hf_out'))
+    proc = run_here('convert_hf.py', str(ckpt), str(tmp_path / 'hf_out'))
     assert proc.returncode == 0, proc.stderr
     assert 'max |logit diff|' in proc.stdout
     assert (tmp_path / 'hf_out' / 'model.safetensors').exists()
@@ -410,9 +413,9 @@ def test_import_encoder_only_model_gets_fresh_head(tmp_path):
         for p in enc.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     enc.save_pretrained(tmp_path / 'enc')
-    proc = run_cli('convert_hf.py', f'--from_hf={tmp_path / "enc"}', str(tmp_path / 'ckpt.pt'))
+    proc = run_here('convert_hf.py', f'--from_hf={tmp_path / "enc"}', str(tmp_path / 'ckpt.pt'))
     assert proc.returncode == 0, proc.stderr
-    assert 'no MLM head' in proc.stdout
+    assert 'its MLM head is new' in proc.stdout and proc.stderr == ''  # our line, not transformers' load report
     model = load_model(tmp_path / 'ckpt.pt')
     ids, mask = padded_batch()
     with torch.no_grad():
@@ -590,6 +593,23 @@ def test_trained_checkpoint_exports_with_tokenizer(tmp_path, small_run):
         ours = model.lm_logits(model.encode(enc['input_ids']))
         theirs = hf(**enc).logits
     assert (ours - theirs).abs().max() < 1e-4
+    # a tokenizer that truncates where the model stops, in a class transformers 4 knows too; ordinary file modes
+    cfg = json.loads((tmp_path / 'hf' / 'tokenizer_config.json').read_text())
+    assert tok.model_max_length == cfg['model_max_length'] == 128 and cfg['tokenizer_class'] == 'PreTrainedTokenizerFast'
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / 'hf').iterdir()} == {oct(0o666 & ~umask)}
+    from transformers import pipeline
+    fill = pipeline('fill-mask', model=str(tmp_path / 'hf'))
+    assert len(fill('the <mask> of a function ' + 'and more words ' * 300, tokenizer_kwargs={'truncation': True})) == 5
+    # exporting again replaces the earlier export whole (nothing stale stays); a folder of anything else is refused
+    (tmp_path / 'hf' / 'stale.txt').write_text('from an earlier export')
+    convert_hf.export(str(tmp_path / 'ckpt.pt'), str(tmp_path / 'hf'))
+    assert not (tmp_path / 'hf' / 'stale.txt').exists() and (tmp_path / 'hf' / 'model.safetensors').exists()
+    (tmp_path / 'other').mkdir()
+    (tmp_path / 'other' / 'notes.txt').write_text('mine')
+    assert_clean_error(run_here('convert_hf.py', str(tmp_path / 'ckpt.pt'), str(tmp_path / 'other')), 'not empty')
+    assert os.listdir(tmp_path / 'other') == ['notes.txt'] and not list(tmp_path.glob('*.partial-*'))
 
 
 def test_continue_pretraining_from_hf(tmp_path):
@@ -601,14 +621,15 @@ def test_continue_pretraining_from_hf(tmp_path):
     ckpt = load_ckpt(tmp_path / 'a' / 'ckpt.pt')
     assert ckpt['model_args']['n_embd'] == 32 and ckpt['iter_num'] == 3  # the HF architecture, not SMALL's
     # the two-step form: import to a checkpoint, then start from it
-    assert run_cli('convert_hf.py', f'--from_hf={tmp_path / "hf"}', str(tmp_path / 'b' / 'ckpt.pt')).returncode == 0
+    convert_hf.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'b' / 'ckpt.pt'))
     proc = train(tmp_path / 'b', *SMALL, '--init_from=resume', '--max_iters=3')
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'holds weights only' in proc.stdout
     assert load_ckpt(tmp_path / 'b' / 'ckpt.pt')['iter_num'] == 3
     small_vocab = random_hf_mlm(seed=0)  # 101 tokens: not the data's vocabulary
     small_vocab.save_pretrained(tmp_path / 'hf101')
-    assert_clean_error(train(tmp_path / 'c', *SMALL, f'--init_from={tmp_path / "hf101"}'), 'vocab mismatch')
+    assert_clean_error(run_here('train.py', 'config/tiny.py', f'--out_dir={tmp_path / "c"}', *SMALL,
+                                f'--init_from={tmp_path / "hf101"}'), 'vocab mismatch')
 
 
 def test_bad_input_is_one_clear_line(tmp_path):
@@ -683,6 +704,13 @@ def test_sigterm_saves_and_exits(tmp_path):
     (['--seed=-1'], 'seed'), (['--rope=True', '--n_embd=132', '--n_head=4'], 'head size')])
 def test_nonsense_settings_are_refused_in_one_line(tmp_path, args, words):
     assert_clean_error(run_here('train.py', 'config/tiny.py', f'--out_dir={tmp_path}', *args), words)
+
+
+@pytest.mark.parametrize('config_file', sorted(os.listdir(os.path.join(HERE, 'config'))))
+def test_shipped_config_files_are_accepted(tmp_path, config_file):
+    # every key known and of the right type: the run gets as far as the range check of the value given here
+    proc = run_here('train.py', f'config/{config_file}', f'--out_dir={tmp_path}', '--batch_size=0')
+    assert_clean_error(proc, 'batch_size must be >= 1')
 
 
 def test_nonsense_in_the_other_scripts_is_one_line(tmp_path):
@@ -895,6 +923,132 @@ def test_sdpa_trains_the_bias_only_with_backends_that_differentiate_the_mask():
     with Watch(), torch.no_grad():  # no bias gradient (evaluation): every backend stays allowed
         model(input_ids, positions, 6)
     assert set(seen) == {(True, True, True, True)}
+
+
+# ---- sentence-embedding MPNets: import, train, export, and a drop-in back (issue 12)
+
+def st_folder(path, tok_dir, pooling='cls', max_seq_length=40, legacy=False, seed=3):
+    """A small sentence-transformers MPNet folder, Transformer -> Pooling -> Normalize with a non-default
+    max_seq_length: written by sentence-transformers itself, or (legacy=True) by hand in the 2.x layout
+    that all-mpnet-base-v2 ships with (modules.json types sentence_transformers.models.*, no Normalize folder)."""
+    from transformers import AutoTokenizer, MPNetModel
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    enc = MPNetModel(convert_hf.hf_config(tiny_config(vocab_size=len(tok))), add_pooling_layer=True).eval()
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    if legacy:
+        enc.save_pretrained(path)
+        tok.save_pretrained(path)
+        modules = [dict(idx=i, name=str(i), path=p, type=f'sentence_transformers.models.{t}')
+                   for i, (p, t) in enumerate([('', 'Transformer'), ('1_Pooling', 'Pooling'), ('2_Normalize', 'Normalize')])]
+        (path / '1_Pooling').mkdir()
+        files = {'modules.json': modules, 'sentence_bert_config.json': dict(max_seq_length=max_seq_length, do_lower_case=False),
+                 'config_sentence_transformers.json': {'__version__': {'sentence_transformers': '2.0.0'}},
+                 '1_Pooling/config.json': dict(word_embedding_dimension=32, pooling_mode_cls_token=pooling == 'cls',
+                                               pooling_mode_mean_tokens=pooling == 'mean', pooling_mode_max_tokens=False,
+                                               pooling_mode_mean_sqrt_len_tokens=False)}
+        for name, content in files.items():
+            (path / name).write_text(json.dumps(content, indent=2))
+    else:
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+        enc.save_pretrained(path.parent / f'{path.name}-hf')
+        tok.save_pretrained(path.parent / f'{path.name}-hf')
+        t = Transformer(str(path.parent / f'{path.name}-hf'), max_seq_length=max_seq_length)
+        SentenceTransformer(modules=[t, Pooling(t.get_embedding_dimension(), pooling), Normalize()]).save(str(path))
+    return path
+
+
+def st_embeddings(folder, texts):
+    from sentence_transformers import SentenceTransformer
+    with convert_hf.quiet_transformers():
+        st = SentenceTransformer(str(folder), device='cpu')
+    return st, st.encode(texts, convert_to_tensor=True)
+
+
+def test_sentence_transformers_round_trip_is_a_drop_in(env, tmp_path, capsys):
+    texts = [d[:300] for d in env.docs[:6]] + [' '.join(env.docs[6:12])]  # the last one is cut at max_seq_length
+    for legacy, pooling in ((True, 'mean'), (False, 'cls')):
+        folder = st_folder(tmp_path / f'st{legacy}', env.tok_dir, pooling=pooling, legacy=legacy)
+        capsys.readouterr()
+        convert_hf.import_hf(str(folder), str(tmp_path / f'ckpt{legacy}.pt'))
+        said = capsys.readouterr()
+        assert said.err == '' and said.out.count('\n') == 2 and 'Pooling -> Normalize carried' in said.out  # ours only
+        assert 'its MLM head is new' in said.out
+        convert_hf.export(str(tmp_path / f'ckpt{legacy}.pt'), str(tmp_path / f'out{legacy}'))
+        (a, ea), (b, eb) = st_embeddings(folder, texts), st_embeddings(tmp_path / f'out{legacy}', texts)
+        assert [type(m).__name__ for m in b] == [type(m).__name__ for m in a] == ['Transformer', 'Pooling', 'Normalize']
+        assert b.max_seq_length == a.max_seq_length == 40 and b[1].get_config_dict() == a[1].get_config_dict()
+        assert (ea - eb).abs().max() < 1e-5, legacy
+    # a module with weights of its own cannot be carried: refused in one line, never dropped
+    dense = st_folder(tmp_path / 'dense', env.tok_dir, legacy=True)
+    modules = json.loads((dense / 'modules.json').read_text())
+    (dense / 'modules.json').write_text(json.dumps(modules + [dict(idx=3, name='3', path='3_Dense',
+                                                                   type='sentence_transformers.models.Dense')]))
+    assert_clean_error(run_here('convert_hf.py', f'--from_hf={dense}', str(tmp_path / 'd.pt')), '3_Dense', 'cannot be carried')
+
+
+def test_adapting_a_sentence_model_trains_the_new_head_alone_first(env, tmp_path):
+    folder = st_folder(tmp_path / 'st', env.tok_dir, pooling='mean', legacy=True)
+    src = write_jsonl(tmp_path / 'domain.jsonl', env.docs[:400])
+    prepared = data.prepare(src, tokenizer=env.tok_dir, out_dir=str(tmp_path / 'prep'), val_frac=0.2)
+    run = tmp_path / 'run'
+    args = [f'--init_from={folder}', f'--data_dir={prepared}', '--batch_size=8', '--block_size=64', '--eval_iters=2',
+            '--log_interval=1', '--warmup_iters=0', '--lr_decay_iters=100', '--learning_rate=1e-3', '--probe=True',
+            '--probe_docs=20', '--head_warmup_iters=2', '--eval_interval=2']
+    proc = train(run, *args, '--max_iters=2')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'until iter 2 only the new MLM head trains' in proc.stdout and 'head only, lr 1.00e-03' in proc.stdout
+    start = convert_hf.hf_to_checkpoint(str(folder))
+    after = load_ckpt(run / 'ckpt.pt')
+    head = {'head_dense.weight', 'head_dense.bias', 'head_ln.weight', 'head_ln.bias', 'head_bias'}
+    assert all(torch.equal(after['model'][k], v) for k, v in start['model'].items() if k not in head)  # encoder untouched
+    assert not torch.equal(after['model']['head_dense.weight'], start['model']['head_dense.weight'])
+    evals = [json.loads(l) for l in open(run / 'metrics.jsonl') if 'val_loss' in l]
+    assert evals[0]['probe_found'] == evals[1]['probe_found'] and evals[0]['probe_cos'] == evals[1]['probe_cos']
+    assert 0 <= evals[0]['probe_found'] <= 1 and -1 <= evals[0]['probe_cos'] <= 1
+    proc = train(run, *args, '--max_iters=3', '--init_from=resume')  # then everything trains
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = load_ckpt(run / 'ckpt.pt')
+    assert final['head_only_until'] == 2 and not torch.equal(final['model']['wte.weight'], start['model']['wte.weight'])
+    # the trained model exports as the same sentence-transformers model, its encoder adapted
+    convert_hf.export(str(run / 'ckpt.pt'), str(tmp_path / 'out'))
+    (a, ea), (b, eb) = st_embeddings(folder, env.docs[:4]), st_embeddings(tmp_path / 'out', env.docs[:4])
+    assert [type(m).__name__ for m in b] == [type(m).__name__ for m in a] and b.max_seq_length == 40
+    assert (ea - eb).abs().max() > 1e-3
+
+
+def realistic_model(n_layer=12, seed=0):
+    """mpnet-base's shape with weights whose statistics give logits like a trained model's (up to ~30):
+    larger query/key weights (peaked attention), LayerNorm gains around 1, a sharpened head."""
+    torch.manual_seed(seed)
+    model = MPNet(MPNetConfig(n_layer=n_layer, dropout=0.0, attn_dropout=0.0)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if 'ln' in name and name.endswith('weight'):  # the LayerNorm gains
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.08 if '.q.' in name or '.kv.' in name else 0.04)
+        model.head_ln.weight.mul_(6)
+    return model
+
+
+def test_export_check_holds_for_a_realistic_12_layer_model_and_catches_a_broken_conversion():
+    from transformers import MPNetForMaskedLM
+    model = realistic_model()
+    right = convert_hf.to_hf_state_dict(model)
+    hf = MPNetForMaskedLM(convert_hf.hf_config(model.config)).eval()
+    hf.load_state_dict(right, strict=False)
+    diff, tol = convert_hf.parity(model, hf)
+    assert 1e-4 < diff < tol  # the old fixed 1e-4 failed such a model; the scaled tolerance does not
+    layer = 'mpnet.encoder.layer.5.attention.attn'
+    for broken in ({f'{layer}.q.weight': right[f'{layer}.k.weight'], f'{layer}.k.weight': right[f'{layer}.q.weight']},
+                   {'mpnet.encoder.relative_attention_bias.weight': torch.zeros(32, 12)}):  # q/k swapped, bias lost
+        hf.load_state_dict({**right, **broken}, strict=False)
+        diff, tol = convert_hf.parity(model, hf)
+        assert diff > 10 * tol, broken.keys()
 
 
 # ==============================================================================================

@@ -25,13 +25,14 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from checkpoint import (CheckpointError, check_free_space, checkpoint_bytes, claim_run_dir, link_checkpoint,
                         load_checkpoint, model_from_checkpoint, save_checkpoint)
 from configurator import CHOICES, ConfigError, check_device, configure
-from convert_hf import hf_to_checkpoint, read_tokenizer_files, tokenizer_files_of, ConvertError
+from convert_hf import ConvertError, hf_to_checkpoint, read_tokenizer_files, sentence_pooling, tokenizer_files_of
 from model import MPNet, MPNetConfig
 from permute import n_pred, permute_batch, vocab_tables
 
@@ -44,6 +45,8 @@ eval_interval: int = 500
 eval_iters: int = 20                    # validation batches: fixed blocks and fixed permutations
 log_interval: int = 10
 always_save_checkpoint: bool = True     # else save only when the validation loss improves
+probe: bool = False                     # with each eval, a label-free embedding probe (see embedding_probe)
+probe_docs: int = 200                   # document pieces the probe compares
 wandb_log: bool = False
 wandb_project: str = 'nano-mpnet'
 wandb_run_name: str = 'run'
@@ -83,6 +86,8 @@ beta2: float = 0.98
 eps: float = 1e-6
 grad_clip: float = 1.0                  # 0 = off
 max_bad_steps: int = 5                  # consecutive non-finite steps that stop the run (each is skipped)
+head_warmup_iters: int = 500            # a new MLM head (encoder-only import) first trains alone this many iters
+head_warmup_lr: float = 1e-3            # ... at this rate: a random head needs far more than a gentle encoder rate
 # learning rate schedule
 decay_lr: bool = True
 lr_schedule: str = 'linear'             # 'linear' (the paper) or 'cosine', after a linear warmup
@@ -238,6 +243,13 @@ if meta['pad_id'] != 1:  # MPNet's embeddings (and HF's) treat id 1 as padding: 
     die(f"the tokenizer's pad id is {meta['pad_id']}, but MPNet reserves id 1 for <pad>: use a tokenizer with "
         f"<pad> at id 1 (microsoft/mpnet-base, or --tokenizer=train)")
 
+if probe:
+    rows = [data.val_prefix(data_dir)] if data_dir else val_tokens[:, 1:].numpy()  # whole documents where prepared
+    probe_ids, probe_mask = data.probe_pairs(rows, meta['bos_id'], meta['eos_id'], meta['pad_id'], probe_docs,
+                                             max_len=min(128, block_size - 2))  # <s> half </s> fits a block
+    if probe_ids.size(1) < 2:
+        die(f'probe=True needs validation text with documents of 32 tokens or more; found {probe_ids.size(1)}')
+
 # -----------------------------------------------------------------------------------------------
 # model, optimizer, state
 
@@ -302,6 +314,15 @@ if resuming:
             print(f'note: {ckpt_path} was written by {len(states)} processes and resumes on {world_size}: the data '
                   f'continues at exactly the next block, with new random streams, so the run is not bit-identical '
                   f'to an uninterrupted one')
+# the first iterations may train a new MLM head alone (an encoder-only import: its encoder is trained, the head
+# random); a resumed run keeps the boundary it was given
+head_only_until = (ckpt.get('head_only_until', 0) if resuming else
+                   iter_num + head_warmup_iters if ckpt is not None and ckpt.get('head_fresh') else 0)
+if master and head_only_until > iter_num:
+    print(f'head warmup: until iter {head_only_until} only the new MLM head trains (lr {head_warmup_lr:g}), '
+          f'then everything (head_warmup_iters=0 turns this off)')
+carried = {k: ckpt[k] for k in ('st_files', 'st_path') if ckpt is not None and k in ckpt}  # for export
+probe_pooling = sentence_pooling(carried.get('st_files'))  # the probe pools as the sentence model does
 tokenizer_files = (read_tokenizer_files(meta['tokenizer']) if os.path.isdir(str(meta['tokenizer']))
                    else tokenizer_files_of(meta['tokenizer'])) if master else {}
 special_ids = dict(bos_token_id=meta['bos_id'], pad_token_id=meta['pad_id'], eos_token_id=meta['eos_id'])
@@ -363,6 +384,29 @@ def evaluate():
     return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
 
 
+@torch.no_grad()
+def embedding_probe():
+    """A label-free look at the embeddings: the first and second halves of validation documents, pooled as
+    the run's sentence-transformers model pools (else mean pooling), compared by cosine. Returns how often a
+    first half's nearest second half is its own (higher: the embeddings keep what a text is about), and the
+    mean cosine of unrelated halves (near 0: a spread-out space; towards 1: everything looks alike)."""
+    raw_model.eval()
+    n = probe_ids.size(1)
+    ids, mask = probe_ids.flatten(0, 1).to(device), probe_mask.flatten(0, 1).to(device)  # (2n, L)
+    pooled = []
+    for i in range(0, 2 * n, 64):  # bounded memory at any probe_docs
+        with autocast:
+            hidden = raw_model.encode(ids[i:i + 64], mask[i:i + 64]).float()  # (b, L, C)
+        m = mask[i:i + 64, :, None].float()
+        pooled.append(hidden[:, 0] if probe_pooling == 'cls' else (hidden * m).sum(1) / m.sum(1))
+    first, second = F.normalize(torch.cat(pooled), dim=-1).view(2, n, -1)
+    sim = first @ second.T  # (n, n): row i against every second half
+    raw_model.train()
+    found = (sim.argmax(1) == torch.arange(n, device=device)).float().mean()
+    unrelated = (sim.sum() - sim.diagonal().sum()) / (n * (n - 1))
+    return found.item(), unrelated.item()
+
+
 def kept():
     """Which files hold what, for the messages that end a run."""
     best = (f'the best model is {best_path} (iter {best_iter}, val loss {best_val_loss:.4f})'
@@ -396,7 +440,8 @@ def save(val_loss=None, improved=False):
         save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
                              config=config, iter_num=iter_num, val_loss=val_loss, best_val_loss=best_val_loss,
                              best_iter=best_iter, rank_states=states, data_fingerprint=fingerprint,
-                             tokenizer_files=tokenizer_files, special_ids=special_ids, data_dir=data_dir), ckpt_path)
+                             head_only_until=head_only_until, tokenizer_files=tokenizer_files,
+                             special_ids=special_ids, data_dir=data_dir, **carried), ckpt_path)
         if improved:
             link_checkpoint(ckpt_path, best_path)
     except CheckpointError as e:
@@ -442,6 +487,7 @@ start_iter = iter_num
 data_state = train_data.state_dict()  # the loader's resume point: before the next batch is drawn
 X = train_data.next()                 # first micro-batch of the coming step
 params = [p for p in raw_model.parameters() if p.requires_grad]
+encoder_params = [p for g in optimizer.param_groups if g['part'] == 'encoder' for p in g['params']]
 device_name = torch.cuda.get_device_name(device) if device_type == 'cuda' else 'cpu'
 bad_run = torch.zeros((), device=device)  # consecutive non-finite steps, read at log steps only
 bad_total = torch.zeros((), device=device)
@@ -451,8 +497,9 @@ loss_sum, correct_sum = torch.zeros((), device=device), torch.zeros((), device=d
 t_last, train_time, timed_iters, iters_since_log = time.time(), 0.0, 0, 0
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
+    head_only = iter_num < head_only_until
     for group in optimizer.param_groups:
-        group['lr'] = lr
+        group['lr'] = (head_warmup_lr if group['part'] == 'head' else 0.0) if head_only else lr
 
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         train_time += now() - t_last
@@ -464,9 +511,14 @@ while True:
         if iter_num > start_iter or init_from != 'resume':  # a new run's starting model is the first to beat
             best_val_loss = min(best_val_loss, val_loss)
         best_iter = iter_num if improved else best_iter
+        record = dict(iter=iter_num, val_loss=val_loss, val_acc=val_acc)
+        if probe:
+            record['probe_found'], record['probe_cos'] = embedding_probe()
         if master:
-            print(f'iter {iter_num}: val loss {val_loss:.4f}, val acc {val_acc:.4f}, best {best_val_loss:.4f}')
-        log(dict(iter=iter_num, val_loss=val_loss, val_acc=val_acc))
+            print(f'iter {iter_num}: val loss {val_loss:.4f}, val acc {val_acc:.4f}, best {best_val_loss:.4f}' +
+                  (f", probe: {record['probe_found']:.3f} of halves find their other half, unrelated cosine "
+                   f"{record['probe_cos']:.3f}" if probe else ''))
+        log(record)
         if iter_num > start_iter and (improved or always_save_checkpoint):
             save(val_loss, improved)
         t_last = time.time()
@@ -501,6 +553,9 @@ while True:
         if is_log_step:
             correct_sum += (logits.detach().argmax(-1) == targets).float().mean()
         del logits  # (B, P, V): not kept alive through the next forward
+    if head_only:  # the encoder's gradients are dropped: fused AdamW leaves a parameter without one untouched
+        for p in encoder_params:
+            p.grad = None
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'), foreach=True)
     # a non-finite loss makes a non-finite norm (identical on all ranks after DDP's all-reduce);
     # fused AdamW then skips the whole update on the device, with no host sync
@@ -522,11 +577,13 @@ while True:
         seqs_per_sec = batch_size * gradient_accumulation_steps / dt  # per GPU
         mfu = raw_model.estimate_mfu(block_size, P, seqs_per_sec, device_name)  # per GPU, so also right under DDP
         record = dict(iter=iter_num, loss=loss_sum.item() / n_micro, acc=correct_sum.item() / gradient_accumulation_steps,
-                      lr=lr, grad_norm=grad_norm.item(), ms_per_iter=dt * 1000, tokens_per_sec=tokens_per_iter / dt,
+                      lr=head_warmup_lr if head_only else lr, head_only=head_only, grad_norm=grad_norm.item(),
+                      ms_per_iter=dt * 1000, tokens_per_sec=tokens_per_iter / dt,
                       tokens_per_sec_per_gpu=tokens_per_iter / world_size / dt, mfu=mfu,
                       skipped_steps=int(bad_total.item()))
         if master:
-            print(f"iter {iter_num}: loss {record['loss']:.4f}, acc {record['acc']:.4f}, lr {lr:.2e}, "
+            print(f"iter {iter_num}: loss {record['loss']:.4f}, acc {record['acc']:.4f}, "
+                  f"{f'head only, lr {head_warmup_lr:.2e}' if head_only else f'lr {lr:.2e}'}, "
                   f"grad norm {record['grad_norm']:.3f}, {record['ms_per_iter']:.0f} ms/iter, "
                   f"{record['tokens_per_sec']:,.0f} tok/s{f' on {world_size} GPUs' if ddp else ''}"
                   f"{'' if mfu is None else f', MFU {mfu * 100:.1f}%'}")
@@ -542,8 +599,9 @@ if master:
     if iter_num == start_iter and start_iter >= max_iters > 0:
         print(f'nothing to train: the run is at iter {iter_num} and max_iters is {max_iters} (raise --max_iters)')
     else:
-        print(f'done: {kept()}; export with: python convert_hf.py {best_path if os.path.exists(best_path) else ckpt_path} '
-              f'{os.path.join(out_dir, "hf")}')
+        exportable = best_path if os.path.exists(best_path) else ckpt_path if os.path.exists(ckpt_path) else None
+        print(f'done: {kept()}' + (f'; export with: python convert_hf.py {exportable} {os.path.join(out_dir, "hf")}'
+                                   if exportable else ''))
 if ddp:
     stop_work.wait()
     dist.barrier()  # rank 0 may still be writing the last checkpoint
