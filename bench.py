@@ -1,50 +1,40 @@
 """
-Throughput / MFU / memory of one MPNet training step (forward, backward, fused AdamW).
+Throughput / MFU / memory of one MPNet training step as train.py runs it: permutation, forward and
+backward over gradient_accumulation_steps micro-batches, gradient clipping, fused AdamW.
 
-    python bench.py                                          # mpnet-base, T=512, bf16, compiled, on the GPU
-    python bench.py --batch_size=64 --attn_impl=flex
-    python bench.py --data_dir=data/pydocs-mpnet-base         # real tokens instead of random ones
-    python bench.py --profile=out/bench_trace.json             # also a torch.profiler trace + summary
-    python bench.py --device=cpu --dtype=float32 --compile=False --n_layer=2 --n_embd=128 --n_head=2 \
-        --n_inner=512 --batch_size=4 --block_size=128 --vocab_size=8192   # small CPU run
+    python bench.py                                        # GPU: mpnet-base, T=512, bf16, compiled; CPU: config/tiny.py
+    python bench.py config/tiny.py                         # what `python train.py config/tiny.py` would run
+    python bench.py config/base.py --batch_size=64 --attn_impl=flex
+    python bench.py config/base.py --profile=out/bench_trace.json   # also a torch.profiler trace + summary
 
-The permutation sampler runs inside every timed step (as in train.py) and is also timed alone, so its
-share of the step is reported.
+It takes the training config files and every train.py key (keys that only matter for I/O are accepted
+and ignored), plus its own keys below. The architecture is the run's: the config's, or the checkpoint's
+with init_from. Tokens are real when the config's data is prepared (data_dir, or the folder train.py
+would prepare), random otherwise. The permutation sampler runs inside every timed step and is also timed
+alone, so its share of the step is reported.
 """
 
 import os
 import sys
 import time
 import warnings
+from types import SimpleNamespace
 
 import torch
 
-from configurator import CHOICES, ConfigError, check_device, configure
+import data
+from configurator import CHOICES, ConfigError, check_device, configure, script_settings
 from model import MPNet, MPNetConfig
 from permute import n_pred, permute_batch
 
 # -----------------------------------------------------------------------------------------------
-batch_size: int = 32                    # sequences per step
-block_size: int = 512
-pred_frac: float = 0.15
-vocab_size: int = 30527                 # random tokens; ignored with data_dir (the data's vocabulary is used)
-n_layer: int = 12                       # mpnet-base
-n_head: int = 12
-n_embd: int = 768
-n_inner: int = 3072
-attn_impl: str = 'sdpa'                 # 'sdpa' | 'flex' | 'manual'
-dropout: float = 0.1
-grad_checkpoint: bool = False           # recompute activations in backward
-data_dir: str = ''                      # a prepared folder (data.py) for real tokens; '' = random tokens
-device: str = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype: str = 'bfloat16' if torch.cuda.is_available() else 'float32'
-compile: bool = True                    # torch.compile (CUDA only)
+# bench.py's own keys (every train.py key is accepted too: python train.py --help)
 burn_in: int = 10                       # untimed steps (compilation, autotuning, allocator warm-up)
 steps: int = 20                         # timed steps
 profile: str = ''                       # path: profile 3 more steps, write the trace there, print a summary
-seed: int = 1337
 # -----------------------------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+own_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
 
 
 def die(message):
@@ -52,64 +42,123 @@ def die(message):
     sys.exit(1)
 
 
+argv = sys.argv[1:]
+if not torch.cuda.is_available() and not [a for a in argv if not a.startswith('--')] and '--help' not in argv:
+    # train.py's defaults are mpnet-base at batch 32 x 512: about 23 GB and minutes per step on a CPU
+    print('no GPU: measuring config/tiny.py (give a config file, e.g. python bench.py config/base.py, to choose)')
+    argv = [os.path.join(os.path.dirname(TRAIN_PY), 'config', 'tiny.py'), *argv]
 try:
-    globals().update(configure({k: globals()[k] for k in config_keys}, sys.argv[1:], CHOICES))
-    check_device(device, attn_impl)
+    defaults = {e[1]: e[2] for e in script_settings(TRAIN_PY) if e[0] == 'key'}
+    defaults.update({k: globals()[k] for k in own_keys})
+    config = configure(defaults, argv, {**CHOICES, 'lr_schedule': ('linear', 'cosine')}, script=__file__,
+                       also='and every key of train.py (python train.py --help): a training config file runs as is')
+    check_device(config['device'], config['attn_impl'])
 except ConfigError as e:
     die(e)
+cfg = SimpleNamespace(**config)  # the run's settings, as train.py would resolve them
 
-torch.manual_seed(seed)
+torch.manual_seed(cfg.seed)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
+device_type = 'cuda' if cfg.device.startswith('cuda') else 'cpu'
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[cfg.dtype]
 autocast = torch.autocast(device_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
 sync = torch.cuda.synchronize if device_type == 'cuda' else (lambda: None)
 
-if data_dir:
-    import data
+# the architecture train.py would build: from the checkpoint it starts from, else from the config
+model_args = dict(vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                  n_inner=cfg.n_inner, max_positions=cfg.max_positions)
+if cfg.init_from != 'scratch':
+    from checkpoint import CheckpointError, load_checkpoint
+    from convert_hf import ConvertError, config_from_hf
+    path = os.path.join(cfg.out_dir, 'ckpt.pt') if cfg.init_from == 'resume' else cfg.init_from
+    try:
+        if os.path.isfile(path):
+            model_args = {k: v for k, v in load_checkpoint(path)['model_args'].items()
+                          if k not in ('attn_impl', 'dropout', 'attn_dropout', 'grad_checkpoint')}
+        else:
+            from transformers import AutoConfig
+            model_args = config_from_hf(AutoConfig.from_pretrained(cfg.init_from))
+    except (CheckpointError, ConvertError, OSError, ValueError) as e:
+        die(f"init_from={cfg.init_from!r}: cannot read the architecture to measure ({str(e).splitlines()[0]}); "
+            f"pass the model keys instead (--init_from=scratch --n_layer=...)")
+
+# real tokens when the run's data is prepared, as train.py would read them
+prepared = os.path.expandvars(cfg.data_dir) or data.default_out_dir(cfg.dataset, cfg.tokenizer, cfg.vocab_size)
+if os.path.isfile(os.path.join(prepared, 'meta.json')):
     from permute import vocab_tables
     try:
-        meta, tok, _ = data.load_prepared(data_dir)
+        meta, tok, _ = data.load_prepared(prepared)
+        batches = data.Batches(prepared, 'train', cfg.batch_size, cfg.block_size, seed=cfg.seed, device=cfg.device)
     except data.DataError as e:
         die(e)
-    vocab_size = meta['vocab_size']
-    is_word_start, is_special = (t.to(device) for t in vocab_tables(tok))
-    mask_id = meta['mask_id']
-    batches = data.Batches(data_dir, 'train', batch_size, block_size, seed=seed, device=device)
-    get_tokens = batches.next
+    model_args['vocab_size'] = meta['vocab_size']
+    is_word_start, is_special = (t.to(cfg.device) for t in vocab_tables(tok))
+    mask_id, get_tokens, tokens_said = meta['mask_id'], batches.next, f'real data from {prepared}'
+elif cfg.data_dir:
+    die(f"data_dir '{cfg.data_dir}' is not a prepared dataset (no meta.json)")
 else:
-    is_word_start = torch.ones(vocab_size, dtype=torch.bool, device=device)  # token-level: words are real-data only
-    is_special = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    V = model_args['vocab_size']
+    is_word_start = torch.ones(V, dtype=torch.bool, device=cfg.device)  # token-level: words are real-data only
+    is_special = torch.zeros(V, dtype=torch.bool, device=cfg.device)
     is_special[:5] = True
     mask_id = 4
-    fixed = torch.randint(5, vocab_size, (batch_size, block_size), device=device)
-    get_tokens = lambda: fixed
+    fixed = torch.randint(5, V, (cfg.batch_size, cfg.block_size), device=cfg.device)
+    get_tokens, tokens_said = (lambda: fixed), f'random tokens ({prepared} is not prepared)'
 
-P = n_pred(block_size, pred_frac)
+P = n_pred(cfg.block_size, cfg.pred_frac)
 try:
-    config = MPNetConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_inner=n_inner,
-                         max_positions=max(512, block_size), dropout=dropout, attn_dropout=dropout,
-                         attn_impl=attn_impl, grad_checkpoint=grad_checkpoint)
-except ValueError as e:
+    mconfig = MPNetConfig(**model_args, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout, attn_impl=cfg.attn_impl,
+                          rope=cfg.rope, grad_checkpoint=cfg.grad_checkpoint)
+except (TypeError, ValueError) as e:
     die(e)
-model = MPNet(config).to(device)
-optimizer = model.configure_optimizers(0.01, 1e-4, (0.9, 0.98), 1e-6, device_type)
-model.build_masks(block_size, P, device)  # before compiling, as train.py
-step_model = torch.compile(model) if compile and device_type == 'cuda' else model
-generator = torch.Generator(device).manual_seed(seed)
+if cfg.block_size > mconfig.max_positions:
+    die(f'block_size {cfg.block_size} exceeds the model\'s max_positions {mconfig.max_positions}')
+
+
+def estimate_cpu_bytes(c, B, T, P):
+    """A generous estimate of a CPU training step's memory: weights, gradients and AdamW moments (16 bytes a
+    parameter), plus activations of eager fp32 (calibrated on three measured configurations, rounded up)."""
+    L, S = T + 2 * P, T + P
+    params = 12 * c.n_layer * c.n_embd ** 2 + c.padded_vocab_size * c.n_embd
+    per_layer = 12 * L * c.n_embd + 3 * L * c.n_inner + 5 * c.n_head * L * S
+    return 16 * params + 4 * B * (c.n_layer * per_layer + 4 * P * c.padded_vocab_size) + 2**29
+
+
+def available_bytes():
+    try:
+        with open('/proc/meminfo') as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable')), None)
+    except OSError:  # not Linux: no check
+        return None
+
+
+if device_type == 'cpu':
+    need, available = estimate_cpu_bytes(mconfig, cfg.batch_size, cfg.block_size, P), available_bytes()
+    if available is not None and need > available:
+        die(f'this step needs about {need / 2**30:.0f} GB on the CPU, more than the {available / 2**30:.0f} GB available: '
+            f'lower --batch_size or --block_size, measure a smaller config (python bench.py config/tiny.py), or use a GPU')
+
+model = MPNet(mconfig).to(cfg.device)
+optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), cfg.eps, device_type)
+model.build_masks(cfg.block_size, P, cfg.device)  # before compiling, as train.py
+step_model = torch.compile(model) if cfg.compile and device_type == 'cuda' else model
+generator = torch.Generator(cfg.device).manual_seed(cfg.seed)
 
 
 def permute(tokens):
-    return permute_batch(tokens, is_word_start, is_special, mask_id, generator, pred_frac=pred_frac)
+    return permute_batch(tokens, is_word_start, is_special, mask_id, generator, pred_frac=cfg.pred_frac,
+                         mask_prob=cfg.mask_prob, rand_prob=cfg.rand_prob, whole_word=cfg.whole_word)
 
 
 def train_step():
-    input_ids, positions, targets = permute(get_tokens())
-    with autocast:
-        _, loss = step_model(input_ids, positions, P, targets)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+    for _ in range(cfg.gradient_accumulation_steps):
+        input_ids, positions, targets = permute(get_tokens())
+        with autocast:
+            _, loss = step_model(input_ids, positions, P, targets)
+        (loss / cfg.gradient_accumulation_steps).backward()
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else float('inf')
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
     optimizer.found_inf = (~torch.isfinite(grad_norm)).float()  # train.py's on-device skip of bad steps
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -125,25 +174,32 @@ def timed(fn, n):
     return (time.perf_counter() - t0) / n, out
 
 
-for _ in range(burn_in):
-    train_step()
-if device_type == 'cuda':
-    torch.cuda.reset_peak_memory_stats()
-dt, loss = timed(train_step, steps)
-dt_perm, _ = timed(lambda: permute(get_tokens()), max(steps, 20))
+try:
+    for _ in range(cfg.burn_in):
+        train_step()
+    if device_type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    dt, loss = timed(train_step, cfg.steps)
+except torch.OutOfMemoryError:
+    die(f'out of GPU memory at batch {cfg.batch_size} x {cfg.block_size}: lower --batch_size (raising '
+        f'--gradient_accumulation_steps keeps the step), or --grad_checkpoint=True')
+dt_perm, _ = timed(lambda: permute(get_tokens()), max(cfg.steps, 20))
 
-device_name = torch.cuda.get_device_name(device) if device_type == 'cuda' else 'cpu'
-mfu = model.estimate_mfu(block_size, P, batch_size / dt, device_name)
+seqs = cfg.batch_size * cfg.gradient_accumulation_steps
+device_name = torch.cuda.get_device_name(cfg.device) if device_type == 'cuda' else 'cpu'
+mfu = model.estimate_mfu(cfg.block_size, P, seqs / dt, device_name)
 peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device_type == 'cuda' else None
-print(f'device: {device_name}, torch {torch.__version__}, {dtype}, compile={compile and device_type == "cuda"}, '
-      f'attn_impl={attn_impl}, grad_checkpoint={grad_checkpoint}')
-print(f'model: {model.get_num_params() / 1e6:.1f}M parameters, {n_layer} layers x {n_embd}; '
-      f'batch {batch_size} x {block_size} tokens, {P} predicted per sequence, {"real" if data_dir else "random"} data')
-print(f'step: {dt * 1000:.2f} ms, {batch_size * block_size / dt:,.0f} tokens/s, '
-      f'{model.estimate_flops(block_size, P) * batch_size / dt / 1e12:.2f} TFLOP/s, '
+print(f'device: {device_name}, torch {torch.__version__}, {cfg.dtype}, compile={cfg.compile and device_type == "cuda"}, '
+      f'attn_impl={cfg.attn_impl}, grad_checkpoint={cfg.grad_checkpoint}')
+print(f'model: {model.get_num_params() / 1e6:.1f}M parameters, {mconfig.n_layer} layers x {mconfig.n_embd}; '
+      f'batch {cfg.batch_size} x {cfg.block_size} tokens x {cfg.gradient_accumulation_steps} accum, '
+      f'{P} predicted per sequence, {tokens_said}')
+print(f'step: {dt * 1000:.2f} ms, {seqs * cfg.block_size / dt:,.0f} tokens/s, '
+      f'{model.estimate_flops(cfg.block_size, P) * seqs / dt / 1e12:.2f} TFLOP/s, '
       f'MFU {"n/a (unknown device peak)" if mfu is None else f"{mfu * 100:.1f}%"}, '
       f'peak memory {"n/a" if peak_mem is None else f"{peak_mem:.2f} GiB"}, loss {loss.item():.3f}')
-print(f'permutation sampler: {dt_perm * 1000:.3f} ms per batch, {dt_perm / dt * 100:.2f}% of the step')
+print(f'permutation sampler: {dt_perm * 1000:.3f} ms per batch, '
+      f'{dt_perm * cfg.gradient_accumulation_steps / dt * 100:.2f}% of the step')
 if device_type == 'cuda':  # a host sync stalls the CPU until the GPU drains; train.py has them at log steps only
     torch.cuda.set_sync_debug_mode('warn')
     with warnings.catch_warnings(record=True) as caught:
@@ -153,15 +209,15 @@ if device_type == 'cuda':  # a host sync stalls the CPU until the GPU drains; tr
     syncs = [w for w in caught if 'synchroniz' in str(w.message)]
     print(f'host syncs in one step: {len(syncs)}' + ''.join(f'\n  {w.filename}:{w.lineno}' for w in syncs[:5]))
 
-if profile:
+if cfg.profile:
     from torch.profiler import ProfilerActivity, profile as torch_profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == 'cuda' else [])
     with torch_profile(activities=activities) as prof:
         for _ in range(3):
             train_step()
         sync()
-    os.makedirs(os.path.dirname(os.path.abspath(profile)), exist_ok=True)
-    prof.export_chrome_trace(profile)
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.profile)), exist_ok=True)
+    prof.export_chrome_trace(cfg.profile)
     sort_by = 'self_device_time_total' if device_type == 'cuda' else 'self_cpu_time_total'  # own time, not nested
     print(prof.key_averages().table(sort_by=sort_by, row_limit=15))
-    print(f'wrote {profile} (open in ui.perfetto.dev or chrome://tracing)')
+    print(f'wrote {cfg.profile} (open in ui.perfetto.dev or chrome://tracing)')

@@ -16,7 +16,8 @@ data position), data_fingerprint, tokenizer_files, special_ids. A run folder (tr
     train.lock     locked by the run writing here (it names that run's PID and host); the kernel frees
                    the lock when the process dies, so a killed run's lock is simply taken over (and the
                    temp file it may have left is removed)
-    metrics.jsonl  the log
+    snapshots/     iter_N.pt every snapshot_interval iterations (hard links of ckpt.pt when it was written)
+    metrics.jsonl  the log, and curves.png its curves
 
 Writes are atomic: a temp file of the writer's own beside the target, fsync, then os.replace. A crash,
 a full disk or a second writer never leaves a torn file, and the previous file stays until the new one
@@ -25,6 +26,7 @@ is complete; a failed write removes its temp file.
 
 import fcntl
 import os
+import re
 import shutil
 import socket
 import time
@@ -142,9 +144,10 @@ def claim_run_dir(out_dir, resume, overwrite):
     lock.truncate()
     lock.write(f'pid {os.getpid()} on {socket.gethostname()}, since {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
     lock.flush()
-    for name in os.listdir(out_dir):  # a killed writer's temp files: with the lock held, no live writer is left
-        if name.endswith('.tmp') and name.split('.')[0] in ('ckpt', 'best', 'write-test'):
-            os.remove(os.path.join(out_dir, name))
+    for folder in (out_dir, os.path.join(out_dir, 'snapshots')):  # a killed writer's temp files (_temp_name's):
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:  # with the lock held, no writer is left
+            if re.search(r'\.\d+\.\d+\.tmp$', name):
+                os.remove(os.path.join(folder, name))
     held = [p for p in ('ckpt.pt', 'best.pt') if os.path.exists(os.path.join(out_dir, p))]
     if held and not resume and not overwrite:
         when = time.strftime('%Y-%m-%d %H:%M', time.localtime(max(os.path.getmtime(os.path.join(out_dir, p)) for p in held)))

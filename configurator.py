@@ -5,13 +5,15 @@ The configurator shared by train.py and bench.py (nanoGPT's, made strict):
 
 Each argument without '=' is a config file executed over the script's globals (assignments only);
 each --key=value is parsed as a Python literal (a bare word stays a string). An unknown key, a value of
-the wrong type or a missing file is a ConfigError: one line, naming the problem and the fix.
+the wrong type or a missing file is a ConfigError: one line, naming the problem and the fix. --help lists
+every key with its default and the comment beside it in the script (script_settings reads them).
 CHOICES, LIMITS and check_device hold the value, range and machine checks both scripts make.
 """
 
 import ast
 import difflib
 import os
+import sys
 
 import torch
 
@@ -71,9 +73,59 @@ def _check(key, value, defaults, source):
     return float(value) if isinstance(default, float) else value
 
 
-def configure(defaults, argv, choices=None):
+def script_settings(path):
+    """A script's settings as it declares them, in order: ('key', name, default, comment) for each typed
+    global `name: type = default  # comment` (defaults evaluated, with torch at hand), and ('group', text)
+    for each comment line on its own that heads a group. Read from the source: bench.py learns train.py's
+    keys this way, and --help shows the comments without repeating them."""
+    with open(path) as f:
+        source = f.read()
+    lines = source.splitlines()
+    tree = ast.parse(source)
+    assigns = [n for n in tree.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.value]
+    first, last = assigns[0].lineno, assigns[-1].lineno
+    while first > 1 and lines[first - 2].startswith('# ') and not lines[first - 2].startswith('# ---'):
+        first -= 1  # the heading of the first group
+    by_line = {n.lineno: n for n in assigns}
+    settings = []
+    for number in range(first, last + 1):
+        line = lines[number - 1]
+        if number in by_line:
+            node = by_line[number]
+            default = eval(compile(ast.Expression(node.value), path, 'eval'), {'torch': torch})
+            comment = line.split('#', 1)[1].strip() if '#' in line[node.value.end_col_offset:] else ''
+            settings.append(('key', node.target.id, default, comment))
+        elif line.startswith('# ') and not line.startswith('# ---'):
+            settings.append(('group', line[2:].strip()))
+    return settings
+
+
+def help_text(script, defaults, choices=None, also=None):
+    """--help: usage, then every key of the script with its default, range and comment, by group."""
+    name = os.path.basename(script)
+    out = [f'usage: python {name} [CONFIG_FILE ...] [--key=value ...]',
+           'Config files (assignments only) and --key=value (a Python literal) set the keys below, left to right.', '']
+    for entry in script_settings(script):
+        if entry[0] == 'group':
+            out.append(entry[1])
+            continue
+        _, key, _, comment = entry
+        allowed = (choices or {}).get(key)
+        limit = LIMITS.get(key, '')
+        extra = f"one of {', '.join(allowed)}" if allowed else f"in {limit}" if limit[:1] in '[(' and limit else limit
+        out.append(f'  --{key}={defaults[key]}'.ljust(40) + ' ' + comment + (f' [{extra}]' if extra else ''))
+    if also:
+        out += ['', also]
+    return '\n'.join(out)
+
+
+def configure(defaults, argv, choices=None, script=None, also=None):
     """Return {key: value} of the defaults overridden by config files and --key=value arguments;
-    choices: {key: allowed values} for keys that take one of a few values."""
+    choices: {key: allowed values} for keys that take one of a few values. --help (or -h) prints
+    help_text(script) and exits."""
+    if script and any(a in ('--help', '-h') for a in argv):
+        print(help_text(script, defaults, choices, also))
+        sys.exit(0)
     config = dict(defaults)
     for arg in argv:
         if not arg.startswith('--'):

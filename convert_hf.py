@@ -409,7 +409,22 @@ def import_hf(name_or_dir, ckpt_path, overwrite=False):
     return ckpt
 
 
+HELP = """usage: python convert_hf.py CKPT OUT_DIR                       export a checkpoint to an HF folder
+       python convert_hf.py --from_hf=NAME_OR_DIR CKPT [--overwrite]  import an HF MPNet as a checkpoint
+
+  CKPT                 a train.py checkpoint: out_dir/ckpt.pt, best.pt, or a snapshot (snapshots/iter_N.pt)
+  OUT_DIR              the HF folder to write: new, empty, or an earlier export (replaced whole)
+  --from_hf=NAME_OR_DIR  an MPNetForMaskedLM / MPNetModel / sentence-transformers MPNet, hub name or folder
+  --overwrite          let the import replace an existing CKPT file
+
+Export: MPNetForMaskedLM (model.safetensors, config.json), the tokenizer, the sentence-transformers modules
+the checkpoint carries, nano_mpnet.json; checked against transformers before it is moved into OUT_DIR."""
+
+
 def main(argv):
+    if any(a in ('--help', '-h') for a in argv):
+        print(HELP)
+        return
     from_hf = [a.split('=', 1)[1] for a in argv if a.startswith('--from_hf=')]
     args = [a for a in argv if not a.startswith('--')]
     unknown = [a for a in argv if a.startswith('--') and not a.startswith('--from_hf=') and a != '--overwrite']

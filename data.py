@@ -711,15 +711,16 @@ def stream_val_blocks(dataset, tokenizer, n_blocks, block_size, text_field='text
 
 if __name__ == '__main__':
     import argparse
-    parser = argparse.ArgumentParser(description='tokenize a dataset into train.bin/val.bin for train.py')
+    parser = argparse.ArgumentParser(description='tokenize a dataset into train.bin/val.bin for train.py',
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--dataset', default='pydocs', help="'pydocs', a .txt/.jsonl/.parquet file or folder, or hub name[:config]")
     parser.add_argument('--tokenizer', default='microsoft/mpnet-base', help="hub name, saved folder, or 'train'")
     parser.add_argument('--vocab_size', type=int, default=30527, help='vocab size for --tokenizer=train')
-    parser.add_argument('--out_dir', default=None, help=f'default: {DATA_ROOT}/<dataset>-<tokenizer>')
-    parser.add_argument('--val_frac', type=float, default=0.005)
-    parser.add_argument('--text_field', default='text')
-    parser.add_argument('--num_proc', type=int, default=None, help='tokenizer processes (default: one, multithreaded)')
-    parser.add_argument('--seed', type=int, default=1337)
+    parser.add_argument('--out_dir', default=None, help=f'None: {DATA_ROOT}/<dataset>-<tokenizer>')
+    parser.add_argument('--val_frac', type=float, default=0.005, help='documents held out for validation')
+    parser.add_argument('--text_field', default='text', help='the text column of .jsonl / .parquet / hub datasets')
+    parser.add_argument('--num_proc', type=int, default=None, help='tokenizer processes (None: one, multithreaded)')
+    parser.add_argument('--seed', type=int, default=1337, help='the validation split and the vocabulary sample')
     parser.add_argument('--overwrite', action='store_true', help='re-prepare out_dir even if it holds prepared data')
     from configurator import ConfigError, check_limits
     try:

@@ -43,6 +43,7 @@ import data
 from permute import n_pred, permute_batch, vocab_tables
 from model import MPNet, MPNetConfig, relative_position_bucket, two_stream_mask
 import checkpoint
+import configurator
 import convert_hf
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -462,7 +463,7 @@ def test_export_missing_checkpoint_and_bad_usage(tmp_path):
 # train.py
 
 SMALL = ['--n_layer=2', '--n_head=2', '--n_embd=64', '--n_inner=128', '--batch_size=8', '--block_size=64',
-         '--eval_iters=2', '--log_interval=5', '--warmup_iters=5']
+         '--eval_iters=2', '--log_interval=5', '--warmup_iters=5', '--curves=False']
 
 
 def train(out_dir, *args, timeout=600):
@@ -488,7 +489,7 @@ def copy_run(small_run, folder):
 
 
 def test_tiny_config_learns(tmp_path):
-    proc = train(tmp_path, '--max_iters=50', '--eval_interval=25')
+    proc = train(tmp_path, '--max_iters=50', '--eval_interval=25', '--snapshot_interval=25', '--snapshot_keep=1')
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl') if 'val_loss' in l]
     assert [e['iter'] for e in evals] == [0, 25, 50]
@@ -497,6 +498,24 @@ def test_tiny_config_learns(tmp_path):
     assert evals[-1]['val_loss'] < ln_vocab - 2.0, evals  # and falls well below it
     logs = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl') if '"loss"' in l]
     assert logs and all(math.isfinite(r['loss']) and r['tokens_per_sec'] > 0 for r in logs)
+    # accuracy is counted over every step of the log window (10 x 16 sequences x 19 predictions), like the loss,
+    # not over the last step's 16 x 19
+    assert any(abs(r['acc'] * 304 - round(r['acc'] * 304)) > 1e-6 for r in logs)
+    assert re.search(r'iter 40: loss [\d.]+, acc [\d.]+, lr [\d.e+-]+, grad norm [\d.]+, \d+ ms/iter, [\d,]+ tok/s, '
+                     r'ETA 0m\d\ds\n', proc.stdout)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith('done: the best model is') and f'python convert_hf.py {tmp_path}/best.pt' in last
+    # snapshots every 25 iterations, the newest kept, exportable like any checkpoint
+    assert os.listdir(tmp_path / 'snapshots') == ['iter_0000050.pt']
+    convert_hf.export(str(tmp_path / 'snapshots' / 'iter_0000050.pt'), str(tmp_path / 'hf'))
+    # curves: drawn in the background after each evaluation
+    for _ in range(100):
+        if (tmp_path / 'curves.png').exists():
+            break
+        time.sleep(0.2)
+    assert (tmp_path / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    proc = run_here('plot.py', str(tmp_path), str(tmp_path), f'--out={tmp_path / "two.png"}')  # runs side by side
+    assert proc.returncode == 0 and (tmp_path / 'two.png').stat().st_size > 10_000, proc.stderr
 
 
 def test_resume_is_exact(tmp_path):
@@ -518,7 +537,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
                    f'--out_dir={tmp_path}', *SMALL, '--max_iters=10', '--eval_interval=10',
                    '--gradient_accumulation_steps=2')
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert 'effective batch: 2 accum x 2 GPUs x 8 seqs = 32 sequences' in proc.stdout
+    assert 'effective batch: 2 accum x 2 processes x 8 seqs = 32 sequences' in proc.stdout  # CPU: no GPUs
     # throughput counts every micro-batch on every rank in total, and half of that per GPU
     logs = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl') if '"loss"' in l]
     assert [r['iter'] for r in logs] == [5, 10]
@@ -526,7 +545,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
         assert r['tokens_per_sec'] == pytest.approx(2 * 2 * 8 * 64 / (r['ms_per_iter'] / 1000))
         assert r['tokens_per_sec_per_gpu'] == pytest.approx(r['tokens_per_sec'] / 2)
         assert r['mfu'] is None  # no made-up peak for a CPU
-    assert f"{logs[-1]['tokens_per_sec']:,.0f} tok/s on 2 GPUs" in proc.stdout
+    assert f"{logs[-1]['tokens_per_sec']:,.0f} tok/s on 2 processes, ETA" in proc.stdout
     ckpt = load_ckpt(tmp_path / 'ckpt.pt')
     assert ckpt['iter_num'] == 10 and len(ckpt['rank_states']) == 2
     assert ckpt['rank_states'][0]['data'] == ckpt['rank_states'][1]['data'] == {'blocks': 10 * 2 * 2 * 8}
@@ -575,7 +594,7 @@ def test_ddp_sigterm_saves_between_log_steps(tmp_path):
     time.sleep(3)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=25)[0]
-    assert 'stopped by a signal' in out, out[-3000:]
+    assert 'stopped by SIGTERM' in out, out[-3000:]
     assert load_ckpt(tmp_path / 'ckpt.pt')['iter_num'] > 0
 
 
@@ -667,16 +686,25 @@ def test_sigkill_mid_training_resumes_and_one_run_per_out_dir(tmp_path):
     assert ckpt['iter_num'] >= 6
     (tmp_path / f'ckpt.pt.{proc.pid}.123.tmp').write_bytes(b'half a checkpoint')  # as kill -9 mid-save leaves it
     # the killed run's lock is taken over, and its temp file removed
-    proc = train(tmp_path, *SMALL, f'--max_iters={ckpt["iter_num"] + 3}', '--eval_interval=3', '--init_from=resume')
+    logged = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+    # what the resumed run logs again: the evaluation at its checkpoint, and whatever followed before the kill
+    assert any(r['iter'] >= ckpt['iter_num'] and 'val_loss' in r for r in logged)
+    proc = train(tmp_path, *SMALL, f'--max_iters={ckpt["iter_num"] + 6}', '--eval_interval=3', '--init_from=resume')
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert load_ckpt(tmp_path / 'ckpt.pt')['iter_num'] == ckpt['iter_num'] + 3
+    assert f"resuming from iter {ckpt['iter_num']} of {tmp_path / 'ckpt.pt'}" in proc.stdout
+    assert load_ckpt(tmp_path / 'ckpt.pt')['iter_num'] == ckpt['iter_num'] + 6
     assert str(os.getpid()) not in (tmp_path / 'train.lock').read_text() and not list(tmp_path.glob('*.tmp'))
+    # metrics.jsonl holds each iteration once: what the killed run logged after its checkpoint was trained again
+    logged = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+    for kind in ('val_loss', 'loss'):
+        iters = [r['iter'] for r in logged if kind in r]
+        assert len(iters) == len(set(iters)) and iters == sorted(iters), (kind, iters)
 
 
-def test_sigterm_saves_and_exits(tmp_path):
-    env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+def test_a_signal_saves_and_stops_a_second_one_quits_and_wandb_resumes_its_run(tmp_path):
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'WANDB_MODE': 'offline'}
     args = [sys.executable, 'train.py', 'config/tiny.py', f'--out_dir={tmp_path}', *SMALL, '--max_iters=100000',
-            '--eval_interval=1000']
+            '--eval_interval=1000', '--wandb_log=True']
     proc = subprocess.Popen(args, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if line.startswith('iter 5:'):
@@ -684,8 +712,25 @@ def test_sigterm_saves_and_exits(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, out[-2000:]
-    assert 'stopped by a signal' in out
-    assert load_ckpt(tmp_path / 'ckpt.pt')['iter_num'] >= 5
+    assert 'SIGTERM: stopping after this iteration, saving first (press Ctrl-C again' in out
+    assert 'stopped by SIGTERM at iter' in out and 'export with: python convert_hf.py' in out.strip().splitlines()[-1]
+    first = load_ckpt(tmp_path / 'ckpt.pt')
+    assert first['iter_num'] >= 5 and first['wandb_run_id']
+    # resumed (long iterations), then Ctrl-C twice: the second quits at once, saving nothing
+    proc = subprocess.Popen(args + ['--init_from=resume', '--gradient_accumulation_steps=50', '--log_interval=1'],
+                            cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith('iter '):  # training, wandb started
+            proc.send_signal(signal.SIGINT)
+        if line.startswith('SIGINT: stopping after this iteration'):
+            proc.send_signal(signal.SIGINT)
+            break
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and 'SIGINT again: quitting without saving' in out, out[-2000:]
+    assert load_ckpt(tmp_path / 'ckpt.pt')['iter_num'] == first['iter_num']
+    # both sessions logged into one wandb run
+    runs = [d.name for d in (tmp_path / 'wandb').iterdir() if d.name.startswith('offline-run-')]
+    assert len(runs) == 2 and all(r.endswith(first['wandb_run_id']) for r in runs), runs
 
 
 # ---- never lose a trained model, never train on wrong data, refuse nonsense in one line (issue 11)
@@ -1057,26 +1102,52 @@ def test_export_check_holds_for_a_realistic_12_layer_model_and_catches_a_broken_
 def test_bench_runs_on_cpu(tmp_path):
     small = ['--device=cpu', '--dtype=float32', '--compile=False', '--n_layer=2', '--n_embd=64', '--n_head=2',
              '--n_inner=128', '--batch_size=4', '--burn_in=1', '--steps=2']
-    proc = run_cli('bench.py', *small, '--block_size=67', '--vocab_size=1000', f'--profile={tmp_path}/trace.json')
+    proc = run_cli('bench.py', *small, '--block_size=67', '--vocab_size=1000', f'--profile={tmp_path}/trace.json',
+                   '--gradient_accumulation_steps=2')
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
+    assert 'no GPU: measuring config/tiny.py' in out  # no config file on a CPU: the tiny one, with these overrides
     assert 'device: cpu, torch ' in out and 'attn_impl=sdpa' in out
     step = re.search(r'step: ([\d.]+) ms, ([\d,]+) tokens/s', out)
     assert step and float(step.group(1)) > 0 and int(step.group(2).replace(',', '')) > 0
-    assert int(step.group(2).replace(',', '')) == pytest.approx(4 * 67 / (float(step.group(1)) / 1000), rel=0.01)
+    # a step is an optimizer step, as train.py's: 2 micro-batches of 4 x 67
+    assert int(step.group(2).replace(',', '')) == pytest.approx(2 * 4 * 67 / (float(step.group(1)) / 1000), rel=0.01)
+    assert 'batch 4 x 67 tokens x 2 accum, 10 predicted per sequence, random tokens' in out
     assert 'MFU n/a (unknown device peak)' in out  # no made-up peak for a CPU
     assert re.search(r'permutation sampler: [\d.]+ ms per batch, [\d.]+% of the step', out)
     assert 'Self CPU time total' in out and 'aten::mm' in out  # the profile summary
     assert json.load(open(tmp_path / 'trace.json'))['traceEvents']
-    # real tokens from a prepared folder (the one config/tiny.py trains on): its vocabulary is used
-    data_dir = os.path.abspath(data.prepare('pydocs', 'train', 8192, val_frac=0.05))
-    proc = run_cli('bench.py', *small, '--block_size=64', f'--data_dir={data_dir}')
+    # a training config file as it is: train.py's I/O keys are accepted and ignored, the run's data is used
+    proc = run_here('data.py', '--dataset=pydocs', '--tokenizer=train', '--vocab_size=8192', '--val_frac=0.05')
+    assert proc.returncode == 0, proc.stderr  # where train.py config/tiny.py prepares it
+    proc = run_cli('bench.py', 'config/tiny.py', '--out_dir=elsewhere', '--wandb_log=True', '--max_iters=3',
+                   '--n_layer=2', '--batch_size=4', '--burn_in=1', '--steps=2')
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert 'batch 4 x 64 tokens, 10 predicted per sequence, real data' in proc.stdout
+    assert 'batch 4 x 128 tokens x 1 accum, 19 predicted per sequence, real data from data/pydocs-train8192' in proc.stdout
+    assert not os.path.exists(os.path.join(HERE, 'elsewhere'))
     assert_clean_error(run_here('bench.py', '--batch_size=x'), 'batch_size')
     assert_clean_error(run_here('bench.py', '--dtype=float16'), 'dtype')
     assert_clean_error(run_here('bench.py', '--attn_impl=fast'), 'attn_impl', 'sdpa')
     assert_clean_error(run_here('bench.py', *small, '--attn_impl=flex'), 'flex', 'CPU')
+    # more than this machine holds: refused before it starts, with what to do instead
+    assert_clean_error(run_here('bench.py', 'config/large.py', '--device=cpu', '--dtype=float32', '--batch_size=256'),
+                       'GB on the CPU', 'config/tiny.py')
+
+
+@pytest.mark.parametrize('script, words', [('train.py', '--batch_size=32'), ('bench.py', '--burn_in=10'),
+                                           ('data.py', '--val_frac'), ('convert_hf.py', '--from_hf'),
+                                           ('plot.py', 'run_dirs')])
+def test_every_script_has_help(script, words):
+    proc = run_here(script, '--help')
+    assert proc.returncode == 0 and words in proc.stdout, proc.stdout + proc.stderr
+    if script in ('train.py', 'bench.py'):  # every key, its default and the comment beside it in the script
+        for entry in configurator.script_settings(os.path.join(HERE, script)):
+            if entry[0] == 'key':
+                _, key, default, comment = entry
+                line = next(l for l in proc.stdout.splitlines() if l.startswith(f'  --{key}='))
+                assert line.startswith(f'  --{key}={default} ') and comment in line, line
+                assert comment, f'{script}: {key} has no comment'
+
 
 # ==============================================================================================
 # permute.py

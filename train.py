@@ -14,11 +14,15 @@ files): it refuses to start over a previous run unless told to resume or to over
 model beside the latest, and never writes a checkpoint whose validation loss is not finite.
 """
 
+import importlib.util
 import json
 import math
 import os
+import secrets
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -38,25 +42,28 @@ from permute import n_pred, permute_batch, vocab_tables
 
 # -----------------------------------------------------------------------------------------------
 # I/O
-out_dir: str = 'out'
+out_dir: str = 'out'                    # the run's folder: checkpoints, metrics.jsonl, curves.png
 init_from: str = 'scratch'              # 'scratch' | 'resume' (out_dir/ckpt.pt) | a .pt file (weights, new optimizer) | HF name/folder
 overwrite: bool = False                 # start over in an out_dir that holds a run: its checkpoints and log are replaced
-eval_interval: int = 500
+eval_interval: int = 500                # evaluate (and save) every this many iterations
 eval_iters: int = 20                    # validation batches: fixed blocks and fixed permutations
-log_interval: int = 10
+log_interval: int = 10                  # iterations per log line (the loop's only host syncs)
 always_save_checkpoint: bool = True     # else save only when the validation loss improves
+snapshot_interval: int = 0              # also keep out_dir/snapshots/iter_N.pt every N iters (a multiple of eval_interval)
+snapshot_keep: int = 5                  # ... the newest this many of them
+curves: bool = True                     # redraw out_dir/curves.png after each eval (plot.py, in the background)
 probe: bool = False                     # with each eval, a label-free embedding probe (see embedding_probe)
 probe_docs: int = 200                   # document pieces the probe compares
-wandb_log: bool = False
-wandb_project: str = 'nano-mpnet'
-wandb_run_name: str = 'run'
+wandb_log: bool = False                 # also log to wandb (WANDB_MODE=offline works); a resumed run continues its wandb run
+wandb_project: str = 'nano-mpnet'       # wandb project ...
+wandb_run_name: str = 'run'             # ... and run name
 # data
 dataset: str = 'pydocs'                 # 'pydocs' (built in), a .txt/.jsonl/.parquet file or folder, or a hub dataset
 tokenizer: str = 'microsoft/mpnet-base' # hub name or folder, or 'train' (WordPiece learned on the corpus)
 vocab_size: int = 30527                 # only for tokenizer='train'
 data_dir: str = ''                      # a prepared folder (data.py; $VARS expand, e.g. node-local scratch); '' = prepare under data/
 streaming: bool = False                 # tokenize on the fly (corpora too large to prepare); validate on data_dir or held-out docs
-text_field: str = 'text'
+text_field: str = 'text'                # the text column of .jsonl / .parquet / hub datasets
 val_frac: float = 0.005                 # documents held out for validation when preparing
 batch_size: int = 32                    # sequences per GPU per micro-step
 block_size: int = 512                   # tokens per sequence: <s> + packed text
@@ -67,38 +74,38 @@ mask_prob: float = 0.8                  # predicted tokens shown as <mask> ...
 rand_prob: float = 0.1                  # ... as a random token, else unchanged
 whole_word: bool = True                 # permute whole words, not tokens
 # model (ignored on resume or HF init: the checkpoint's architecture is used)
-n_layer: int = 12
-n_head: int = 12
-n_embd: int = 768
-n_inner: int = 3072
-max_positions: int = 512
-dropout: float = 0.1
-attn_dropout: float = 0.1
+n_layer: int = 12                       # mpnet-base: 12 layers x 768, 12 heads, feed-forward 3072
+n_head: int = 12                        # attention heads (n_embd a multiple of it)
+n_embd: int = 768                       # hidden size
+n_inner: int = 3072                     # feed-forward width
+max_positions: int = 512                # longest sequence the position table holds
+dropout: float = 0.1                    # on embeddings, attention output and feed-forward (BERT's)
+attn_dropout: float = 0.1               # on attention probabilities
 attn_impl: str = 'sdpa'                 # 'sdpa' | 'flex' (CUDA) | 'manual'
 rope: bool = False                      # rotary positions instead of absolute + relative (not HF-exportable)
 grad_checkpoint: bool = False           # recompute activations in backward: larger batches fit, ~30% slower
 # optimizer: AdamW with MPNet's settings
-learning_rate: float = 6e-4
-max_iters: int = 100_000
-weight_decay: float = 0.01
-beta1: float = 0.9
-beta2: float = 0.98
-eps: float = 1e-6
+learning_rate: float = 6e-4             # peak, after warmup
+max_iters: int = 100_000                # optimizer steps of the whole run
+weight_decay: float = 0.01              # on matrices and embeddings, not biases or norms
+beta1: float = 0.9                      # AdamW betas and eps as MPNet / RoBERTa
+beta2: float = 0.98                      # ... and the second-moment decay
+eps: float = 1e-6                       # added to the second moment root
 grad_clip: float = 1.0                  # 0 = off
 max_bad_steps: int = 5                  # consecutive non-finite steps that stop the run (each is skipped)
 head_warmup_iters: int = 500            # a new MLM head (encoder-only import) first trains alone this many iters
 head_warmup_lr: float = 1e-3            # ... at this rate: a random head needs far more than a gentle encoder rate
 # learning rate schedule
-decay_lr: bool = True
+decay_lr: bool = True                   # else learning_rate throughout
 lr_schedule: str = 'linear'             # 'linear' (the paper) or 'cosine', after a linear warmup
-warmup_iters: int = 10_000
+warmup_iters: int = 10_000              # linear warmup from 0
 lr_decay_iters: int = 100_000           # ~ max_iters
-min_lr: float = 0.0
+min_lr: float = 0.0                     # the rate at the end of the decay
 # system
-device: str = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype: str = 'bfloat16' if torch.cuda.is_available() else 'float32'
+device: str = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda' or 'cuda:N'
+dtype: str = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast dtype on CUDA; CPU runs float32
 compile: bool = True                    # torch.compile the model (CUDA only)
-seed: int = 1337
+seed: int = 1337                        # data order, permutations, initialisation
 # -----------------------------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 
@@ -113,7 +120,7 @@ def die(msg):
 
 try:
     config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:],
-                       {**CHOICES, 'lr_schedule': ('linear', 'cosine')})
+                       {**CHOICES, 'lr_schedule': ('linear', 'cosine')}, script=__file__)
     check_device(config['device'], config['attn_impl'])
 except ConfigError as e:
     die(e)
@@ -127,6 +134,9 @@ if min_lr > learning_rate:
     die(f'min_lr ({min_lr}) must not exceed learning_rate ({learning_rate})')
 if overwrite and init_from == 'resume':
     die("overwrite=True starts the run over; it cannot be combined with init_from='resume'")
+if snapshot_interval % eval_interval:
+    die(f'snapshot_interval ({snapshot_interval}) must be a multiple of eval_interval ({eval_interval}): '
+        f'snapshots are the checkpoints saved at evaluations')
 if init_from not in ('scratch', 'resume') and init_from.endswith('.pt') and not os.path.isfile(init_from):
     die(f"init_from '{init_from}' not found: give 'scratch', 'resume', a checkpoint file, or an HF model name or folder")
 try:
@@ -149,6 +159,8 @@ else:
     rank, world_size = 0, 1
 master = rank == 0  # rank 0 does all the I/O
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+workers = ('GPU' if device_type == 'cuda' else 'process') + ('es' if device_type != 'cuda' and world_size > 1 else
+                                                              's' if world_size > 1 else '')  # for messages
 torch.manual_seed(seed + rank)  # dropout; each rank its own stream
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
@@ -158,7 +170,7 @@ P = n_pred(block_size, pred_frac)
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 if master:
     print('config:\n' + '\n'.join(f'  {k} = {config[k]!r}' for k in config_keys))
-    print(f'effective batch: {gradient_accumulation_steps} accum x {world_size} GPUs x {batch_size} seqs = '
+    print(f'effective batch: {gradient_accumulation_steps} accum x {world_size} {workers} x {batch_size} seqs = '
           f'{tokens_per_iter // block_size:,} sequences, {tokens_per_iter:,} tokens per optimizer step '
           f'({P} predicted per sequence)')
 
@@ -322,16 +334,40 @@ if master and head_only_until > iter_num:
     print(f'head warmup: until iter {head_only_until} only the new MLM head trains (lr {head_warmup_lr:g}), '
           f'then everything (head_warmup_iters=0 turns this off)')
 carried = {k: ckpt[k] for k in ('st_files', 'st_path') if ckpt is not None and k in ckpt}  # for export
+wandb_run_id = ckpt.get('wandb_run_id') if init_from == 'resume' else None  # a resumed run goes on logging there
+if master and init_from == 'resume':
+    print(f'resuming from iter {iter_num} of {ckpt_path}' +
+          (f" (val loss {ckpt['val_loss']:.4f})" if ckpt.get('val_loss') is not None else ''))
 probe_pooling = sentence_pooling(carried.get('st_files'))  # the probe pools as the sentence model does
 tokenizer_files = (read_tokenizer_files(meta['tokenizer']) if os.path.isdir(str(meta['tokenizer']))
                    else tokenizer_files_of(meta['tokenizer'])) if master else {}
 special_ids = dict(bos_token_id=meta['bos_id'], pad_token_id=meta['pad_id'], eos_token_id=meta['eos_id'])
 ckpt = None  # free the memory
+metrics_path = os.path.join(out_dir, 'metrics.jsonl')
 if master:
     if overwrite:  # the previous run goes only now, once this one has everything it needs
-        for path in (ckpt_path, best_path, os.path.join(out_dir, 'metrics.jsonl')):
+        for path in (ckpt_path, best_path, metrics_path, os.path.join(out_dir, 'curves.png')):
             if os.path.exists(path):
                 os.remove(path)
+        shutil.rmtree(os.path.join(out_dir, 'snapshots'), ignore_errors=True)
+    if init_from == 'resume' and os.path.exists(metrics_path):
+        # the iterations after the checkpoint are trained again: drop what a crashed run logged of them (and its
+        # evaluation at iter_num, logged again at start), so that metrics.jsonl holds each iteration once
+        with open(metrics_path) as f:
+            lines = f.readlines()
+        def kept_line(line):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # cut short by the crash
+                return False
+            return record['iter'] < iter_num or record['iter'] == iter_num and 'val_loss' not in record
+        keep = [line for line in lines if kept_line(line)]
+        if len(keep) < len(lines):
+            with open(metrics_path + '.tmp', 'w') as f:
+                f.writelines(keep)
+            os.replace(metrics_path + '.tmp', metrics_path)
+            print(f'metrics.jsonl: dropped {len(lines) - len(keep)} records logged after iter {iter_num} '
+                  f'by the interrupted run (those iterations run again)')
     try:  # room for the checkpoint being written next to the ones kept
         check_free_space(out_dir, checkpoint_bytes(raw_model), 1 if os.path.exists(ckpt_path) else 2)
     except CheckpointError as e:
@@ -440,24 +476,34 @@ def save(val_loss=None, improved=False):
         save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
                              config=config, iter_num=iter_num, val_loss=val_loss, best_val_loss=best_val_loss,
                              best_iter=best_iter, rank_states=states, data_fingerprint=fingerprint,
-                             head_only_until=head_only_until, tokenizer_files=tokenizer_files,
-                             special_ids=special_ids, data_dir=data_dir, **carried), ckpt_path)
+                             head_only_until=head_only_until, wandb_run_id=wandb_run_id,
+                             tokenizer_files=tokenizer_files, special_ids=special_ids, data_dir=data_dir, **carried),
+                        ckpt_path)
         if improved:
             link_checkpoint(ckpt_path, best_path)
+        snapshot = os.path.join(out_dir, 'snapshots', f'iter_{iter_num:07d}.pt')
+        if snapshot_interval and val_loss is not None and iter_num % snapshot_interval == 0:
+            os.makedirs(os.path.dirname(snapshot), exist_ok=True)
+            link_checkpoint(ckpt_path, snapshot)  # no copy: a hard link
+            for old in sorted(f for f in os.listdir(os.path.dirname(snapshot)) if f.endswith('.pt'))[:-snapshot_keep]:
+                os.remove(os.path.join(os.path.dirname(snapshot), old))
+        else:
+            snapshot = None
     except CheckpointError as e:
         die(e)
     global last_saved
     last_saved = (iter_num, val_loss)
-    print(f'saved {ckpt_path} at iter {iter_num}' + (f' (also {best_path}: the best so far)' if improved else ''))
+    also = ([f'{best_path}: the best so far'] if improved else []) + ([f'snapshot {snapshot}'] if snapshot else [])
+    print(f'saved {ckpt_path} at iter {iter_num}' + (f" (also {'; '.join(also)})" if also else ''))
 
 
 def log(record):
     if master:
         try:
-            with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
+            with open(metrics_path, 'a') as f:
                 f.write(json.dumps(record) + '\n')
         except OSError as e:
-            die(f"cannot append to {os.path.join(out_dir, 'metrics.jsonl')} ({e.strerror}); {kept()}")
+            die(f"cannot append to {metrics_path} ({e.strerror}); {kept()}")
         if wandb_log:
             wandb.log(record, step=record['iter'])
 
@@ -469,16 +515,48 @@ def now():
     return time.time()
 
 
-stop_signal = []  # SIGINT/SIGTERM: save and exit at the next iteration boundary
+stop_signal = []  # SIGINT/SIGTERM: save and exit at the next iteration boundary; a second one: exit at once
 # under DDP the ranks agree on stopping through a tiny all-reduce on a CPU (gloo) group, started at one
 # iteration and read at the next: no GPU sync, and every rank stops at the same iteration
 stop_group = dist.new_group(backend='gloo') if ddp else None
 stop_flag, stop_work = torch.zeros(1), None
+
+
+def on_signal(signum, frame):
+    if stop_signal:  # asked twice: leave now, saving nothing (the last checkpoint stays as it is)
+        if master:
+            print(f'{signal.Signals(signum).name} again: quitting without saving', file=sys.stderr, flush=True)
+        os._exit(130)
+    stop_signal.append(signum)
+    if master:
+        print(f'{signal.Signals(signum).name}: stopping after this iteration, saving first '
+              f'(press Ctrl-C again to quit at once without saving)', flush=True)
+
+
 for sig in (signal.SIGINT, signal.SIGTERM):
-    signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+    signal.signal(sig, on_signal)
 if wandb_log and master:
     import wandb
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir)
+    wandb_run_id = wandb_run_id or secrets.token_hex(4)  # ours, so that a resumed run finds it in the checkpoint
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir, id=wandb_run_id, resume='allow')
+plotting = None  # the background plot.py process, one at a time
+if curves and master and importlib.util.find_spec('matplotlib') is None:
+    print('note: curves=True needs matplotlib (pip install matplotlib): no curves.png for this run')
+    curves = False
+
+
+def draw_curves():
+    """Redraw out_dir/curves.png in a child process (plot.py), unless the previous drawing is still busy."""
+    global plotting
+    if curves and master and (plotting is None or plotting.poll() is not None):
+        plotting = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'plot.py'),
+                                     out_dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def duration(seconds):
+    return f'{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m' if seconds >= 3600 else \
+        f'{seconds // 60:.0f}m{seconds % 60:02.0f}s'
+
 
 # -----------------------------------------------------------------------------------------------
 # the loop
@@ -495,6 +573,7 @@ loss_sum, correct_sum = torch.zeros((), device=device), torch.zeros((), device=d
 # training time of the current log window: train_time plus the running segment since t_last, over
 # timed_iters steps (evaluation and the first, compiling, step are left out)
 t_last, train_time, timed_iters, iters_since_log = time.time(), 0.0, 0, 0
+eval_seconds = 0.0  # the last evaluation's duration, for the ETA
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     head_only = iter_num < head_only_until
@@ -503,6 +582,7 @@ while True:
 
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         train_time += now() - t_last
+        t_eval = time.time()
         val_loss, val_acc = evaluate()  # all-reduced: every rank decides alike below
         if not math.isfinite(val_loss):
             die(f'validation loss is {val_loss} at iter {iter_num}: nothing saved; {kept()} '
@@ -519,9 +599,12 @@ while True:
                   (f", probe: {record['probe_found']:.3f} of halves find their other half, unrelated cosine "
                    f"{record['probe_cos']:.3f}" if probe else ''))
         log(record)
-        if iter_num > start_iter and (improved or always_save_checkpoint):
+        snapshot_due = snapshot_interval and iter_num % snapshot_interval == 0
+        if iter_num > start_iter and (improved or always_save_checkpoint or snapshot_due):
             save(val_loss, improved)
+        draw_curves()
         t_last = time.time()
+        eval_seconds = t_last - t_eval
     stop_requested = bool(stop_signal)
     if ddp:  # act on what the previous iteration's all-reduce says, so that all ranks stop together
         stop_requested = False
@@ -534,7 +617,7 @@ while True:
         if iter_num > start_iter:
             save()
         if master:
-            print(f'stopped by a signal at iter {iter_num}')
+            print(f'stopped by {signal.Signals(stop_signal[0]).name if stop_signal else "a signal"} at iter {iter_num}')
         break
     if iter_num >= max_iters:
         break
@@ -549,9 +632,8 @@ while True:
             with autocast:
                 logits, loss = model(input_ids, positions, P, targets)
             (loss / gradient_accumulation_steps).backward()
-        loss_sum += loss.detach().float()
-        if is_log_step:
-            correct_sum += (logits.detach().argmax(-1) == targets).float().mean()
+        loss_sum += loss.detach().float()  # the log window's sums: no host sync until the log step
+        correct_sum += (logits.detach().argmax(-1) == targets).float().mean()
         del logits  # (B, P, V): not kept alive through the next forward
     if head_only:  # the encoder's gradients are dropped: fused AdamW leaves a parameter without one untouched
         for p in encoder_params:
@@ -576,7 +658,9 @@ while True:
         n_micro = iters_since_log * gradient_accumulation_steps
         seqs_per_sec = batch_size * gradient_accumulation_steps / dt  # per GPU
         mfu = raw_model.estimate_mfu(block_size, P, seqs_per_sec, device_name)  # per GPU, so also right under DDP
-        record = dict(iter=iter_num, loss=loss_sum.item() / n_micro, acc=correct_sum.item() / gradient_accumulation_steps,
+        evals_left = max_iters // eval_interval - iter_num // eval_interval + bool(max_iters % eval_interval)
+        eta = duration((max_iters - iter_num) * dt + evals_left * eval_seconds)
+        record = dict(iter=iter_num, loss=loss_sum.item() / n_micro, acc=correct_sum.item() / n_micro,
                       lr=head_warmup_lr if head_only else lr, head_only=head_only, grad_norm=grad_norm.item(),
                       ms_per_iter=dt * 1000, tokens_per_sec=tokens_per_iter / dt,
                       tokens_per_sec_per_gpu=tokens_per_iter / world_size / dt, mfu=mfu,
@@ -585,7 +669,7 @@ while True:
             print(f"iter {iter_num}: loss {record['loss']:.4f}, acc {record['acc']:.4f}, "
                   f"{f'head only, lr {head_warmup_lr:.2e}' if head_only else f'lr {lr:.2e}'}, "
                   f"grad norm {record['grad_norm']:.3f}, {record['ms_per_iter']:.0f} ms/iter, "
-                  f"{record['tokens_per_sec']:,.0f} tok/s{f' on {world_size} GPUs' if ddp else ''}"
+                  f"{record['tokens_per_sec']:,.0f} tok/s{f' on {world_size} {workers}' if ddp else ''}, ETA {eta}"
                   f"{'' if mfu is None else f', MFU {mfu * 100:.1f}%'}")
         log(record)
         loss_sum.zero_()
@@ -596,12 +680,17 @@ while True:
                 f'(lower learning_rate, raise warmup_iters, or check the data)')
 
 if master:
+    if wandb_log:
+        wandb.finish()  # its own summary first, so that the last line is ours
+    if plotting is not None:  # the final curves include the final evaluation
+        plotting.wait()
+        draw_curves()
     if iter_num == start_iter and start_iter >= max_iters > 0:
         print(f'nothing to train: the run is at iter {iter_num} and max_iters is {max_iters} (raise --max_iters)')
     else:
         exportable = best_path if os.path.exists(best_path) else ckpt_path if os.path.exists(ckpt_path) else None
-        print(f'done: {kept()}' + (f'; export with: python convert_hf.py {exportable} {os.path.join(out_dir, "hf")}'
-                                   if exportable else ''))
+        print(f"{'stopped' if stop_signal else 'done'}: {kept()}" +
+              (f'; export with: python convert_hf.py {exportable} {os.path.join(out_dir, "hf")}' if exportable else ''))
 if ddp:
     stop_work.wait()
     dist.barrier()  # rank 0 may still be writing the last checkpoint
