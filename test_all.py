@@ -746,7 +746,9 @@ def test_a_signal_saves_and_stops_a_second_one_quits_and_wandb_resumes_its_run(t
     (['--n_layer=0'], 'n_layer must be at least 1'), (['--mask_prob=0.9', '--rand_prob=0.2'], 'mask_prob + rand_prob'),
     (['--warmup_iters=2000'], 'lr_decay_iters (1000) must be at least warmup_iters (2000)'),
     (['--min_lr=0.1'], 'min_lr'), (['--overwrite=True', '--init_from=resume'], 'overwrite'),
-    (['--seed=-1'], 'seed'), (['--rope=True', '--n_embd=132', '--n_head=4'], 'head size')])
+    (['--seed=-1'], 'seed'), (['--rope=True', '--n_embd=132', '--n_head=4'], 'head size'),
+    (['--snapshot_keep=0', '--snapshot_interval=100'], 'snapshot_keep must be >= 1'),
+    (['--snapshot_interval=150'], 'snapshot_interval (150) must be a multiple of eval_interval (100)')])
 def test_nonsense_settings_are_refused_in_one_line(tmp_path, args, words):
     assert_clean_error(run_here('train.py', 'config/tiny.py', f'--out_dir={tmp_path}', *args), words)
 
