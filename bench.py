@@ -50,7 +50,7 @@ if not torch.cuda.is_available() and not [a for a in argv if not a.startswith('-
 try:
     defaults = {e[1]: e[2] for e in script_settings(TRAIN_PY) if e[0] == 'key'}
     defaults.update({k: globals()[k] for k in own_keys})
-    config = configure(defaults, argv, {**CHOICES, 'lr_schedule': ('linear', 'cosine')}, script=__file__,
+    config = configure(defaults, argv, CHOICES, script=__file__,
                        also='and every key of train.py (python train.py --help): a training config file runs as is')
     check_device(config['device'], config['attn_impl'])
 except ConfigError as e:
@@ -75,7 +75,7 @@ if cfg.init_from != 'scratch':
     try:
         if os.path.isfile(path):
             model_args = {k: v for k, v in load_checkpoint(path)['model_args'].items()
-                          if k not in ('attn_impl', 'dropout', 'attn_dropout', 'grad_checkpoint')}
+                          if k not in ('attn_impl', 'dropout', 'attn_dropout', 'grad_checkpoint', 'objective')}
         else:
             from transformers import AutoConfig
             model_args = config_from_hf(AutoConfig.from_pretrained(cfg.init_from))
@@ -94,7 +94,7 @@ if os.path.isfile(os.path.join(prepared, 'meta.json')):
         die(e)
     model_args['vocab_size'] = meta['vocab_size']
     is_word_start, is_special = (t.to(cfg.device) for t in vocab_tables(tok))
-    mask_id, get_tokens, tokens_said = meta['mask_id'], batches.next, f'real data from {prepared}'
+    mask_id, eos_id, get_tokens, tokens_said = meta['mask_id'], meta['eos_id'], batches.next, f'real data from {prepared}'
 elif cfg.data_dir:
     die(f"data_dir '{cfg.data_dir}' is not a prepared dataset (no meta.json)")
 else:
@@ -102,14 +102,15 @@ else:
     is_word_start = torch.ones(V, dtype=torch.bool, device=cfg.device)  # token-level: words are real-data only
     is_special = torch.zeros(V, dtype=torch.bool, device=cfg.device)
     is_special[:5] = True
-    mask_id = 4
+    mask_id, eos_id = 4, 2
     fixed = torch.randint(5, V, (cfg.batch_size, cfg.block_size), device=cfg.device)
+    fixed.masked_fill_(torch.rand(fixed.shape, device=cfg.device) < 1 / 256, eos_id)  # documents of ~256 tokens
     get_tokens, tokens_said = (lambda: fixed), f'random tokens ({prepared} is not prepared)'
 
 P = n_pred(cfg.block_size, cfg.pred_frac)
 try:
     mconfig = MPNetConfig(**model_args, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout, attn_impl=cfg.attn_impl,
-                          rope=cfg.rope, grad_checkpoint=cfg.grad_checkpoint)
+                          rope=cfg.rope, grad_checkpoint=cfg.grad_checkpoint, objective=cfg.objective)
 except (TypeError, ValueError) as e:
     die(e)
 if cfg.block_size > mconfig.max_positions:
@@ -147,15 +148,17 @@ generator = torch.Generator(cfg.device).manual_seed(cfg.seed)
 
 
 def permute(tokens):
-    return permute_batch(tokens, is_word_start, is_special, mask_id, generator, pred_frac=cfg.pred_frac,
-                         mask_prob=cfg.mask_prob, rand_prob=cfg.rand_prob, whole_word=cfg.whole_word)
+    batch = permute_batch(tokens, is_word_start, is_special, mask_id, generator, pred_frac=cfg.pred_frac,
+                          mask_prob=cfg.mask_prob, rand_prob=cfg.rand_prob, whole_word=cfg.whole_word,
+                          objective=cfg.objective, eos_id=eos_id if cfg.doc_mask else None)
+    return batch if cfg.doc_mask else (*batch, None)
 
 
 def train_step():
     for _ in range(cfg.gradient_accumulation_steps):
-        input_ids, positions, targets = permute(get_tokens())
+        input_ids, positions, targets, docs = permute(get_tokens())
         with autocast:
-            _, loss = step_model(input_ids, positions, P, targets)
+            _, loss = step_model(input_ids, positions, P, targets, docs=docs)
         (loss / cfg.gradient_accumulation_steps).backward()
     clip = cfg.grad_clip if cfg.grad_clip > 0 else float('inf')
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
@@ -190,7 +193,7 @@ device_name = torch.cuda.get_device_name(cfg.device) if device_type == 'cuda' el
 mfu = model.estimate_mfu(cfg.block_size, P, seqs / dt, device_name)
 peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device_type == 'cuda' else None
 print(f'device: {device_name}, torch {torch.__version__}, {cfg.dtype}, compile={cfg.compile and device_type == "cuda"}, '
-      f'attn_impl={cfg.attn_impl}, grad_checkpoint={cfg.grad_checkpoint}')
+      f'attn_impl={cfg.attn_impl}, grad_checkpoint={cfg.grad_checkpoint}, objective={cfg.objective}, doc_mask={cfg.doc_mask}')
 print(f'model: {model.get_num_params() / 1e6:.1f}M parameters, {mconfig.n_layer} layers x {mconfig.n_embd}; '
       f'batch {cfg.batch_size} x {cfg.block_size} tokens x {cfg.gradient_accumulation_steps} accum, '
       f'{P} predicted per sequence, {tokens_said}')

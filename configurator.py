@@ -17,13 +17,16 @@ import sys
 
 import torch
 
+from permute import OBJECTIVES
+
 
 class ConfigError(Exception):
     pass
 
 
 # values a key may take in both train.py and bench.py (no float16: it would need loss scaling)
-CHOICES = dict(attn_impl=('sdpa', 'flex', 'manual'), dtype=('float32', 'bfloat16'))
+CHOICES = dict(attn_impl=('sdpa', 'flex', 'manual'), dtype=('float32', 'bfloat16'), lr_schedule=('linear', 'cosine'),
+               objective=OBJECTIVES)
 
 
 # the range of every numeric setting of train.py and bench.py, checked once by configure() (the model's

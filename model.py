@@ -10,6 +10,9 @@ arXiv 2004.09297), written to match fairseq's `mpnet_rel_base` and HuggingFace `
 The two-stream input is [content (T) | mask copies (P) | query copies (P)] of length T+2P (see
 permute.py). One attention call serves both streams: queries come from all T+2P rows, keys and
 values from the T+P content rows, and `two_stream_visible` is the single statement of who sees whom.
+The paper's ablations run on the same path (config.objective): 'plm' (XLNet) drops the mask copies,
+'mlm' (BERT) is one stream of T rows that all see each other; `layout` gives each one's lengths. With
+docs (doc_mask), rows also see only their own document.
 """
 
 import math
@@ -22,6 +25,8 @@ from contextlib import nullcontext
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from einops import rearrange
+
+from permute import OBJECTIVES
 
 
 @dataclass
@@ -42,6 +47,7 @@ class MPNetConfig:
     rope: bool = False             # rotary embeddings on permuted positions instead of absolute + relative (not HF-exportable)
     rope_theta: float = 10000.0
     grad_checkpoint: bool = False  # recompute each block's activations in backward: less memory, ~30% more compute
+    objective: str = 'mpnet'       # 'mpnet' | 'mlm' | 'plm': the input layout forward reads (a training choice; same weights)
 
     def __post_init__(self):
         for name in ('vocab_size', 'n_layer', 'n_head', 'n_embd', 'n_inner', 'max_positions', 'rel_buckets',
@@ -55,6 +61,8 @@ class MPNetConfig:
             raise ValueError(f'vocab_size ({self.vocab_size}) must exceed pad_id ({self.pad_id})')
         if self.attn_impl not in ('sdpa', 'flex', 'manual'):
             raise ValueError(f"attn_impl must be 'sdpa', 'flex' or 'manual', got {self.attn_impl!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f'n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})')
         if self.rope and (self.n_embd // self.n_head) % 2:
@@ -74,42 +82,55 @@ class MPNetConfig:
 # ----------------------------------------------------------------------------------------------
 # The two-stream visibility rule (paper sec. 2.2, fairseq `make_query_and_content_mask`)
 
-def two_stream_visible(q_idx, kv_idx, T, P):
+def layout(objective, T, P):
+    """(rows L, key rows S) of an objective's input for T tokens with P predicted (permute.py lays it out):
+    mpnet [content T | mask copies P | queries P], keys the first T+P; plm [content T | queries P], keys
+    the T content rows; mlm the T tokens, predicted ones last. The logits are always read from the last P."""
+    return {'mpnet': (T + 2 * P, T + P), 'plm': (T + P, T), 'mlm': (T, T)}[objective]
+
+
+def two_stream_visible(q_idx, kv_idx, T, P, objective='mpnet'):
     """True where query row q_idx may attend to content row kv_idx (broadcasting tensors).
 
-    Rows: [0, N) non-predicted, [N, T) predicted originals x_1..x_P, [T, T+P) content rows of the
+    mpnet rows: [0, N) non-predicted, [N, T) predicted originals x_1..x_P, [T, T+P) content rows of the
     mask copies m_1..m_P, [T+P, T+2P) query rows. Keys are the first T+P rows. Every row sees the N
     non-predicted tokens; x_j is visible iff j < lim(row) and m_j iff j >= lim(row), where lim is
     i+1 for original x_i (sees x_1..x_i), i for query row i (sees x_<i, m_>=i) and 0 otherwise
     (non-predicted and mask-copy content rows see every m and no x).
+    plm (XLNet) is the same without mask copies: query rows start at T, keys are the T content rows, so
+    query row i sees the N and x_<i, original x_i sees the N and x_<=i. mlm (BERT): every row sees every row.
     """
+    if objective == 'mlm':
+        return (q_idx >= 0) & (kv_idx >= 0)
     N = T - P
+    first_query = T + P if objective == 'mpnet' else T
     lim = torch.where((q_idx >= N) & (q_idx < T), q_idx - N + 1, 0)
-    lim = torch.where(q_idx >= T + P, q_idx - T - P, lim)
+    lim = torch.where(q_idx >= first_query, q_idx - first_query, lim)
     is_x = (kv_idx >= N) & (kv_idx < T)
     return (kv_idx < N) | (is_x & (kv_idx - N < lim)) | ((kv_idx >= T) & (kv_idx - T >= lim))
 
 
-_mask_cache = {}  # (kind, T, P, device) -> mask; a plain dict, which torch.compile traces through and guards on
+_mask_cache = {}  # (kind, T, P, objective, device) -> mask; a plain dict, which torch.compile traces through and guards on
 
 
-def two_stream_mask(T, P, device):
-    """Boolean [T+2P, T+P] table of two_stream_visible, built once per (T, P, device)."""
-    key = ('dense', T, P, str(device))
+def two_stream_mask(T, P, device, objective='mpnet'):
+    """Boolean [L, S] table of two_stream_visible (layout's L, S), built once per (T, P, objective, device)."""
+    key = ('dense', T, P, objective, str(device))
     if key not in _mask_cache:
-        q = torch.arange(T + 2 * P, device=device)[:, None]
-        kv = torch.arange(T + P, device=device)[None, :]
-        _mask_cache[key] = two_stream_visible(q, kv, T, P)
+        L, S = layout(objective, T, P)
+        q = torch.arange(L, device=device)[:, None]
+        kv = torch.arange(S, device=device)[None, :]
+        _mask_cache[key] = two_stream_visible(q, kv, T, P, objective)
     return _mask_cache[key]
 
 
-def two_stream_block_mask(T, P, device):
-    """FlexAttention block mask of two_stream_visible, built once per (T, P, device)."""
+def two_stream_block_mask(T, P, device, objective='mpnet'):
+    """FlexAttention block mask of two_stream_visible, built once per (T, P, objective, device)."""
     from torch.nn.attention.flex_attention import create_block_mask
-    key = ('flex', T, P, str(device))
+    key = ('flex', T, P, objective, str(device))
     if key not in _mask_cache:
-        mask_mod = lambda b, h, q_idx, kv_idx: two_stream_visible(q_idx, kv_idx, T, P)
-        _mask_cache[key] = create_block_mask(mask_mod, None, None, T + 2 * P, T + P, device=device)
+        mask_mod = lambda b, h, q_idx, kv_idx: two_stream_visible(q_idx, kv_idx, T, P, objective)
+        _mask_cache[key] = create_block_mask(mask_mod, None, None, *layout(objective, T, P), device=device)
     return _mask_cache[key]
 
 
@@ -176,6 +197,8 @@ class Attention(nn.Module):
         else:
             with sdpa_kernel(MASK_GRAD_BACKENDS) if attn.bias.requires_grad else nullcontext():
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.bias, dropout_p=dropout_p)
+        if attn.keep is not None:  # rows with nothing to see (see _two_stream_inputs) get no attention output
+            y = y * attn.keep
         return self.o(rearrange(y, 'b nh l hs -> b l (nh hs)'))
 
 
@@ -210,16 +233,16 @@ class Block(nn.Module):
 class AttnInputs:
     """What every layer's attention needs, built once per forward and shared by all layers:
     positions (for rope), and either an additive bias with -inf where masked, (B, nh, L, S), for
-    sdpa/manual, or a FlexAttention closure."""
+    sdpa/manual, or a FlexAttention closure; keep (B, 1, L, 1), False for rows whose output is zeroed."""
 
-    def __init__(self, positions, bias=None, flex=None):
+    def __init__(self, positions, bias=None, flex=None, keep=None):
         if bias is not None and torch.is_autocast_enabled(bias.device.type):
             bias = bias.to(torch.get_autocast_dtype(bias.device.type))  # once here, not in every layer
         if bias is not None and bias.size(-1) % 16:
             # memory-efficient SDPA wants a 16-aligned row stride (T+P rarely is): pad once, keep a view
             S = bias.size(-1)
             bias = F.pad(bias, (0, 16 - S % 16))[..., :S]
-        self.positions, self.bias, self.flex = positions, bias, flex
+        self.positions, self.bias, self.flex, self.keep = positions, bias, flex, keep
 
 
 class MPNet(nn.Module):
@@ -289,21 +312,22 @@ class MPNet(nn.Module):
 
     # -- the two-stream pretraining forward -----------------------------------------------
 
-    def forward(self, input_ids, positions, n_pred, targets=None):
-        """input_ids, positions: (B, T+2P) two-stream layout (permute.py); targets: (B, P).
-        Returns logits (B, P, vocab_size) for the query stream and the mean cross-entropy (or None)."""
+    def forward(self, input_ids, positions, n_pred, targets=None, docs=None):
+        """input_ids, positions: (B, L) the objective's layout (permute.py; L = T+2P for mpnet); targets: (B, P);
+        docs: (B, L) each row's document (doc_mask), or None. Returns logits (B, P, vocab_size) for the last P
+        rows (the query stream; mlm's predicted tokens) and the mean cross-entropy (or None)."""
         B, L = input_ids.shape
-        P = n_pred
-        T = L - 2 * P
-        n_kv = T + P
-        attn = self._two_stream_inputs(positions, T, P)
+        P, objective = n_pred, self.config.objective
+        T = L - layout(objective, 0, P)[0]
+        n_kv = layout(objective, T, P)[1]
+        attn = self._two_stream_inputs(positions, T, P, docs)
         x = self.embed(input_ids, positions)
         for block in self.blocks:
             if self.config.grad_checkpoint and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, n_kv, attn, use_reentrant=False)
             else:
                 x = block(x, n_kv, attn)
-        logits = self.lm_logits(x[:, T + P:])  # (B, P, V): LM head only on the query stream
+        logits = self.lm_logits(x[:, L - P:])  # (B, P, V): LM head only on the predicted rows
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
@@ -314,24 +338,40 @@ class MPNet(nn.Module):
         in the cache, so the model compiles once and no mask is built inside the graph (otherwise the
         first trace builds it and fills the cache, and that dict change forces a second compile)."""
         device = torch.empty(0, device=device).device  # 'cuda' -> 'cuda:0', the key forward will look up
-        (two_stream_block_mask if self.config.attn_impl == 'flex' else two_stream_mask)(T, P, device)
+        two_stream_mask(T, P, device, self.config.objective)  # flex too: doc_mask's per-batch mask starts from it
+        if self.config.attn_impl == 'flex':
+            two_stream_block_mask(T, P, device, self.config.objective)
 
-    def _two_stream_inputs(self, positions, T, P):
+    def _two_stream_inputs(self, positions, T, P, docs=None):
         c, device = self.config, positions.device
-        n_kv = T + P
+        L, n_kv = layout(c.objective, T, P)
+        keep = None
+        if docs is not None:
+            # doc_mask: rows see their own document only, (B, L, S). A plm query row can then have nothing to
+            # see (a short document whose tokens are all predicted, this one first); such a row gets every key
+            # (no -inf-only softmax, no NaN) and its attention output is zeroed, so nothing leaks in
+            visible = two_stream_mask(T, P, device, c.objective) & (docs[:, :, None] == docs[:, None, :n_kv])
+            lonely = ~visible.any(-1)  # (B, L)
+            visible, keep = visible | lonely[..., None], ~lonely[:, None, :, None]
         if c.attn_impl == 'flex':
-            return AttnInputs(positions, flex=self._flex_attention(positions, T, P))
-        visible = two_stream_mask(T, P, device)  # (T+2P, T+P)
+            return AttnInputs(positions, flex=self._flex_attention(positions, T, P, visible if docs is not None else None),
+                              keep=keep)
+        visible = two_stream_mask(T, P, device, c.objective) if docs is None else visible[:, None]  # (L, S) or (B, 1, L, S)
         if c.rope:
-            bias = torch.zeros(visible.shape, device=device)
+            bias = torch.zeros(visible.shape[-2:], device=device)
         else:
-            # (B, nh, T+2P, T+P); query rows use their own positions, which equal their mask copies' (fairseq)
+            # (B, nh, L, S); query rows use their own positions, which equal their mask copies' (fairseq)
             bias = self.rel_bias_table(positions, positions[:, :n_kv], T)
-        return AttnInputs(positions, bias=bias.masked_fill(~visible, float('-inf')))
+        return AttnInputs(positions, bias=bias.masked_fill(~visible, float('-inf')), keep=keep)
 
-    def _flex_attention(self, positions, T, P):
-        from torch.nn.attention.flex_attention import flex_attention
-        block_mask = two_stream_block_mask(T, P, positions.device)
+    def _flex_attention(self, positions, T, P, visible=None):
+        """visible: (B, L, S) for doc_mask, a per-batch block mask built on the device; else the cached one."""
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        if visible is None:
+            block_mask = two_stream_block_mask(T, P, positions.device, self.config.objective)
+        else:
+            block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: visible[b, q_idx, kv_idx], visible.size(0), None,
+                                           visible.size(1), visible.size(2), device=positions.device)
         if self.config.rope:
             return lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask)
         # bias by relative distance d = k_pos - q_pos in [-(T-1), T-1]: a (nh, 2T-1) table per forward,
@@ -387,15 +427,16 @@ class MPNet(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=True)
 
     def estimate_flops(self, T, P):
-        """Training FLOPs per sequence of the two-stream step (forward + backward = 3x forward matmuls).
+        """Training FLOPs per sequence of the objective's step (forward + backward = 3x forward matmuls).
 
-        Per layer, with L = T+2P query rows and S = T+P key rows: q and o projections 2*L*C*C each,
+        Per layer, with L query rows and S key rows (layout: T+2P and T+P for mpnet, T+P and T for plm,
+        T and T for mlm): q and o projections 2*L*C*C each,
         k and v 2*S*C*C each, feed-forward 2*L*C*F twice, attention scores and weighted sum 2*L*S*C each
         (the full rectangle, masked entries included, as is the convention); LM head on the P query
         rows: 2*P*(C*C + C*V). Embedding lookups, norms and softmax are not counted."""
         c = self.config
         C, F_, V = c.n_embd, c.n_inner, c.padded_vocab_size
-        L, S = T + 2 * P, T + P
+        L, S = layout(c.objective, T, P)
         per_layer = 2 * L * C * C * 2 + 2 * S * C * C * 2 + 2 * L * C * F_ * 2 + 2 * L * S * C * 2
         forward = c.n_layer * per_layer + 2 * P * (C * C + C * V)
         return 3 * forward

@@ -4,11 +4,20 @@ on the GPU next to the model: no Python loop over rows or tokens, no host sync, 
 from the generator it is handed.
 
 For a block of T tokens it draws a permutation (whole words as units), predicts the last
-P = n_pred(T) entries, corrupts them 80/10/10 and lays out the two-stream input of length T+2P:
+P = n_pred(T) entries, corrupts them 80/10/10 and lays out the input of the objective
+(fairseq MPNet's input modes; model.layout gives the lengths):
 
-    input_ids = [tokens[perm] (T) | corrupted (P) | corrupted (P)]
-    positions = [perm          (T) | perm[T-P:]  (P) | perm[T-P:]  (P)]    0-based original indices
-    targets   =  tokens[perm][T-P:]                                        the P originals
+    mpnet  input_ids = [tokens[perm] (T) | corrupted (P) | corrupted (P)]     two streams, position compensation
+           positions = [perm          (T) | perm[T-P:]  (P) | perm[T-P:]  (P)]   0-based original indices
+    plm    input_ids = [tokens[perm] (T) | <mask> (P)]                         XLNet: two streams, no mask copies
+           positions = [perm          (T) | perm[T-P:] (P)]
+    mlm    input_ids = [tokens[perm[:T-P]] (T-P) | corrupted (P)]              BERT: corrupted in place; the
+           positions = [perm (T)]                                               order of rows is immaterial
+    targets = tokens[perm][T-P:], the P originals, for each
+
+With eos_id (doc_mask), the documents of a packed block (each ended by </s>) are kept apart: positions
+count from each document's start (a later document from 1, where its own <s> would be) and a fourth
+tensor gives each row's document, for model(..., docs=docs).
 
 Usage:
 
@@ -27,6 +36,8 @@ Usage:
 import functools
 
 import torch
+
+OBJECTIVES = ('mpnet', 'mlm', 'plm')  # MPNet, BERT's masked LM, XLNet's permuted LM (fairseq MPNet's input modes)
 
 # (marker, does the marker start a word?): WordPiece marks continuations, byte-level BPE and
 # SentencePiece mark word starts (the space folded into the token)
@@ -80,12 +91,15 @@ def _arange(n, device):
 
 
 def permute_batch(tokens, is_word_start, is_special, mask_id, generator, pred_frac=0.15,
-                  mask_prob=0.8, rand_prob=0.1, whole_word=True):
-    """tokens: LongTensor[B, T] -> (input_ids[B, T+2P], positions[B, T+2P], targets[B, P]), same device.
+                  mask_prob=0.8, rand_prob=0.1, whole_word=True, objective='mpnet', eos_id=None):
+    """tokens: LongTensor[B, T] -> (input_ids[B, L], positions[B, L], targets[B, P]), same device, with
+    L = T+2P (mpnet), T+P (plm) or T (mlm); with eos_id also docs[B, L], each row's document in the block.
 
     is_word_start, is_special: the tables of vocab_tables(), moved to tokens.device.
     generator: a torch.Generator on tokens.device, the only source of randomness.
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
     B, T = tokens.shape
     P = n_pred(T, pred_frac)
     device = tokens.device
@@ -124,7 +138,24 @@ def permute_batch(tokens, is_word_start, is_special, mask_id, generator, pred_fr
     u = rand(B, P)
     corrupted = torch.where(u < mask_prob, mask_id, torch.where(u < mask_prob + rand_prob, random_ids, targets))
 
-    # the same corrupted tokens feed the content stream's mask copies and the query stream (sec. 2.2)
-    input_ids = torch.cat([content, corrupted, corrupted], 1)
-    positions = torch.cat([perm, tail, tail], 1)
-    return input_ids, positions, targets.contiguous()
+    if objective == 'mpnet':
+        # the same corrupted tokens feed the content stream's mask copies and the query stream (sec. 2.2)
+        input_ids, rows = torch.cat([content, corrupted, corrupted], 1), torch.cat([perm, tail, tail], 1)
+    elif objective == 'plm':
+        # XLNet's query stream carries only its position: no token, not even a corrupted one
+        input_ids, rows = torch.cat([content, torch.full_like(corrupted, mask_id)], 1), torch.cat([perm, tail], 1)
+    else:
+        # BERT: corrupted in place; with positions given, attention is blind to row order, so the predicted
+        # tokens may sit last, where the model reads its logits
+        input_ids, rows = torch.cat([content[:, :T - P], corrupted], 1), perm
+    if eos_id is None:
+        return input_ids, rows, targets.contiguous()
+    # </s> ends its document; a document's positions count from its start (a later one from 1, after the
+    # <s> it would have alone), so each document is seen as it would be seen alone
+    is_eos = tokens == eos_id
+    doc = is_eos.cumsum(1) - is_eos.long()
+    index = _arange(T, device).expand(B, T)
+    starts = torch.cat([torch.ones_like(is_eos[:, :1]), is_eos[:, :-1]], 1)
+    first = torch.where(starts, index, 0).cummax(1).values
+    in_doc = index - first + (doc > 0).long()
+    return input_ids, in_doc.gather(1, rows), targets.contiguous(), doc.gather(1, rows)

@@ -41,7 +41,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 import data
 from permute import n_pred, permute_batch, vocab_tables
-from model import MPNet, MPNetConfig, relative_position_bucket, two_stream_mask
+from model import MPNet, MPNetConfig, layout, relative_position_bucket, two_stream_mask
 import checkpoint
 import configurator
 import convert_hf
@@ -248,26 +248,34 @@ def test_grad_checkpoint_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize('impl, grad_checkpoint', [('sdpa', False), ('sdpa', True), ('manual', False), ('flex', False)])
-def test_whole_model_compiles_as_one_graph_once(impl, grad_checkpoint):
+@pytest.mark.parametrize('impl, grad_checkpoint, objective, doc_mask', [
+    ('sdpa', False, 'mpnet', False), ('sdpa', True, 'mpnet', False), ('manual', False, 'mpnet', False),
+    ('flex', False, 'mpnet', False), ('sdpa', False, 'plm', True), ('flex', False, 'mlm', True),
+    ('flex', False, 'plm', True), ('manual', False, 'mlm', False)])
+def test_whole_model_compiles_as_one_graph_once(impl, grad_checkpoint, objective, doc_mask):
     # fullgraph=True makes any graph break an error; a recording backend counts compilations. Dynamo
     # traces on the CPU as on the GPU (the backend is the only device-specific part). A (T, P) no
-    # other test uses, so the mask cache starts empty as in train.py.
+    # other test uses, so the mask cache starts empty as in train.py. With doc_mask the mask (flex: the
+    # block mask) is built from each batch inside the graph, still one graph.
     T, P = 53, 8
     graphs = []
-    model = tiny_model(seed=5, attn_impl=impl, grad_checkpoint=grad_checkpoint).train(impl != 'flex')
+    torch._dynamo.reset()  # the earlier cases' compilations count towards dynamo's recompile limit for forward
+    model = tiny_model(seed=5, attn_impl=impl, grad_checkpoint=grad_checkpoint, objective=objective,
+                       vocab_size=201).train(impl != 'flex')
     model.build_masks(T, P, 'cpu')
     compiled = torch.compile(model, fullgraph=True, backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
     for seed in range(3):
-        input_ids, positions, targets = two_stream_batch(T=T, P=P, seed=seed)
+        input_ids, positions, targets, *docs = objective_batch(objective, doc_mask, B=2, T=T, seed=seed)
+        docs = docs[0] if docs else None
         with torch.set_grad_enabled(impl != 'flex'):  # FlexAttention has no backward on CPU
-            logits, loss = compiled(input_ids, positions, P, targets)
+            logits, loss = compiled(input_ids, positions, P, targets, docs=docs)
         if impl != 'flex':
             loss.backward()
     assert len(graphs) == 1  # no recompilation across steps: masks come from the cache, shapes are static
     with torch.no_grad():  # the traced graph computes what the eager model computes
         model.eval()
-        torch.testing.assert_close(compiled(input_ids, positions, P)[0], model(input_ids, positions, P)[0])
+        torch.testing.assert_close(compiled(input_ids, positions, P, docs=docs)[0],
+                                   model(input_ids, positions, P, docs=docs)[0])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
@@ -292,6 +300,40 @@ def test_cuda_bf16_sdpa_and_flex_agree_with_manual():
         grad_err = [((out[key][i] - ref[i]).norm() / ref[i].norm()).item() for i in (1, 2)]
         print(f'{key}: max |logit diff| {logit_diff:.3e}, relative grad error rel_bias {grad_err[0]:.3e}, wte {grad_err[1]:.3e}')
         assert logit_diff < 0.1 and max(grad_err) < 0.05, key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_objectives_with_doc_mask_agree_and_do_not_sync():
+    # each objective under doc_mask in bf16: eager sdpa and compiled flex (its per-batch block mask built on
+    # the device) against manual, logits and the bias gradient; no host sync in a step (GPU only)
+    is_word_start, is_special = (t.cuda() for t in tables())
+    tokens = blocks(8, 512).cuda()
+    for objective in ('mpnet', 'plm', 'mlm'):
+        input_ids, positions, targets, docs = permute_batch(tokens, is_word_start, is_special, 200,
+                                                            torch.Generator('cuda').manual_seed(0),
+                                                            objective=objective, eos_id=2)
+        out = {}
+        for impl, compiled in (('manual', False), ('sdpa', False), ('flex', True)):
+            torch.manual_seed(0)
+            model = MPNet(MPNetConfig(vocab_size=201, attn_impl=impl, dropout=0.0, attn_dropout=0.0,
+                                      objective=objective)).cuda()
+            model.build_masks(512, 77, 'cuda')
+            step = torch.compile(model) if compiled else model
+            for sync_check in (False, True):  # the second step runs warm, under the sync check
+                model.zero_grad()
+                torch.cuda.set_sync_debug_mode('error' if sync_check else 'default')
+                try:
+                    with torch.autocast('cuda', dtype=torch.bfloat16):
+                        logits, loss = step(input_ids, positions, 77, targets, docs=docs)
+                    loss.backward()
+                finally:
+                    torch.cuda.set_sync_debug_mode('default')
+            out[impl] = logits.float(), model.rel_bias.weight.grad.float()
+        for impl in ('sdpa', 'flex'):
+            logit_diff = (out[impl][0] - out['manual'][0]).abs().max().item()
+            grad_err = ((out[impl][1] - out['manual'][1]).norm() / out['manual'][1].norm()).item()
+            print(f'{objective} {impl}: max |logit diff| {logit_diff:.3e}, relative rel_bias grad error {grad_err:.3e}')
+            assert logit_diff < 0.1 and grad_err < 0.05, (objective, impl)
 
 
 def test_padded_vocab_rows_never_predicted():
@@ -748,7 +790,8 @@ def test_a_signal_saves_and_stops_a_second_one_quits_and_wandb_resumes_its_run(t
     (['--min_lr=0.1'], 'min_lr'), (['--overwrite=True', '--init_from=resume'], 'overwrite'),
     (['--seed=-1'], 'seed'), (['--rope=True', '--n_embd=132', '--n_head=4'], 'head size'),
     (['--snapshot_keep=0', '--snapshot_interval=100'], 'snapshot_keep must be >= 1'),
-    (['--snapshot_interval=150'], 'snapshot_interval (150) must be a multiple of eval_interval (100)')])
+    (['--snapshot_interval=150'], 'snapshot_interval (150) must be a multiple of eval_interval (100)'),
+    (['--objective=xlnet'], "objective must be one of mpnet, mlm, plm; got 'xlnet'")])
 def test_nonsense_settings_are_refused_in_one_line(tmp_path, args, words):
     assert_clean_error(run_here('train.py', 'config/tiny.py', f'--out_dir={tmp_path}', *args), words)
 
@@ -1127,6 +1170,13 @@ def test_bench_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'batch 4 x 128 tokens x 1 accum, 19 predicted per sequence, real data from data/pydocs-train8192' in proc.stdout
     assert not os.path.exists(os.path.join(HERE, 'elsewhere'))
+    for objective in ('mlm', 'plm'):  # each objective's step, its FLOPs counted from its own layout
+        proc = run_cli('bench.py', *small, '--block_size=67', '--vocab_size=1000', f'--objective={objective}',
+                       '--doc_mask=True')
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f'objective={objective}, doc_mask=True' in proc.stdout
+        step = re.search(r'step: ([\d.]+) ms, ([\d,]+) tokens/s, ([\d.]+) TFLOP/s', proc.stdout)
+        assert step and float(step.group(1)) > 0
     assert_clean_error(run_here('bench.py', '--batch_size=x'), 'batch_size')
     assert_clean_error(run_here('bench.py', '--dtype=float16'), 'dtype')
     assert_clean_error(run_here('bench.py', '--attn_impl=fast'), 'attn_impl', 'sdpa')
@@ -1459,6 +1509,236 @@ def test_cuda_layout_and_no_host_sync():
     check_layout(tokens, out, mask_id, is_special)
     for row, perm in zip(tokens.tolist(), out[1].tolist()):
         check_whole_words(row, perm, n_pred(512), is_word_start.cpu())
+
+# ---- one code path, three objectives, and document-aware packing (issue 14)
+
+OBJECTIVE_NAMES = ('mpnet', 'plm', 'mlm')
+
+
+def reference_layout(row, perm, corrupted, P, objective, mask_id, eos_id=None):
+    """One row's input, from first principles: tokens in permuted order, the predicted P last; the
+    documents of the block (each closed by its </s>) and positions counted from each document's start
+    (a later document from 1, where its <s> would stand)."""
+    N = len(row) - P
+    predicted = perm[N:]
+    doc, in_doc, d, start = [], [], 0, 0
+    for i, x in enumerate(row):
+        doc.append(d)
+        in_doc.append(i - start + (d > 0))
+        if x == eos_id:
+            d, start = d + 1, i + 1
+    if objective == 'mpnet':
+        ids, rows = [row[i] for i in perm] + corrupted + corrupted, perm + predicted + predicted
+    elif objective == 'plm':
+        ids, rows = [row[i] for i in perm] + [mask_id] * P, perm + predicted
+    else:
+        ids, rows = [row[i] for i in perm[:N]] + corrupted, list(perm)
+    positions = [in_doc[i] for i in rows] if eos_id is not None else rows
+    return ids, positions, [row[i] for i in predicted], [doc[i] for i in rows]
+
+
+@pytest.mark.parametrize('objective', OBJECTIVE_NAMES)
+@pytest.mark.parametrize('doc_mask', [False, True])
+def test_objective_layouts_match_loop_reference(objective, doc_mask):
+    is_word_start, is_special = tables()
+    mask_id, T = hf_wordpiece().mask_token_id, 37
+    P, tokens = n_pred(T), blocks(6, T, seed=3)
+    assert (tokens[:, 1:-1] == 2).any(1).all()  # every block packs several documents
+    # the random draws do not depend on the objective: mpnet's layout shows the permutation and corruption
+    base_ids, base_pos, _ = permute_batch(tokens, is_word_start, is_special, mask_id, torch.Generator().manual_seed(7))
+    out = permute_batch(tokens, is_word_start, is_special, mask_id, torch.Generator().manual_seed(7),
+                        objective=objective, eos_id=2 if doc_mask else None)
+    assert len(out) == (4 if doc_mask else 3)
+    L = layout(objective, T, P)[0]
+    for b in range(6):
+        ids, positions, targets, docs = reference_layout(tokens[b].tolist(), base_pos[b, :T].tolist(),
+                                                         base_ids[b, T:T + P].tolist(), P, objective, mask_id,
+                                                         2 if doc_mask else None)
+        assert len(ids) == L
+        assert out[0][b].tolist() == ids and out[1][b].tolist() == positions and out[2][b].tolist() == targets
+        if doc_mask:
+            assert out[3][b].tolist() == docs and max(docs) >= 1
+    with pytest.raises(ValueError, match='objective'):
+        permute_batch(tokens, is_word_start, is_special, mask_id, torch.Generator(), objective='xlnet')
+
+
+def reference_visible_rows(T, P, objective):
+    """Who sees whom, row by row, from each objective's definition (mpnet: DESIGN.md, as reference_visible).
+    plm (XLNet): content x_r sees the non-predicted and x_1..x_r, query r sees the non-predicted and
+    x_1..x_{r-1}, a non-predicted token sees the non-predicted; mlm (BERT): everyone sees everyone."""
+    if objective == 'mpnet':
+        return reference_visible(T, P)
+    if objective == 'mlm':
+        return torch.ones(T, T, dtype=torch.bool)
+    N = T - P
+    vis = torch.zeros(T + P, T, dtype=torch.bool)
+    for i in range(T + P):
+        for j in range(T):
+            if j < N:
+                vis[i, j] = True
+            elif N <= i < T:  # content row of x_r sees x_k for k <= r
+                vis[i, j] = j <= i
+            elif i >= T:  # query row r sees x_k for k < r
+                vis[i, j] = j - N < i - T
+    return vis
+
+
+def test_visibility_of_each_objective_matches_its_definition():
+    for objective in OBJECTIVE_NAMES:
+        for T, P in [(37, 6), (10, 1), (8, 8), (23, 4)]:
+            assert torch.equal(two_stream_mask(T, P, torch.device('cpu'), objective),
+                               reference_visible_rows(T, P, objective)), (objective, T, P)
+
+
+def reference_forward(model, input_ids, positions, P, objective, docs=None):
+    """Per row: the keys its objective lets it see (and, with docs, only its own document's), scores +
+    bias, softmax, weighted sum; a row with no key left gets no attention output. Slow and obvious."""
+    from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
+    c = model.config
+    B, L = input_ids.shape
+    T = {'mpnet': L - 2 * P, 'plm': L - P, 'mlm': L}[objective]
+    S, hs = {'mpnet': T + P, 'plm': T, 'mlm': T}[objective], c.n_embd // c.n_head
+    vis = reference_visible_rows(T, P, objective)
+    x = model.ln_emb(model.wte(input_ids) + model.wpe(positions + 2))
+    for block in model.blocks:
+        q = block.attn.q(x)
+        k, v = block.attn.kv(x[:, :S]).split(c.n_embd, dim=-1)
+        out = torch.zeros_like(q)
+        for b in range(B):
+            for i in range(L):
+                keys = [j for j in range(S) if vis[i, j] and (docs is None or docs[b, j] == docs[b, i])]
+                if not keys:
+                    continue
+                keys = torch.tensor(keys)
+                bias = model.rel_bias.weight[MPNetEncoder.relative_position_bucket(positions[b, keys] - positions[b, i])]
+                for h in range(c.n_head):
+                    sl = slice(h * hs, (h + 1) * hs)
+                    scores = k[b, keys, sl] @ q[b, i, sl] / math.sqrt(hs) + bias[:, h]
+                    out[b, i, sl] = torch.softmax(scores, dim=0) @ v[b, keys, sl]
+        x = block.ln_1(x + block.attn.o(out))
+        x = block.ln_2(x + block.mlp(x))
+    return model.lm_logits(x[:, L - P:])
+
+
+def objective_batch(objective, doc_mask, B=3, T=37, seed=0, **kw):
+    is_word_start, is_special = tables()
+    tokens = blocks(B, T, seed=seed)
+    return permute_batch(tokens, is_word_start, is_special, hf_wordpiece().mask_token_id, torch.Generator().manual_seed(seed),
+                         objective=objective, eos_id=2 if doc_mask else None, **kw)
+
+
+def lonely_rows(objective, T, P, docs):
+    vis = reference_visible_rows(T, P, objective)
+    S = vis.size(1)
+    return [(b, i) for b in range(docs.size(0)) for i in range(vis.size(0))
+            if not any(vis[i, j] and docs[b, j] == docs[b, i] for j in range(S))]
+
+
+@pytest.mark.parametrize('objective', OBJECTIVE_NAMES)
+@pytest.mark.parametrize('doc_mask', [False, True])
+def test_each_objective_matches_loop_reference_in_every_impl(objective, doc_mask):
+    T, P = 37, 6
+    if objective == 'plm' and doc_mask:
+        # a block whose short last document is predicted whole: its first query row has nothing to see
+        seed = next(s for s in range(200) if lonely_rows('plm', T, P, objective_batch('plm', True, B=1, seed=s)[3]))
+        batch = objective_batch('plm', True, B=1, seed=seed)
+        assert lonely_rows('plm', T, P, batch[3])
+    else:
+        batch = objective_batch(objective, doc_mask)
+    input_ids, positions, targets = batch[:3]
+    docs = batch[3] if doc_mask else None
+    model = tiny_model(seed=0, objective=objective, vocab_size=201)
+    with torch.no_grad():
+        slow = reference_forward(model, input_ids, positions, P, objective, docs)
+        for impl in ('sdpa', 'manual', 'flex'):
+            set_impl(model, impl)
+            fast = model(input_ids, positions, P, docs=docs)[0]
+            assert torch.isfinite(fast).all()
+            torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0, msg=impl)
+    for impl in ('sdpa', 'manual'):  # gradients are finite and the bias learns (FlexAttention: no CPU backward)
+        model = tiny_model(seed=0, objective=objective, attn_impl=impl, vocab_size=201).train()
+        model(input_ids, positions, P, targets, docs=docs)[1].backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        assert model.rel_bias.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize('objective', OBJECTIVE_NAMES)
+def test_doc_mask_no_logit_depends_on_another_document(objective):
+    T, P = 37, 6
+    input_ids, positions, targets, docs = objective_batch(objective, True, B=4, seed=1)
+    L = input_ids.size(1)
+    pred_docs = docs[:, L - P:]
+    model = tiny_model(seed=3, objective=objective, vocab_size=201)
+    with torch.no_grad():
+        base = model(input_ids, positions, P, docs=docs)[0]
+        changed_any = False
+        for b in range(4):
+            for d in pred_docs[b].unique().tolist():
+                other = input_ids.clone()
+                other[b][docs[b] != d] = (other[b][docs[b] != d] + 11) % 190 + 5  # every token of the other documents
+                out = model(other, positions, P, docs=docs)[0]
+                mine = pred_docs[b] == d
+                assert torch.equal(out[b][mine], base[b][mine]), (b, d)
+                unmasked = model(other, positions, P)[0]  # without doc_mask the documents do see each other
+                changed_any |= not torch.allclose(unmasked[b][mine], model(input_ids, positions, P)[0][b][mine])
+        assert changed_any
+
+
+def test_mlm_shows_no_predicted_original_anywhere():
+    is_word_start, is_special = tables()
+    T, P = 37, 6
+    tokens = blocks(4, T, seed=2)
+    gen, mask_id = lambda: torch.Generator().manual_seed(5), hf_wordpiece().mask_token_id
+    ids, positions, targets = permute_batch(tokens, is_word_start, is_special, mask_id, gen(), objective='mlm',
+                                            mask_prob=1.0, rand_prob=0.0, whole_word=False)
+    assert (ids[:, T - P:] == mask_id).all()  # the predicted rows hold <mask>, nothing of the original
+    # the originals can be anything: the input, and so every logit, stays the same
+    other = tokens.clone()
+    other.scatter_(1, positions[:, T - P:], (targets + 17) % 190 + 5)
+    ids2, positions2, targets2 = permute_batch(other, is_word_start, is_special, mask_id, gen(), objective='mlm',
+                                               mask_prob=1.0, rand_prob=0.0, whole_word=False)
+    assert torch.equal(ids2, ids) and torch.equal(positions2, positions) and not torch.equal(targets2, targets)
+    model = tiny_model(seed=2, objective='mlm', vocab_size=201)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids2, positions2, P)[0], model(ids, positions, P)[0], atol=0, rtol=0)
+
+
+def test_plm_query_never_sees_its_token_or_later_ones():
+    T, P = 37, 6
+    input_ids, positions, _ = objective_batch('plm', False, B=1, seed=4)
+    assert (input_ids[:, T:] == hf_wordpiece().mask_token_id).all()  # the query stream carries <mask> and a position, never a token
+    model = tiny_model(seed=1, objective='plm', vocab_size=201)
+    with torch.no_grad():
+        base = model(input_ids, positions, P)[0]
+        for k in range(P):
+            changed = input_ids.clone()
+            changed[0, T - P + k] = (changed[0, T - P + k] + 7) % 97 + 4  # the original x_k in the content stream
+            out = model(changed, positions, P)[0]
+            assert torch.equal(out[0, :k + 1], base[0, :k + 1]), f'query rows 0..{k} saw x_{k}'
+            for later in range(k + 1, P):
+                assert not torch.allclose(out[0, later], base[0, later]), f'query row {later} missed x_{k}'
+
+
+def test_flop_count_of_each_objective_matches_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+    for objective in OBJECTIVE_NAMES:
+        model = tiny_model(seed=0, attn_impl='manual', objective=objective, vocab_size=201)
+        input_ids, positions, _ = objective_batch(objective, False, B=1)
+        with FlopCounterMode(display=False) as counter:
+            model(input_ids, positions, 6)
+        assert model.estimate_flops(37, 6) == 3 * counter.get_total_flops(), objective
+
+
+@pytest.mark.parametrize('args', [['--objective=mlm'], ['--objective=plm', '--doc_mask=True']])  # (mpnet: above)
+def test_other_objectives_and_doc_mask_learn(tmp_path, args):
+    proc = train(tmp_path, *args, '--max_iters=30', '--eval_interval=30')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl') if 'val_loss' in l]
+    assert [e['iter'] for e in evals] == [0, 30]
+    assert evals[1]['val_loss'] < evals[0]['val_loss'] - 1.5, evals  # from chance (ln 8192 = 9.0) well down
+    ckpt = load_ckpt(tmp_path / 'ckpt.pt')
+    assert ckpt['model_args']['objective'] == (args[0].split('=')[1] if 'objective' in args[0] else 'mpnet')
+    convert_hf.export(str(tmp_path / 'ckpt.pt'), str(tmp_path / 'hf'))  # the same weights, the same export
 
 # ==============================================================================================
 # data.py

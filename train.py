@@ -5,6 +5,7 @@ MPNet pretraining: one loop, bf16 on CUDA (float32 CPU runs for smoke tests), DD
     python train.py config/base.py --batch_size=16          # mpnet-base on one GPU
     python train.py config/base.py --init_from=resume       # continue out_dir/ckpt.pt after a stop or crash
     python train.py config/tiny.py --init_from=out-tiny/best.pt --out_dir=out-next   # a new run from another's weights
+    python train.py config/tiny.py --objective=mlm --doc_mask=True --out_dir=out-mlm  # the paper's ablation: BERT's MLM
     torchrun --standalone --nproc_per_node=8 train.py config/base.py
     torchrun --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=29500 --nproc_per_node=8 train.py config/base.py
 
@@ -73,6 +74,8 @@ pred_frac: float = 0.15                 # fraction of each sequence predicted
 mask_prob: float = 0.8                  # predicted tokens shown as <mask> ...
 rand_prob: float = 0.1                  # ... as a random token, else unchanged
 whole_word: bool = True                 # permute whole words, not tokens
+objective: str = 'mpnet'                # 'mpnet' | 'mlm' (BERT) | 'plm' (XLNet): the paper's ablation, same model
+doc_mask: bool = False                  # no attention across the documents of a block; positions restart per document
 # model (ignored on resume or HF init: the checkpoint's architecture is used)
 n_layer: int = 12                       # mpnet-base: 12 layers x 768, 12 heads, feed-forward 3072
 n_head: int = 12                        # attention heads (n_embd a multiple of it)
@@ -120,7 +123,7 @@ def die(msg):
 
 try:
     config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:],
-                       {**CHOICES, 'lr_schedule': ('linear', 'cosine')}, script=__file__)
+                       CHOICES, script=__file__)
     check_device(config['device'], config['attn_impl'])
 except ConfigError as e:
     die(e)
@@ -141,7 +144,8 @@ if init_from not in ('scratch', 'resume') and init_from.endswith('.pt') and not 
     die(f"init_from '{init_from}' not found: give 'scratch', 'resume', a checkpoint file, or an HF model name or folder")
 try:
     MPNetConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_inner=n_inner, max_positions=max_positions,
-                dropout=dropout, attn_dropout=attn_dropout, attn_impl=attn_impl, rope=rope, grad_checkpoint=grad_checkpoint)
+                dropout=dropout, attn_dropout=attn_dropout, attn_impl=attn_impl, rope=rope, grad_checkpoint=grad_checkpoint,
+                objective=objective)
 except ValueError as e:
     die(e)
 
@@ -267,7 +271,7 @@ if probe:
 
 model_args = dict(vocab_size=meta['vocab_size'], n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_inner=n_inner,
                   max_positions=max_positions, dropout=dropout, attn_dropout=attn_dropout, attn_impl=attn_impl,
-                  rope=rope, grad_checkpoint=grad_checkpoint)
+                  rope=rope, grad_checkpoint=grad_checkpoint, objective=objective)
 iter_num, best_val_loss, best_iter, last_saved, ckpt = 0, float('inf'), None, None, None
 try:
     if init_from == 'resume':
@@ -284,7 +288,7 @@ except (CheckpointError, ConvertError) as e:
 if ckpt is not None:
     # the architecture comes from the checkpoint; kernel, dropout and recomputation are this run's choice
     model_args = {**ckpt['model_args'], 'attn_impl': attn_impl, 'dropout': dropout, 'attn_dropout': attn_dropout,
-                  'grad_checkpoint': grad_checkpoint}
+                  'grad_checkpoint': grad_checkpoint, 'objective': objective}
     trained_on = (ckpt.get('data_fingerprint') or {}).get('tokenizer')
     if trained_on and trained_on != fingerprint['tokenizer']:
         die(f"the checkpoint was trained with another vocabulary than the data's tokenizer {meta['tokenizer']!r} "
@@ -396,8 +400,11 @@ def get_lr(it):
 
 
 def permute(tokens, generator):
-    return permute_batch(tokens, is_word_start, is_special, mask_id, generator, pred_frac=pred_frac,
-                         mask_prob=mask_prob, rand_prob=rand_prob, whole_word=whole_word)
+    """The objective's input for a batch of blocks: input_ids, positions, targets, and docs (doc_mask) or None."""
+    batch = permute_batch(tokens, is_word_start, is_special, mask_id, generator, pred_frac=pred_frac,
+                          mask_prob=mask_prob, rand_prob=rand_prob, whole_word=whole_word, objective=objective,
+                          eos_id=meta['eos_id'] if doc_mask else None)
+    return batch if doc_mask else (*batch, None)
 
 
 @torch.no_grad()
@@ -409,9 +416,9 @@ def evaluate():
     g = torch.Generator(device)
     for k in range(rank, eval_iters, world_size):
         x = val_tokens[k * batch_size:(k + 1) * batch_size].to(device)
-        input_ids, positions, targets = permute(x, g.manual_seed(k))
+        input_ids, positions, targets, docs = permute(x, g.manual_seed(k))
         with autocast:
-            logits, loss = model(input_ids, positions, P, targets)
+            logits, loss = model(input_ids, positions, P, targets, docs=docs)
         sums += torch.stack([loss.float() * targets.numel(), (logits.argmax(-1) == targets).sum().float(),
                              torch.tensor(float(targets.numel()), device=device)])
     if ddp:
@@ -624,13 +631,13 @@ while True:
 
     is_log_step = (iter_num + 1) % log_interval == 0
     for micro_step in range(gradient_accumulation_steps):
-        input_ids, positions, targets = permute(X, perm_gen)
+        input_ids, positions, targets, docs = permute(X, perm_gen)
         data_state = train_data.state_dict()
         X = train_data.next()  # queued from pinned memory: the CPU does not wait for the copy
         last = micro_step == gradient_accumulation_steps - 1
         with (model.no_sync() if ddp and not last else nullcontext()):  # DDP syncs gradients once per step
             with autocast:
-                logits, loss = model(input_ids, positions, P, targets)
+                logits, loss = model(input_ids, positions, P, targets, docs=docs)
             (loss / gradient_accumulation_steps).backward()
         loss_sum += loss.detach().float()  # the log window's sums: no host sync until the log step
         correct_sum += (logits.detach().argmax(-1) == targets).float().mean()
