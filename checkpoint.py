@@ -25,6 +25,7 @@ is complete; a failed write removes its temp file.
 """
 
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -83,6 +84,47 @@ def link_checkpoint(src, dst):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise CheckpointError(f'could not write {dst} ({_reason(e)}): the previous {os.path.basename(dst)} is unchanged') from None
+
+
+def same_file(a, b):
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def clear_run(out_dir):
+    """Remove a previous run's files (overwrite=True): its checkpoints, snapshots, log and curves."""
+    for name in ('ckpt.pt', 'best.pt', 'metrics.jsonl', 'curves.png'):
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    shutil.rmtree(os.path.join(out_dir, 'snapshots'), ignore_errors=True)
+
+
+def trim_log(path, iter_num):
+    """A run resumed at iter_num trains the iterations after it again: drop what the interrupted run logged of
+    them (and its evaluation at iter_num, logged again at start), so that the log holds each iteration once.
+    Returns the number of records dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+
+    def kept(line):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # cut short by the crash
+            return False
+        return record['iter'] < iter_num or record['iter'] == iter_num and 'val_loss' not in record
+    keep = [line for line in lines if kept(line)]
+    if len(keep) < len(lines):
+        tmp = _temp_name(path)
+        try:
+            with open(tmp, 'w') as f:
+                f.writelines(keep)
+            os.replace(tmp, path)
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise CheckpointError(f'could not rewrite {path} ({_reason(e)})') from None
+    return len(lines) - len(keep)
 
 
 def load_checkpoint(path):

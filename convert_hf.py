@@ -297,6 +297,7 @@ def export(ckpt_path, out_dir):
     model = model_from_checkpoint(ckpt, ckpt_path).eval()
     c = model.config
     check_exportable(c)
+    out_dir = os.path.realpath(out_dir) if os.path.islink(out_dir) else out_dir  # a link to an export: replace its target
     if os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir)
                                    and not os.path.isfile(os.path.join(out_dir, EXPORT_MARK))):
         raise ConvertError(f"'{out_dir}' is not empty and holds no earlier export ({EXPORT_MARK}): export into a new "

@@ -597,6 +597,12 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'written by 2 processes and resumes on 1' in proc.stdout and 'not bit-identical' in proc.stdout
     assert load_ckpt(tmp_path / 'ckpt.pt')['rank_states'][0]['data'] == {'blocks': 320 + 5 * 2 * 8}
+    # a refusal that rank 0 alone makes (the folder holds a run) stops every rank with its one line, no traceback
+    proc = run_cli('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py', 'config/tiny.py',
+                   f'--out_dir={tmp_path}', *SMALL, '--max_iters=10')
+    assert proc.returncode != 0 and 'train.py", line' not in proc.stderr, proc.stderr[-3000:]
+    assert [l for l in proc.stderr.splitlines() if l.startswith('error:')] == [
+        next(l for l in proc.stderr.splitlines() if l.startswith('error:'))] and 'already holds a run' in proc.stderr
 
 
 def test_ddp_ranks_that_see_different_or_no_data_stop_every_rank(tmp_path):
@@ -667,6 +673,9 @@ def test_trained_checkpoint_exports_with_tokenizer(tmp_path, small_run):
     (tmp_path / 'hf' / 'stale.txt').write_text('from an earlier export')
     convert_hf.export(str(tmp_path / 'ckpt.pt'), str(tmp_path / 'hf'))
     assert not (tmp_path / 'hf' / 'stale.txt').exists() and (tmp_path / 'hf' / 'model.safetensors').exists()
+    (tmp_path / 'link').symlink_to(tmp_path / 'hf')  # a link to an earlier export: its target is replaced
+    convert_hf.export(str(tmp_path / 'ckpt.pt'), str(tmp_path / 'link'))
+    assert (tmp_path / 'link').is_symlink() and (tmp_path / 'hf' / 'model.safetensors').exists()
     (tmp_path / 'other').mkdir()
     (tmp_path / 'other' / 'notes.txt').write_text('mine')
     assert_clean_error(run_here('convert_hf.py', str(tmp_path / 'ckpt.pt'), str(tmp_path / 'other')), 'not empty')
@@ -826,6 +835,9 @@ def test_never_lose_a_trained_model(tmp_path, small_run):
     proc = train(tmp_path, *common, '--max_iters=4')
     assert_clean_error(proc, 'already holds a run', '--init_from=resume', '--overwrite=True')
     assert load_ckpt(tmp_path / 'ckpt.pt')['iter_num'] == 10
+    # killed between writing ckpt.pt (the best so far) and linking best.pt to it: the resume below mends best.pt
+    os.remove(tmp_path / 'best.pt')
+    torch.save({**first, 'iter_num': 5}, tmp_path / 'best.pt')  # the previous best
     # 2. a run that diverges while staying finite: the latest checkpoint is worse, best.pt keeps the good model
     proc = train(tmp_path, *common, '--max_iters=20', '--init_from=resume', '--learning_rate=50.0', '--warmup_iters=0')
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -1091,6 +1103,8 @@ def test_adapting_a_sentence_model_trains_the_new_head_alone_first(env, tmp_path
     proc = train(run, *args, '--max_iters=2')
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'until iter 2 only the new MLM head trains' in proc.stdout and 'head only, lr 1.00e-03' in proc.stdout
+    found = int(re.search(r'probe: (\d+) validation documents of 32 tokens or more \(probe_docs=20 asked\)', proc.stdout)[1])
+    assert 2 <= found <= 20  # the probe says how many pairs its numbers rest on
     start = convert_hf.hf_to_checkpoint(str(folder))
     after = load_ckpt(run / 'ckpt.pt')
     head = {'head_dense.weight', 'head_dense.bias', 'head_ln.weight', 'head_ln.bias', 'head_bias'}

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -34,8 +33,8 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from checkpoint import (CheckpointError, check_free_space, checkpoint_bytes, claim_run_dir, link_checkpoint,
-                        load_checkpoint, model_from_checkpoint, save_checkpoint)
+from checkpoint import (CheckpointError, check_free_space, checkpoint_bytes, claim_run_dir, clear_run, link_checkpoint,
+                        load_checkpoint, model_from_checkpoint, same_file, save_checkpoint, trim_log)
 from configurator import CHOICES, ConfigError, check_device, configure
 from convert_hf import ConvertError, hf_to_checkpoint, read_tokenizer_files, sentence_pooling, tokenizer_files_of
 from model import MPNet, MPNetConfig
@@ -181,16 +180,6 @@ if master:
 # -----------------------------------------------------------------------------------------------
 # the run's folder: one run at a time, and never a previous run replaced by accident
 
-ckpt_path, best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
-if master:
-    try:
-        run_lock = claim_run_dir(out_dir, init_from == 'resume', overwrite)  # held until this process exits
-    except CheckpointError as e:
-        die(e)
-if init_from == 'resume' and not os.path.isfile(ckpt_path):
-    die(f"init_from='resume' but {ckpt_path} does not exist: train first, or set --out_dir to the run's folder")
-
-
 def stop_unless_ranks_agree(value, error, what):
     """Each rank passes its value of `what` (e.g. its data's fingerprint), or the error that kept it from
     one; if any rank failed or differs from rank 0, every rank stops with one line naming that rank's node."""
@@ -201,15 +190,28 @@ def stop_unless_ranks_agree(value, error, what):
         dist.all_gather_object(everyone, mine)
     first = everyone[0]
     for r in everyone:
-        if r['error'] and (r['rank'] == 0 or not first['error']):
-            die(r['error'] if not ddp else f"rank {r['rank']} on node {r['host']}: {r['error']} (every node needs the "
-                f"same {what}: a shared file system, or a copy of rank 0's folder; see README, several nodes)")
+        if r['error'] and (r['rank'] == 0 or not first['error']):  # rank 0's own error is said as it is
+            die(r['error'] if r['rank'] == 0 else f"rank {r['rank']} on node {r['host']}: {r['error']} (every node "
+                f"needs the same {what}: a shared file system, or a copy of rank 0's folder; see README, several nodes)")
     for r in everyone:
         if r['value'] != first['value']:
             differ = ' and '.join(k for k in first['value'] if r['value'][k] != first['value'][k])
             die(f"rank {r['rank']} on node {r['host']} sees other {what} than rank 0 on node {first['host']} "
                 f"({differ} differ): copy rank 0's folder to every node (a vocabulary trained twice differs) or use "
                 f"a shared file system; see README, several nodes")
+
+
+ckpt_path, best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
+run_error = None  # rank 0 owns the folder; under torchrun every rank stops with its one line
+if master:
+    try:
+        run_lock = claim_run_dir(out_dir, init_from == 'resume', overwrite)  # held until this process exits
+    except CheckpointError as e:
+        run_error = str(e)
+stop_unless_ranks_agree(None, run_error, 'run folder')
+if init_from == 'resume' and not os.path.isfile(ckpt_path):
+    die(f"init_from='resume' but {ckpt_path} does not exist: train first, or set --out_dir to the run's folder")
+
 
 # -----------------------------------------------------------------------------------------------
 # data
@@ -265,6 +267,9 @@ if probe:
                                              max_len=min(128, block_size - 2))  # <s> half </s> fits a block
     if probe_ids.size(1) < 2:
         die(f'probe=True needs validation text with documents of 32 tokens or more; found {probe_ids.size(1)}')
+    if master:
+        print(f'probe: {probe_ids.size(1)} validation documents of 32 tokens or more (probe_docs={probe_docs} asked)' +
+              ('; raise val_frac when preparing for more' if probe_ids.size(1) < probe_docs else ''))
 
 # -----------------------------------------------------------------------------------------------
 # model, optimizer, state
@@ -348,34 +353,22 @@ tokenizer_files = (read_tokenizer_files(meta['tokenizer']) if os.path.isdir(str(
 special_ids = dict(bos_token_id=meta['bos_id'], pad_token_id=meta['pad_id'], eos_token_id=meta['eos_id'])
 ckpt = None  # free the memory
 metrics_path = os.path.join(out_dir, 'metrics.jsonl')
+space_error = None
 if master:
-    if overwrite:  # the previous run goes only now, once this one has everything it needs
-        for path in (ckpt_path, best_path, metrics_path, os.path.join(out_dir, 'curves.png')):
-            if os.path.exists(path):
-                os.remove(path)
-        shutil.rmtree(os.path.join(out_dir, 'snapshots'), ignore_errors=True)
-    if init_from == 'resume' and os.path.exists(metrics_path):
-        # the iterations after the checkpoint are trained again: drop what a crashed run logged of them (and its
-        # evaluation at iter_num, logged again at start), so that metrics.jsonl holds each iteration once
-        with open(metrics_path) as f:
-            lines = f.readlines()
-        def kept_line(line):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # cut short by the crash
-                return False
-            return record['iter'] < iter_num or record['iter'] == iter_num and 'val_loss' not in record
-        keep = [line for line in lines if kept_line(line)]
-        if len(keep) < len(lines):
-            with open(metrics_path + '.tmp', 'w') as f:
-                f.writelines(keep)
-            os.replace(metrics_path + '.tmp', metrics_path)
-            print(f'metrics.jsonl: dropped {len(lines) - len(keep)} records logged after iter {iter_num} '
-                  f'by the interrupted run (those iterations run again)')
-    try:  # room for the checkpoint being written next to the ones kept
-        check_free_space(out_dir, checkpoint_bytes(raw_model), 1 if os.path.exists(ckpt_path) else 2)
+    try:
+        if overwrite:  # the previous run goes only now, once this one has everything it needs
+            clear_run(out_dir)
+        if init_from == 'resume':
+            if best_iter == iter_num and not same_file(ckpt_path, best_path):
+                link_checkpoint(ckpt_path, best_path)  # killed between writing ckpt.pt and linking best.pt: mend it
+            dropped = trim_log(metrics_path, iter_num)
+            if dropped:
+                print(f'metrics.jsonl: dropped {dropped} records logged after iter {iter_num} by the interrupted '
+                      f'run (those iterations run again)')
+        check_free_space(out_dir, checkpoint_bytes(raw_model), 1 if os.path.exists(ckpt_path) else 2)  # room to save
     except CheckpointError as e:
-        die(e)
+        space_error = str(e)
+stop_unless_ranks_agree(None, space_error, 'run folder')
 
 model = raw_model
 raw_model.build_masks(block_size, P, device)  # outside the compiled graph: one compile
