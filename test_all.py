@@ -147,32 +147,6 @@ def reference_visible(T, P):
     return vis
 
 
-def reference_two_stream(model, input_ids, positions, P):
-    """Per query row: the visible key set, scores + bias, softmax, weighted sum. Slow and obvious."""
-    from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
-    c = model.config
-    B, L = input_ids.shape
-    T, S, hs = L - 2 * P, L - P, c.n_embd // c.n_head
-    vis = reference_visible(T, P)
-    x = model.ln_emb(model.wte(input_ids) + model.wpe(positions + 2))
-    for block in model.blocks:
-        q = block.attn.q(x)
-        k, v = block.attn.kv(x[:, :S]).split(c.n_embd, dim=-1)
-        out = torch.zeros_like(q)
-        for b in range(B):
-            for i in range(L):
-                keys = vis[i].nonzero().flatten()
-                dist = positions[b, keys] - positions[b, i]
-                bias = model.rel_bias.weight[MPNetEncoder.relative_position_bucket(dist)]  # (n_keys, nh)
-                for h in range(c.n_head):
-                    sl = slice(h * hs, (h + 1) * hs)
-                    scores = k[b, keys, sl] @ q[b, i, sl] / math.sqrt(hs) + bias[:, h]
-                    out[b, i, sl] = torch.softmax(scores, dim=0) @ v[b, keys, sl]
-        x = block.ln_1(x + block.attn.o(out))
-        x = block.ln_2(x + block.mlp(x))
-    return model.lm_logits(x[:, T + P:])
-
-
 def test_two_stream_mask_matches_rules():
     for T, P in [(37, 6), (10, 1), (8, 8), (64, 10)]:
         assert torch.equal(two_stream_mask(T, P, torch.device('cpu')), reference_visible(T, P)), (T, P)
@@ -182,7 +156,7 @@ def test_two_stream_attention_matches_loop_reference():
     model = tiny_model(seed=0)
     input_ids, positions, targets = two_stream_batch(T=37, P=6)
     with torch.no_grad():
-        slow = reference_two_stream(model, input_ids, positions, 6)
+        slow = reference_forward(model, input_ids, positions, 6, 'mpnet')  # (in the objectives section)
         for impl in ('sdpa', 'manual', 'flex'):
             set_impl(model, impl)
             fast = model(input_ids, positions, 6)[0]
