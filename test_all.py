@@ -1727,6 +1727,9 @@ def test_other_objectives_and_doc_mask_learn(tmp_path, args):
     ckpt = load_ckpt(tmp_path / 'ckpt.pt')
     assert ckpt['model_args']['objective'] == (args[0].split('=')[1] if 'objective' in args[0] else 'mpnet')
     convert_hf.export(str(tmp_path / 'ckpt.pt'), str(tmp_path / 'hf'))  # the same weights, the same export
+    proc = train(tmp_path, '--max_iters=30', '--init_from=resume')  # resumed under mpnet: another task, said so
+    assert proc.returncode == 0 and "under objective='mpnet', doc_mask=False the validation loss measures another task" \
+        in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 # ==============================================================================================
 # data.py

@@ -284,6 +284,11 @@ try:
         iter_num, best_val_loss, best_iter = ckpt['iter_num'], ckpt['best_val_loss'], ckpt.get('best_iter')
         if 'optimizer' not in ckpt and master:  # e.g. written by convert_hf.py --from_hf
             print(f'note: {ckpt_path} holds weights only; starting a fresh optimizer and schedule from them')
+        task_then = {k: ckpt.get('config', {}).get(k, v) for k, v in (('objective', 'mpnet'), ('doc_mask', False))}
+        if master and task_then != dict(objective=objective, doc_mask=doc_mask):
+            print(f'note: {ckpt_path} was trained with {task_then}; under objective={objective!r}, doc_mask={doc_mask} '
+                  f'the validation loss measures another task, and best.pt compares across both (to keep them apart, '
+                  f'start a new run from its weights: --init_from={ckpt_path} --out_dir=NEW)')
     elif os.path.isfile(init_from):  # another run's checkpoint: its weights start a new run
         ckpt = {k: v for k, v in load_checkpoint(init_from).items() if k not in ('optimizer', 'rank_states')}
     elif init_from != 'scratch':
