@@ -1158,13 +1158,12 @@ def test_bench_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'batch 4 x 128 tokens x 1 accum, 19 predicted per sequence, real data from data/pydocs-train8192' in proc.stdout
     assert not os.path.exists(os.path.join(HERE, 'elsewhere'))
-    for objective in ('mlm', 'plm'):  # each objective's step, its FLOPs counted from its own layout
-        proc = run_cli('bench.py', *small, '--block_size=67', '--vocab_size=1000', f'--objective={objective}',
-                       '--doc_mask=True')
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert f'objective={objective}, doc_mask=True' in proc.stdout
-        step = re.search(r'step: ([\d.]+) ms, ([\d,]+) tokens/s, ([\d.]+) TFLOP/s', proc.stdout)
-        assert step and float(step.group(1)) > 0
+    # another objective's step, with doc_mask (its FLOPs are counted from its own layout: see the FLOP test)
+    proc = run_cli('bench.py', *small, '--block_size=67', '--vocab_size=1000', '--objective=plm', '--doc_mask=True')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'objective=plm, doc_mask=True' in proc.stdout
+    step = re.search(r'step: ([\d.]+) ms, ([\d,]+) tokens/s, ([\d.]+) TFLOP/s', proc.stdout)
+    assert step and float(step.group(1)) > 0
     assert_clean_error(run_here('bench.py', '--batch_size=x'), 'batch_size')
     assert_clean_error(run_here('bench.py', '--dtype=float16'), 'dtype')
     assert_clean_error(run_here('bench.py', '--attn_impl=fast'), 'attn_impl', 'sdpa')
@@ -1726,10 +1725,12 @@ def test_other_objectives_and_doc_mask_learn(tmp_path, args):
     assert evals[1]['val_loss'] < evals[0]['val_loss'] - 1.5, evals  # from chance (ln 8192 = 9.0) well down
     ckpt = load_ckpt(tmp_path / 'ckpt.pt')
     assert ckpt['model_args']['objective'] == (args[0].split('=')[1] if 'objective' in args[0] else 'mpnet')
-    convert_hf.export(str(tmp_path / 'ckpt.pt'), str(tmp_path / 'hf'))  # the same weights, the same export
-    proc = train(tmp_path, '--max_iters=30', '--init_from=resume')  # resumed under mpnet: another task, said so
-    assert proc.returncode == 0 and "under objective='mpnet', doc_mask=False the validation loss measures another task" \
-        in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    if 'plm' in args[0]:
+        convert_hf.export(str(tmp_path / 'ckpt.pt'), str(tmp_path / 'hf'))  # the same weights, the same export
+    else:
+        proc = train(tmp_path, '--max_iters=30', '--init_from=resume')  # resumed under mpnet: another task, said so
+        assert proc.returncode == 0 and "under objective='mpnet', doc_mask=False the validation loss measures another " \
+            "task" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 # ==============================================================================================
 # data.py
