@@ -345,18 +345,19 @@ class MPNet(nn.Module):
     def _two_stream_inputs(self, positions, T, P, docs=None):
         c, device = self.config, positions.device
         L, n_kv = layout(c.objective, T, P)
-        keep = None
+        visible, keep = two_stream_mask(T, P, device, c.objective), None  # (L, S)
         if docs is not None:
             # doc_mask: rows see their own document only, (B, L, S). A plm query row can then have nothing to
             # see (a short document whose tokens are all predicted, this one first); such a row gets every key
             # (no -inf-only softmax, no NaN) and its attention output is zeroed, so nothing leaks in
-            visible = two_stream_mask(T, P, device, c.objective) & (docs[:, :, None] == docs[:, None, :n_kv])
+            visible = visible & (docs[:, :, None] == docs[:, None, :n_kv])
             lonely = ~visible.any(-1)  # (B, L)
             visible, keep = visible | lonely[..., None], ~lonely[:, None, :, None]
         if c.attn_impl == 'flex':
             return AttnInputs(positions, flex=self._flex_attention(positions, T, P, visible if docs is not None else None),
                               keep=keep)
-        visible = two_stream_mask(T, P, device, c.objective) if docs is None else visible[:, None]  # (L, S) or (B, 1, L, S)
+        if docs is not None:
+            visible = visible[:, None]  # (B, 1, L, S): the same for every head
         if c.rope:
             bias = torch.zeros(visible.shape[-2:], device=device)
         else:
