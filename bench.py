@@ -8,10 +8,11 @@ backward over gradient_accumulation_steps micro-batches, gradient clipping, fuse
     python bench.py config/base.py --profile=out/bench_trace.json   # also a torch.profiler trace + summary
 
 It takes the training config files and every train.py key (keys that only matter for I/O are accepted
-and ignored), plus its own keys below. The architecture is the run's: the config's, or the checkpoint's
-with init_from. Tokens are real when the config's data is prepared (data_dir, or the folder train.py
-would prepare), random otherwise. The permutation sampler runs inside every timed step and is also timed
-alone, so its share of the step is reported.
+and ignored), plus its own keys below. The model is the run's: the config's, or with init_from the
+checkpoint's or HF model's (architecture and weights) with this run's kernel, dropout and objective.
+Tokens are real when the config's data is prepared (data_dir, or the folder train.py would prepare),
+random otherwise. The permutation sampler runs inside every timed step and is also timed alone, so its
+share of the step is reported.
 """
 
 import os
@@ -23,6 +24,7 @@ from types import SimpleNamespace
 import torch
 
 import data
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from configurator import CHOICES, ConfigError, check_device, configure, script_settings
 from model import MPNet, MPNetConfig
 from permute import n_pred, permute_batch
@@ -44,7 +46,7 @@ def die(message):
 
 argv = sys.argv[1:]
 if not torch.cuda.is_available() and not [a for a in argv if not a.startswith('--')] and '--help' not in argv:
-    # train.py's defaults are mpnet-base at batch 32 x 512: about 23 GB and minutes per step on a CPU
+    # train.py's defaults are mpnet-base at batch 32 x 512: about 42 GB and minutes per step on a CPU
     print('no GPU: measuring config/tiny.py (give a config file, e.g. python bench.py config/base.py, to choose)')
     argv = [os.path.join(os.path.dirname(TRAIN_PY), 'config', 'tiny.py'), *argv]
 try:
@@ -65,23 +67,22 @@ ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[cfg.dtype]
 autocast = torch.autocast(device_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
 sync = torch.cuda.synchronize if device_type == 'cuda' else (lambda: None)
 
-# the architecture train.py would build: from the checkpoint it starts from, else from the config
+# the model train.py would build: the checkpoint's architecture and weights with init_from (a checkpoint file,
+# resume, or an HF model), else the config's; kernel, dropout, recomputation and objective are this run's choice
+run_args = dict(dropout=cfg.dropout, attn_dropout=cfg.attn_dropout, attn_impl=cfg.attn_impl,
+                grad_checkpoint=cfg.grad_checkpoint, objective=cfg.objective)
 model_args = dict(vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                  n_inner=cfg.n_inner, max_positions=cfg.max_positions)
+                  n_inner=cfg.n_inner, max_positions=cfg.max_positions, rope=cfg.rope, **run_args)
+ckpt = None
 if cfg.init_from != 'scratch':
-    from checkpoint import CheckpointError, load_checkpoint
-    from convert_hf import ConvertError, config_from_hf
-    path = os.path.join(cfg.out_dir, 'ckpt.pt') if cfg.init_from == 'resume' else cfg.init_from
-    try:
-        if os.path.isfile(path):
-            model_args = {k: v for k, v in load_checkpoint(path)['model_args'].items()
-                          if k not in ('attn_impl', 'dropout', 'attn_dropout', 'grad_checkpoint', 'objective')}
-        else:
-            from transformers import AutoConfig
-            model_args = config_from_hf(AutoConfig.from_pretrained(cfg.init_from))
-    except (CheckpointError, ConvertError, OSError, ValueError) as e:
-        die(f"init_from={cfg.init_from!r}: cannot read the architecture to measure ({str(e).splitlines()[0]}); "
-            f"pass the model keys instead (--init_from=scratch --n_layer=...)")
+    from convert_hf import ConvertError, hf_to_checkpoint
+    ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt') if cfg.init_from == 'resume' else cfg.init_from
+    try:  # as train.py reads it: a file is a checkpoint, anything else an HF folder or hub name
+        ckpt = load_checkpoint(ckpt_path) if cfg.init_from == 'resume' or os.path.isfile(ckpt_path) else \
+            hf_to_checkpoint(ckpt_path)
+    except (CheckpointError, ConvertError) as e:
+        die(f'{e} (or measure an architecture given by keys: --init_from=scratch --n_layer=...)')
+    model_args = {**ckpt['model_args'], **run_args}
 
 # real tokens when the run's data is prepared, as train.py would read them
 prepared = os.path.expandvars(cfg.data_dir) or data.default_out_dir(cfg.dataset, cfg.tokenizer, cfg.vocab_size)
@@ -92,6 +93,9 @@ if os.path.isfile(os.path.join(prepared, 'meta.json')):
         batches = data.Batches(prepared, 'train', cfg.batch_size, cfg.block_size, seed=cfg.seed, device=cfg.device)
     except data.DataError as e:
         die(e)
+    if ckpt is not None and model_args['vocab_size'] != meta['vocab_size']:  # train.py refuses the same
+        die(f"vocab mismatch: the model has {model_args['vocab_size']} tokens but the data's tokenizer "
+            f"{meta['tokenizer']!r} has {meta['vocab_size']}: prepare the data with the model's tokenizer")
     model_args['vocab_size'] = meta['vocab_size']
     is_word_start, is_special = (t.to(cfg.device) for t in vocab_tables(tok))
     mask_id, eos_id, get_tokens, tokens_said = meta['mask_id'], meta['eos_id'], batches.next, f'real data from {prepared}'
@@ -109,8 +113,7 @@ else:
 
 P = n_pred(cfg.block_size, cfg.pred_frac)
 try:
-    mconfig = MPNetConfig(**model_args, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout, attn_impl=cfg.attn_impl,
-                          rope=cfg.rope, grad_checkpoint=cfg.grad_checkpoint, objective=cfg.objective)
+    mconfig = MPNetConfig(**model_args)
 except (TypeError, ValueError) as e:
     die(e)
 if cfg.block_size > mconfig.max_positions:
@@ -140,7 +143,12 @@ if device_type == 'cpu':
         die(f'this step needs about {need / 2**30:.0f} GB on the CPU, more than the {available / 2**30:.0f} GB available: '
             f'lower --batch_size or --block_size, measure a smaller config (python bench.py config/tiny.py), or use a GPU')
 
-model = MPNet(mconfig).to(cfg.device)
+try:
+    model = MPNet(mconfig) if ckpt is None else model_from_checkpoint(ckpt, ckpt_path, **model_args)
+except CheckpointError as e:
+    die(e)
+model.to(cfg.device)
+del ckpt  # its optimizer state (resume) is not needed here
 optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), cfg.eps, device_type)
 model.build_masks(cfg.block_size, P, cfg.device)  # before compiling, as train.py
 step_model = torch.compile(model) if cfg.compile and device_type == 'cuda' else model
@@ -194,7 +202,8 @@ mfu = model.estimate_mfu(cfg.block_size, P, seqs / dt, device_name)
 peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device_type == 'cuda' else None
 print(f'device: {device_name}, torch {torch.__version__}, {cfg.dtype}, compile={cfg.compile and device_type == "cuda"}, '
       f'attn_impl={cfg.attn_impl}, grad_checkpoint={cfg.grad_checkpoint}, objective={cfg.objective}, doc_mask={cfg.doc_mask}')
-print(f'model: {model.get_num_params() / 1e6:.1f}M parameters, {mconfig.n_layer} layers x {mconfig.n_embd}; '
+rotary = ' (rotary positions)' if mconfig.rope else ''
+print(f'model: {model.get_num_params() / 1e6:.1f}M parameters, {mconfig.n_layer} layers x {mconfig.n_embd}{rotary}; '
       f'batch {cfg.batch_size} x {cfg.block_size} tokens x {cfg.gradient_accumulation_steps} accum, '
       f'{P} predicted per sequence, {tokens_said}')
 print(f'step: {dt * 1000:.2f} ms, {seqs * cfg.block_size / dt:,.0f} tokens/s, '

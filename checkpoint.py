@@ -18,6 +18,10 @@ data position), data_fingerprint, tokenizer_files, special_ids. A run folder (tr
                    temp file it may have left is removed)
     snapshots/     iter_N.pt every snapshot_interval iterations (hard links of ckpt.pt when it was written)
     metrics.jsonl  the log, and curves.png its curves
+    hf/            the export the run's last line suggests (convert_hf.py)
+    replaced/      a previous run's files, moved aside by overwrite=True (replace_run): they stay until this
+                   run saves a model at least as good as the one they hold (release_replaced), or the user
+                   deletes them, so that starting over never deletes a model before a better one exists
 
 Writes are atomic: a temp file of the writer's own beside the target, fsync, then os.replace. A crash,
 a full disk or a second writer never leaves a torn file, and the previous file stays until the new one
@@ -25,6 +29,7 @@ is complete; a failed write removes its temp file.
 """
 
 import fcntl
+import glob
 import json
 import os
 import re
@@ -90,41 +95,158 @@ def same_file(a, b):
     return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
-def clear_run(out_dir):
-    """Remove a previous run's files (overwrite=True): its checkpoints, snapshots, log and curves."""
-    for name in ('ckpt.pt', 'best.pt', 'metrics.jsonl', 'curves.png'):
-        if os.path.exists(os.path.join(out_dir, name)):
+RUN_FILES = ('ckpt.pt', 'best.pt', 'snapshots', 'hf', 'metrics.jsonl', 'curves.png')  # what a run leaves in out_dir
+MODEL_FILES = RUN_FILES[:4]
+REPLACED = 'replaced'
+# what a validation loss was measured on: two runs' losses compare only when all of these agree (the same
+# blocks, the same fixed permutations, the same task); the data fingerprint is added to them
+VALIDATION_KEYS = ('block_size', 'batch_size', 'eval_iters', 'pred_frac', 'mask_prob', 'rand_prob', 'whole_word',
+                   'objective', 'doc_mask')
+
+
+def validation_key(config, fingerprint):
+    return json.dumps([fingerprint, [(config or {}).get(k) for k in VALIDATION_KEYS]], sort_keys=True, default=str)
+
+
+def _held(out_dir):
+    """The run files out_dir holds (an empty log or snapshot folder is none)."""
+    def present(name):
+        path = os.path.join(out_dir, name)
+        return (bool(os.listdir(path)) if os.path.isdir(path) else os.path.getsize(path) > 0 if os.path.isfile(path)
+                else os.path.lexists(path))
+    return [name for name in RUN_FILES if present(name)]
+
+
+def replace_run(out_dir, start=None):
+    """overwrite=True: move the previous run's files into out_dir/replaced/ instead of deleting them. `start` is
+    the checkpoint file this run starts from, if any. Returns a line to print (None if there was nothing to
+    move) and where the start file is now."""
+    keep = os.path.join(out_dir, REPLACED)
+    record = os.path.join(keep, 'replaced.json')  # written last: without it, a move was cut short and goes on
+    present = [n for n in RUN_FILES if os.path.lexists(os.path.join(out_dir, n))]
+    if os.path.isfile(record):
+        _check_one_replaced(out_dir, present)
+        for name in present:  # the log of a run that saved nothing
             os.remove(os.path.join(out_dir, name))
-    shutil.rmtree(os.path.join(out_dir, 'snapshots'), ignore_errors=True)
+        try:  # the kept run stays; whether it is this run's start is this run's to say
+            with open(record) as f:
+                info = json.load(f)
+            info['start'] = any(start and same_file(start, os.path.join(keep, n)) for n in ('best.pt', 'ckpt.pt'))
+            with open(record, 'w') as f:
+                json.dump(info, f)
+        except (OSError, ValueError, TypeError):  # unreadable: never released automatically
+            pass
+        return None, start
+    if not present and not os.path.isdir(keep):
+        return None, start
+    best = next((n for n in ('best.pt', 'ckpt.pt') if os.path.isfile(os.path.join(out_dir, n))), None)
+    is_start = bool(best and start and same_file(start, os.path.join(out_dir, best)))
+    real_dir = os.path.realpath(out_dir)
+    if start and os.path.realpath(start).startswith(real_dir + os.sep):  # it moves with the rest
+        start = os.path.join(keep, os.path.relpath(os.path.realpath(start), real_dir))
+    try:
+        os.makedirs(keep, exist_ok=True)
+        for name in present:
+            os.replace(os.path.join(out_dir, name), os.path.join(keep, name))
+        info = dict(start=is_start, iter_num=None, val_loss=None, key=None)
+        best = next((n for n in ('best.pt', 'ckpt.pt') if os.path.isfile(os.path.join(keep, n))), None)
+        if best:
+            try:  # only a few values of it: mapped, not read whole
+                ckpt = torch.load(os.path.join(keep, best), map_location='cpu', weights_only=True, mmap=True)
+                info.update(iter_num=ckpt.get('iter_num'), val_loss=ckpt.get('val_loss'),
+                            key=validation_key(ckpt.get('config'), ckpt.get('data_fingerprint')))
+            except Exception:  # unreadable: kept until the user deletes it
+                pass
+        with open(record, 'w') as f:
+            json.dump(info, f)
+    except OSError as e:
+        raise CheckpointError(f"cannot move the previous run's files into {keep} ({_reason(e)}): nothing was "
+                              f"deleted; free the folder or choose another --out_dir") from None
+    loss = f", val loss {info['val_loss']:.4f}" if info['val_loss'] is not None else ''
+    return (f"overwrite: the previous run's files ({', '.join(present)}) are moved to {keep}; they stay until this "
+            f"run saves a model at least as good as {best or 'theirs'} (iter {info['iter_num']}{loss})"), start
+
+
+def _check_one_replaced(out_dir, present):
+    keep = os.path.join(out_dir, REPLACED)
+    models = [n for n in present if n in MODEL_FILES]
+    if models and os.path.isfile(os.path.join(keep, 'replaced.json')):
+        raise CheckpointError(f"out_dir '{out_dir}' holds a run ({', '.join(models)}) and, in {keep}, an earlier one "
+                              f"that it has not beaten; overwrite=True keeps one replaced run only: delete whichever "
+                              f"you no longer need, or choose another --out_dir")
+
+
+def release_replaced(out_dir, val_loss, key, beat_start):
+    """After this run saved a new best (val_loss, measured as validation_key says): delete out_dir/replaced/ if
+    that model is at least as good as the replaced run's best, on the same validation, or if the replaced best
+    is the model this run started from and this run beat it. Returns a line to print, or None."""
+    keep = os.path.join(out_dir, REPLACED)
+    try:
+        with open(os.path.join(keep, 'replaced.json')) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None  # no replaced run, or one that is not ours to judge
+    if not (info.get('start') and beat_start or info.get('key') == key and isinstance(info.get('val_loss'), float)
+            and val_loss <= info['val_loss']):
+        return None
+    shutil.rmtree(keep, ignore_errors=True)
+    return f"removed {keep}: this run's best (val loss {val_loss:.4f}) is at least as good as the replaced run's"
+
+
+def metrics_record(line):
+    """The record of one metrics.jsonl line, or None for a line that is not one: cut short by a crash,
+    undecodable, edited by hand. The rule is plot.py's valid_record, so that resume and plot.py agree."""
+    from plot import valid_record  # standard library only at plot.py's top
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
+    return record if valid_record(record) else None
 
 
 def trim_log(path, iter_num):
     """A run resumed at iter_num trains the iterations after it again: drop what the interrupted run logged of
     them (and its evaluation at iter_num, logged again at start), so that the log holds each iteration once.
-    Returns the number of records dropped."""
+    Lines that are no record (metrics_record) are dropped too. Returns (records dropped, bad lines dropped)."""
     if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        lines = f.readlines()
-
-    def kept(line):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # cut short by the crash
-            return False
-        return record['iter'] < iter_num or record['iter'] == iter_num and 'val_loss' not in record
-    keep = [line for line in lines if kept(line)]
+        return 0, 0
+    try:
+        with open(path, 'rb') as f:
+            lines = f.read().splitlines(keepends=True)
+    except OSError as e:
+        raise CheckpointError(f'cannot read {path} ({_reason(e)})') from None
+    lines = [line for line in lines if line.strip()]
+    records = [metrics_record(line) for line in lines]
+    keep = [line if line.endswith(b'\n') else line + b'\n' for line, r in zip(lines, records)
+            if r is not None and (r['iter'] < iter_num or r['iter'] == iter_num and 'val_loss' not in r)]
     if len(keep) < len(lines):
         tmp = _temp_name(path)
         try:
-            with open(tmp, 'w') as f:
+            with open(tmp, 'wb') as f:
                 f.writelines(keep)
             os.replace(tmp, path)
         except OSError as e:
             if os.path.exists(tmp):
                 os.remove(tmp)
             raise CheckpointError(f'could not rewrite {path} ({_reason(e)})') from None
-    return len(lines) - len(keep)
+    bad = records.count(None)
+    return len(lines) - len(keep) - bad, bad
+
+
+def _others(path):
+    """The other checkpoints of path's run folder, most useful first: what to try when path is unreadable."""
+    folder = os.path.dirname(os.path.abspath(path))
+    snapshots = sorted(glob.glob(os.path.join(folder, 'snapshots', '*.pt')), reverse=True)
+    candidates = [os.path.join(folder, n) for n in ('best.pt', 'ckpt.pt')] + snapshots[:1] + \
+        [os.path.join(folder, REPLACED, 'best.pt')]
+    return [c for c in candidates if zipfile.is_zipfile(c) and not same_file(c, path)]
+
+
+def _unreadable(path, reason):
+    others = _others(path)
+    return CheckpointError(f"'{path}' is not a readable checkpoint ({reason}): " +
+                           (f"use {others[0]} (another checkpoint of that run), or start over" if others else
+                            'no other checkpoint is beside it: use an export, or start over'))
 
 
 def load_checkpoint(path):
@@ -132,15 +254,13 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' not found (train one with: python train.py config/tiny.py)")
     if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"'{path}' is not a readable checkpoint (truncated, or not a PyTorch file): "
-                              f"use another (best.pt, an export), or start over")
+        raise _unreadable(path, 'truncated, or not a PyTorch file')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # a damaged archive, or objects that are not tensors and plain values
         reason = ('it holds Python objects, which are not loaded (weights_only=True)' if 'Weights only' in str(e)
                   else _reason(e)[:120])
-        raise CheckpointError(f"'{path}' is not a readable checkpoint ({reason}): "
-                              f"use another (best.pt, an export), or start over") from None
+        raise _unreadable(path, reason) from None
     if not isinstance(ckpt, dict) or not {'model', 'model_args'} <= set(ckpt):
         raise CheckpointError(f"'{path}' is a PyTorch file but not a nano-mpnet checkpoint (no 'model' and 'model_args')")
     return ckpt
@@ -190,12 +310,16 @@ def claim_run_dir(out_dir, resume, overwrite):
         for name in os.listdir(folder) if os.path.isdir(folder) else []:  # with the lock held, no writer is left
             if re.search(r'\.\d+\.\d+\.tmp$', name):
                 os.remove(os.path.join(folder, name))
-    held = [p for p in ('ckpt.pt', 'best.pt') if os.path.exists(os.path.join(out_dir, p))]
+    held = _held(out_dir)
+    if overwrite:
+        _check_one_replaced(out_dir, held)
     if held and not resume and not overwrite:
         when = time.strftime('%Y-%m-%d %H:%M', time.localtime(max(os.path.getmtime(os.path.join(out_dir, p)) for p in held)))
-        raise CheckpointError(f"out_dir '{out_dir}' already holds a run ({' and '.join(held)}, last written {when}): "
-                              f"continue it with --init_from=resume, replace it with --overwrite=True, or choose "
-                              f"another --out_dir")
+        go_on = ('continue it with --init_from=resume, ' if os.path.isfile(os.path.join(out_dir, 'ckpt.pt')) else
+                 '')  # a run killed before its first save left only its log: nothing to resume
+        raise CheckpointError(f"out_dir '{out_dir}' already holds a run ({', '.join(held)}, last written {when}): "
+                              f"{go_on}replace it with --overwrite=True (its files are kept in {REPLACED}/ until "
+                              f"this run beats them), or choose another --out_dir")
     return lock
 
 

@@ -26,7 +26,7 @@ class ConfigError(Exception):
 
 # values a key may take in both train.py and bench.py (no float16: it would need loss scaling)
 CHOICES = dict(attn_impl=('sdpa', 'flex', 'manual'), dtype=('float32', 'bfloat16'), lr_schedule=('linear', 'cosine'),
-               objective=OBJECTIVES)
+               objective=OBJECTIVES, txt_split=('line', 'paragraph', 'file'))
 
 
 # the range of every numeric setting of train.py and bench.py, checked once by configure() (the model's

@@ -6,21 +6,26 @@ Checkpoint <-> HuggingFace MPNetForMaskedLM.
     python convert_hf.py --from_hf=path/to/all-mpnet-base-v2 out/ckpt.pt  # sentence-transformers MPNet: new MLM head
 
 A sentence-transformers folder (modules.json: Transformer + Pooling / Normalize) keeps its modules: an
-import carries their configuration in the checkpoint, and the export writes it back, so that
-SentenceTransformer(export) is the same model with the trained encoder.
+import carries their configuration in the checkpoint, and the export writes it back with the encoder as it
+came (MPNetModel, its trained pooler included: ckpt['hf_extra']), so that SentenceTransformer(export) is the
+same model with the trained encoder. The MLM head of such a model stays in the checkpoint.
 
-Export builds the folder beside OUT_DIR, reloads it with transformers, compares its logits with ours on a
-sample batch (a tolerance scaled to the depth and the logits), and only then moves it into OUT_DIR, which
-must be new, empty, or an earlier export (replaced whole). A mismatch exits non-zero and writes nothing.
-HF parameter names appear only in HF_NAMES below.
+Export builds the folder beside OUT_DIR, reloads it with transformers, compares it with ours on a sample
+batch (a tolerance scaled to the depth and the values), checks that its tokenizer loads and encodes (one
+that does not is left out, with a note), and only then moves it into OUT_DIR. OUT_DIR, however spelled
+('.', a link, the folder you stand in), must be new, empty, or an earlier export holding no checkpoint; an
+earlier export stays until the new one is complete. A mismatch exits non-zero and writes nothing.
+HF parameter names appear only in HF_NAMES, HF_LAYER_NAMES and HF_EXTRA_NAMES below.
 """
 
 import contextlib
+import glob
 import json
 import os
 import shutil
 import sys
 import tempfile
+import zipfile
 
 import torch
 
@@ -53,6 +58,13 @@ HF_LAYER_NAMES = {
     'mlp.fc1.{}': ['intermediate.dense.{}'],
     'mlp.fc2.{}': ['output.dense.{}'],
     'ln_2.{}': ['output.LayerNorm.{}'],
+}
+# HF weights our model has no place for, carried in the checkpoint as ckpt['hf_extra'] {our name: tensor} and
+# written back by export: the trained pooler of an MPNetModel (sentence models have one; AutoModel's
+# pooler_output comes from it)
+HF_EXTRA_NAMES = {
+    'pooler.weight': 'mpnet.pooler.dense.weight',
+    'pooler.bias': 'mpnet.pooler.dense.bias',
 }
 HEAD_KEYS = ('head_dense.weight', 'head_dense.bias', 'head_ln.weight', 'head_ln.bias', 'head_bias')
 PADDED_ROWS = ('wte.weight', 'head_bias')  # padded to a multiple of 64 here, exactly vocab_size in HF
@@ -161,20 +173,50 @@ def read_tokenizer_files(folder):
     return files
 
 
-def tokenizer_files_of(name_or_dir):
-    """{filename: text} of a tokenizer given by a folder or a hub name; {} if it cannot be loaded."""
-    if os.path.isdir(name_or_dir):
-        files = read_tokenizer_files(name_or_dir)
-        if files:
-            return files
+def tokenizer_problem(folder, vocab_size=None):
+    """Why the tokenizer in folder cannot be used (a short reason), or None. It must load, encode a text and
+    give no id the model lacks: transformers loads a folder without a vocabulary as an empty tokenizer that
+    fails only when used ('WordPiece error: Missing [UNK] token'), so loading alone proves nothing."""
+    from transformers import AutoTokenizer
     try:
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(name_or_dir)
-    except Exception:
-        return {}
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(folder)
+            tok('A sentence, to check the tokenizer.')
+    except Exception as e:  # tokenizers raises plain Exception; anything here means it cannot be used
+        return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    if vocab_size and len(tok) > vocab_size:
+        return f'it has {len(tok)} tokens, more than the model\'s {vocab_size}'
+    return None
+
+
+def tokenizer_and_problem(name_or_dir, vocab_size=None):
+    """({filename: text}, None) of a usable tokenizer given by a folder or a hub name, or ({}, why not)."""
+    files = read_tokenizer_files(name_or_dir) if os.path.isdir(name_or_dir) else {}
     with tempfile.TemporaryDirectory() as tmp:
-        tok.save_pretrained(tmp)
-        return read_tokenizer_files(tmp)
+        if files:
+            for name, text in files.items():
+                with open(os.path.join(tmp, name), 'w', encoding='utf-8') as f:
+                    f.write(text)
+        elif os.path.isdir(name_or_dir):
+            return {}, 'no tokenizer.json or vocab.txt in it'
+        else:
+            try:
+                from transformers import AutoTokenizer
+                with quiet_transformers():
+                    AutoTokenizer.from_pretrained(name_or_dir).save_pretrained(tmp)
+            except Exception as e:
+                return {}, (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            files = read_tokenizer_files(tmp)
+        # beside the model's config.json where there is one: a vocab.txt alone is typed by its model_type
+        if os.path.isfile(os.path.join(str(name_or_dir), 'config.json')):
+            shutil.copyfile(os.path.join(name_or_dir, 'config.json'), os.path.join(tmp, 'config.json'))
+        problem = tokenizer_problem(tmp, vocab_size)
+    return ({}, problem) if problem else (files, None)
+
+
+def tokenizer_files_of(name_or_dir, vocab_size=None):
+    """{filename: text} of a usable tokenizer given by a folder or a hub name; {} if there is none."""
+    return tokenizer_and_problem(name_or_dir, vocab_size)[0]
 
 
 def read_sentence_transformers(folder):
@@ -251,14 +293,18 @@ EXPORT_MARK = 'nano_mpnet.json'  # written into every export: what it came from,
 
 
 def parity(model, hf):
-    """(max |logit diff| between our model and an HF one on a padded sample batch, the tolerance it must stay
-    under). fp32 rounding differs between the two implementations and grows with depth and with the logits'
-    size: a 12-layer model continued from all-mpnet-base-v2 differed by 1.3e-4 at logits near 16 (relative
-    8e-6). The tolerance, 5e-6 x n_layer x max|logit|, leaves room for that; a wrong conversion is off by O(1)."""
+    """(max |diff| between our model and an HF one on a padded sample batch, the tolerance it must stay under):
+    of the logits for MPNetForMaskedLM, of the last hidden states for an encoder (MPNetModel). fp32 rounding
+    differs between the two implementations and grows with depth and with the values' size: a 12-layer model
+    continued from all-mpnet-base-v2 differed by 1.3e-4 at logits near 16 (relative 8e-6). The tolerance,
+    5e-6 x n_layer x max|value|, leaves room for that; a wrong conversion is off by O(1)."""
     ids, attention_mask = sample_batch(model.config)
     with torch.no_grad():
-        ours = model.lm_logits(model.encode(ids, attention_mask))
-        theirs = hf(input_ids=ids, attention_mask=attention_mask).logits
+        out = hf(input_ids=ids, attention_mask=attention_mask)
+        if hasattr(hf, 'lm_head'):
+            ours, theirs = model.lm_logits(model.encode(ids, attention_mask)), out.logits
+        else:
+            ours, theirs = model.encode(ids, attention_mask), out.last_hidden_state
     keep = attention_mask.bool()
     diff = (ours[keep] - theirs[keep]).abs().max().item()
     return diff, 1e-5 + 5e-6 * model.config.n_layer * theirs[keep].abs().max().item()
@@ -267,8 +313,14 @@ def parity(model, hf):
 def _tokenizer_config(text, max_positions):
     """The tokenizer's config for an export: model_max_length at most the model's positions (truncation
     then stops where the model does), and a class that transformers 4 also knows, giving only the inputs
-    MPNet takes (a generic fast tokenizer of transformers 4 adds token_type_ids, which MPNet refuses)."""
-    cfg = json.loads(text)
+    MPNet takes (a generic fast tokenizer of transformers 4 adds token_type_ids, which MPNet refuses).
+    Text that is not a JSON object is left as it is, for the tokenizer check to name."""
+    try:
+        cfg = json.loads(text)
+    except ValueError:
+        return text
+    if not isinstance(cfg, dict):
+        return text
     length = cfg.get('model_max_length')
     cfg['model_max_length'] = min(length, max_positions) if isinstance(length, int) else max_positions
     if cfg.get('tokenizer_class') == 'TokenizersBackend':  # transformers 5's name for a tokenizer.json tokenizer
@@ -289,50 +341,164 @@ def _load_sentence_transformer(folder):
             f"max_seq_length {st.max_seq_length}")
 
 
-def export(ckpt_path, out_dir):
-    """Write an HF MPNetForMaskedLM folder (plus the sentence-transformers modules the checkpoint carries) and
-    check its logits against ours. The folder is built beside out_dir and moved there only once it passed;
-    an out_dir that is not empty must be an earlier export, which is then replaced whole. Returns the diff."""
-    ckpt = load_checkpoint(ckpt_path)
-    model = model_from_checkpoint(ckpt, ckpt_path).eval()
-    c = model.config
-    check_exportable(c)
-    out_dir = os.path.realpath(out_dir) if os.path.islink(out_dir) else out_dir  # a link to an export: replace its target
-    if os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir)
-                                   and not os.path.isfile(os.path.join(out_dir, EXPORT_MARK))):
-        raise ConvertError(f"'{out_dir}' is not empty and holds no earlier export ({EXPORT_MARK}): export into a new "
-                           f"or empty folder (an earlier export is replaced whole, never mixed)")
+def _is_checkpoint_like(path):
+    return path.endswith(('.pt', '.pth', '.ckpt', '.bin')) or (os.path.isfile(path) and zipfile.is_zipfile(path))
+
+
+def check_destination(out_dir, ckpt_path):
+    """The real path of OUT_DIR, or a ConvertError. Whatever spells it ('.', '..', a trailing slash, a link,
+    the folder we stand in), it must be a new folder in an existing one, an empty folder, or an earlier
+    export (nano_mpnet.json) that holds no checkpoint: the only folders an export may replace."""
+    if not out_dir.strip():
+        raise ConvertError('OUT_DIR is empty: name the folder to export into')
+    dest = os.path.realpath(out_dir)  # a link to an earlier export: its target is replaced, the link kept
+    parent = os.path.dirname(dest)
+    if os.path.exists(dest) and not os.path.isdir(dest):
+        raise ConvertError(f"'{out_dir}' is a file, not a folder: export into a new or empty folder")
+    if not os.path.isdir(parent):
+        raise ConvertError(f"cannot export to '{out_dir}': its parent folder '{parent}' "
+                           f"{'is a file' if os.path.exists(parent) else 'does not exist (create it first)'}")
+    ckpt_real = os.path.realpath(ckpt_path)
+    if ckpt_real.startswith(dest.rstrip(os.sep) + os.sep):
+        raise ConvertError(f"'{out_dir}' holds the checkpoint being exported ({ckpt_path}): export into a folder "
+                           f"of its own, e.g. {os.path.join(os.path.dirname(ckpt_path) or '.', 'hf')}")
+    if not os.path.isdir(dest):
+        return dest
+    try:
+        held = sorted(os.listdir(dest))
+        if held and not os.path.isfile(os.path.join(dest, EXPORT_MARK)):
+            raise ConvertError(f"'{out_dir}' is not empty and holds no earlier export ({EXPORT_MARK}): export into "
+                               f"a new or empty folder (an earlier export is replaced whole, never mixed)")
+        for root, _, names in os.walk(dest):  # an export never holds a checkpoint: one put there is not ours to remove
+            for name in names:
+                if _is_checkpoint_like(os.path.join(root, name)):
+                    raise ConvertError(f"'{os.path.join(root, name)}' is in the earlier export at '{out_dir}' but is "
+                                       f"no part of one (a checkpoint?): move it out first, or export elsewhere")
+    except OSError as e:
+        raise ConvertError(f"cannot read '{out_dir}' ({e.strerror}): export into a folder you can write") from None
+    return dest
+
+
+def _mend_killed_exports(dest):
+    """A kill -9 during an export leaves dest.partial-PID (the unfinished new export) and, during the swap of
+    _move_into, dest.old-PID (the earlier export, moved aside). Once that process is gone, the earlier export
+    goes back into dest unless the new one arrived whole (its EXPORT_MARK, moved last, is there); then both
+    leftovers are removed, with one line each."""
+    from data import pid_alive
+    for left in sorted(glob.glob(glob.escape(dest) + '.old-*')) + sorted(glob.glob(glob.escape(dest) + '.partial-*')):
+        pid = left.rsplit('-', 1)[1]
+        if not pid.isdigit() or pid_alive(int(pid)) or not os.path.isdir(left):
+            continue
+        if left.endswith(f'.old-{pid}') and not os.path.isfile(os.path.join(dest, EXPORT_MARK)):
+            for name in os.listdir(dest) if os.path.isdir(dest) else []:  # the new export's first files
+                path = os.path.join(dest, name)
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+            os.makedirs(dest, exist_ok=True)
+            for name in os.listdir(left):
+                os.rename(os.path.join(left, name), os.path.join(dest, name))
+            print(f'restored the earlier export in {dest}: export process {pid} was killed while replacing it')
+        shutil.rmtree(left, ignore_errors=True)
+        print(f'removed {left}: left by export process {pid}, which is gone')
+
+
+def _move_into(staging, dest):
+    """Put the complete export in staging at dest. A new dest is staging renamed. An existing one keeps its own
+    folder (a shell standing in it stays there): its entries are moved aside, the new ones moved in, and only
+    then is the old content removed; if a move fails, everything goes back where it was."""
+    if not os.path.exists(dest):
+        os.rename(staging, dest)
+        return
+    aside = f'{dest}.old-{os.getpid()}'
+    os.mkdir(aside)
+    old, new = [], []
+    try:
+        for name in sorted(os.listdir(dest), key=lambda n: n != EXPORT_MARK):  # the mark first: see _mend_killed_exports
+            os.rename(os.path.join(dest, name), os.path.join(aside, name))
+            old.append(name)
+        for name in sorted(os.listdir(staging), key=lambda n: n == EXPORT_MARK):  # the mark last: dest is whole once it is there
+            os.rename(os.path.join(staging, name), os.path.join(dest, name))
+            new.append(name)
+    except BaseException:  # Ctrl-C included: the earlier export comes back whole
+        for name in new:
+            os.rename(os.path.join(dest, name), os.path.join(staging, name))
+        for name in old:
+            os.rename(os.path.join(aside, name), os.path.join(dest, name))
+        os.rmdir(aside)
+        raise
+    shutil.rmtree(aside)
+    os.rmdir(staging)
+
+
+def hf_model_of(model, special_ids=None, extra=None, encoder_only=False):
+    """The HF model holding our weights (and the carried extras): MPNetForMaskedLM, or for a sentence model
+    the MPNetModel inside it, as sentence-transformers keeps it (encoder and pooler, no MLM head)."""
     from transformers import MPNetForMaskedLM
-    hf = MPNetForMaskedLM(hf_config(c, ckpt.get('special_ids'))).eval()
-    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
+    from transformers.models.mpnet.modeling_mpnet import MPNetPooler
+    hf = MPNetForMaskedLM(hf_config(model.config, special_ids)).eval()
+    if extra:
+        hf.mpnet.pooler = MPNetPooler(hf.config)  # MaskedLM has no pooler; a trained one is kept all the same
+    sd = {**to_hf_state_dict(model), **{HF_EXTRA_NAMES[k]: v for k, v in (extra or {}).items()}}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith('position_ids')]
     if missing or unexpected:
         raise ConvertError(f'internal: HF names do not match (missing {missing[:3]}, unexpected {unexpected[:3]})')
+    return hf.mpnet if encoder_only else hf
+
+
+def export(ckpt_path, out_dir):
+    """Write an HF folder (plus the sentence-transformers modules the checkpoint carries) and check it against
+    our model: MPNetForMaskedLM, or for a sentence model the MPNetModel it came as. The folder is built beside
+    out_dir and moved there only once it passed; an out_dir that is not empty must be an earlier export, whose
+    content stays until the new one is complete (check_destination, _move_into). Returns the diff."""
+    ckpt = load_checkpoint(ckpt_path)
+    _mend_killed_exports(os.path.realpath(out_dir))
+    dest = check_destination(out_dir, ckpt_path)
+    model = model_from_checkpoint(ckpt, ckpt_path).eval()
+    c = model.config
+    check_exportable(c)
+    st_files, st_path = ckpt.get('st_files') or {}, ckpt.get('st_path') or ''
+    extra = {k: v for k, v in (ckpt.get('hf_extra') or {}).items() if k in HF_EXTRA_NAMES}
+    hf = hf_model_of(model, ckpt.get('special_ids'), extra, encoder_only=bool(st_files))
     tok_files = ckpt.get('tokenizer_files') or {}
     if not tok_files and ckpt.get('config', {}).get('tokenizer'):
         tok_files = tokenizer_files_of(ckpt['config']['tokenizer'])
-    staging = f"{out_dir.rstrip(os.sep)}.partial-{os.getpid()}"
+    staging = f'{dest}.partial-{os.getpid()}'  # beside the real path: the final move is a rename
     try:
-        hf_dir = os.path.join(staging, ckpt.get('st_path', ''))  # sentence-transformers may keep it in a subfolder
+        os.mkdir(staging)
+    except OSError as e:
+        raise ConvertError(f"cannot write beside '{out_dir}' ({e.strerror}), where the export is built first: "
+                           f"choose a folder on a writable disk") from None
+    try:
+        hf_dir = os.path.join(staging, st_path)  # sentence-transformers may keep it in a subfolder
         with quiet_transformers():
             hf.save_pretrained(hf_dir, safe_serialization=True)
-        files = {**{os.path.join(ckpt.get('st_path', ''), n): (_tokenizer_config(t, c.max_positions)
-                                                               if n == 'tokenizer_config.json' else t)
-                    for n, t in tok_files.items()}, **ckpt.get('st_files', {})}
-        for name, text in files.items():
+        tok_paths = [os.path.join(hf_dir, n) for n in tok_files]
+        for path, (name, text) in zip(tok_paths, tok_files.items()):
+            with open(path, 'w', encoding='utf-8') as f:
+                f.write(_tokenizer_config(text, c.max_positions) if name == 'tokenizer_config.json' else text)
+        # an unusable tokenizer breaks every use of the export: it is left out, and the note says so
+        tok_problem = tokenizer_problem(hf_dir, c.vocab_size) if tok_files else 'the checkpoint names none'
+        if tok_files and tok_problem:
+            for path in tok_paths:
+                os.remove(path)
+        for name, text in st_files.items():
             os.makedirs(os.path.dirname(os.path.join(staging, name)), exist_ok=True)
             with open(os.path.join(staging, name), 'w', encoding='utf-8') as f:
                 f.write(text)
         # parity: reload the folder as a user would
         with quiet_transformers():
-            diff, tol = parity(model, MPNetForMaskedLM.from_pretrained(hf_dir).eval())
+            back = type(hf).from_pretrained(hf_dir).eval()
+        diff, tol = parity(model, back)
         if not diff < tol:
-            raise ConvertError(f'exported model disagrees with ours: max |logit diff| {diff:.2e} >= {tol:.2e} '
-                               f'(tolerance for {c.n_layer} layers at these logits); nothing was written to {out_dir}')
-        st_said = _load_sentence_transformer(staging) if ckpt.get('st_files') else None
+            raise ConvertError(f'exported model disagrees with ours: max |diff| {diff:.2e} >= {tol:.2e} '
+                               f'(tolerance for {c.n_layer} layers at these values); nothing was written to {out_dir}')
+        if extra and st_files and not torch.equal(back.pooler.dense.weight, extra['pooler.weight']):
+            raise ConvertError(f'internal: the exported pooler differs from the checkpoint\'s; nothing was written to {out_dir}')
+        st_said = _load_sentence_transformer(staging) if st_files and not tok_problem else None
         with open(os.path.join(staging, EXPORT_MARK), 'w') as f:
             json.dump(dict(checkpoint=os.path.abspath(ckpt_path), iter_num=ckpt.get('iter_num'),
-                           val_loss=ckpt.get('val_loss'), max_logit_diff=diff, tolerance=tol), f, indent=2)
+                           val_loss=ckpt.get('val_loss'), max_diff=diff, tolerance=tol,
+                           compared='last hidden states' if st_files else 'logits'), f, indent=2)
         umask = os.umask(0)
         os.umask(umask)
         for root, dirs, names in os.walk(staging):  # ordinary modes (safetensors writes 0600)
@@ -341,15 +507,23 @@ def export(ckpt_path, out_dir):
             for n in names:
                 os.chmod(os.path.join(root, n), 0o666 & ~umask)
         os.chmod(staging, 0o777 & ~umask)
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
+        _move_into(staging, dest)
+    except OSError as e:
+        raise ConvertError(f"could not write the export beside '{out_dir}' ({e.strerror or e}): "
+                           f"{'the earlier export there is unchanged' if os.path.isdir(dest) else 'nothing was written'}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f'wrote {out_dir} ({", ".join(sorted(os.listdir(out_dir)))}); max |logit diff| vs transformers: {diff:.2e} '
+    what = 'hidden state' if st_files else 'logit'
+    print(f'wrote {dest} ({", ".join(sorted(os.listdir(dest)))}); max |{what} diff| vs transformers: {diff:.2e} '
           f'(tolerance {tol:.1e})')
-    if not tok_files:
-        print('note: the checkpoint names no loadable tokenizer; the export holds the model only')
+    if st_files:
+        print(f"note: a sentence model: it holds the encoder{' and its pooler' if extra else ''} (MPNetModel), as it "
+              f"came in; the MLM head stays in {ckpt_path}")
+    if tok_problem:
+        fix = ('' if not tok_files else ' (its tokenizer cannot be used: ' + tok_problem + ')')
+        print(f'note: the export holds the model without a tokenizer{fix}; add one with '
+              f'AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained({out_dir!r})'
+              + ('; SentenceTransformer needs it' if st_files else ''))
     if st_said:
         print(st_said)
     return diff
@@ -374,7 +548,7 @@ def hf_to_checkpoint(name_or_dir):
     if name_or_dir.startswith(('/', '.', '~')) and not local:
         raise ConvertError(f"HF model folder '{name_or_dir}' not found (give a local folder or a hub name)")
     st_files, st_path = read_sentence_transformers(name_or_dir if local else _hub_small_files(name_or_dir))
-    from transformers import AutoConfig, MPNetForMaskedLM
+    from transformers import AutoConfig, MPNetForMaskedLM, MPNetModel
     where = dict(pretrained_model_name_or_path=os.path.join(name_or_dir, st_path) if local else name_or_dir,
                  **({} if local or not st_path else {'subfolder': st_path}))
     try:
@@ -384,19 +558,29 @@ def hf_to_checkpoint(name_or_dir):
     model_args = config_from_hf(hf_cfg)
     with quiet_transformers():
         hf, info = MPNetForMaskedLM.from_pretrained(**where, output_loading_info=True)
+        extra = {}
+        if any('pooler.dense' in k for k in info['unexpected_keys']):  # a trained pooler, which MaskedLM drops
+            pooled = MPNetModel.from_pretrained(**where).state_dict()
+            extra = {ours: pooled[hf_name.removeprefix('mpnet.')].clone() for ours, hf_name in HF_EXTRA_NAMES.items()}
     model = MPNet(MPNetConfig(**model_args))
     hf_sd = {k: v for k, v in hf.state_dict().items() if k not in info['missing_keys']}
     head_fresh = bool(from_hf_state_dict(hf_sd, model))
+    tok_files, tok_problem = tokenizer_and_problem(where['pretrained_model_name_or_path'], model_args['vocab_size'])
     said = [f"imported '{name_or_dir}': MPNet {model_args['n_layer']} x {model_args['n_embd']}"]
     if head_fresh:
         said.append('encoder only: its MLM head is new (train.py trains it alone first, head_warmup_iters)')
     if st_files:
         modules = ' -> '.join(m['type'].rsplit('.', 1)[-1] for m in json.loads(st_files['modules.json']))
         said.append(f'sentence-transformers modules {modules} carried for export')
+    if extra:
+        said.append('its trained pooler carried for export')
     print(', '.join(said))
+    if tok_problem:
+        print(f"note: '{name_or_dir}' has no usable tokenizer ({tok_problem}): the checkpoint carries none, so train "
+              f"with --tokenizer=NAME_OR_DIR (the one this model was trained with); an export of it has no tokenizer")
     return {'model': model.state_dict(), 'model_args': model_args, 'config': {'init_from': name_or_dir},
             'iter_num': 0, 'best_val_loss': float('inf'), 'head_fresh': head_fresh, 'st_files': st_files,
-            'st_path': st_path, 'tokenizer_files': tokenizer_files_of(where['pretrained_model_name_or_path']),
+            'st_path': st_path, 'tokenizer_files': tok_files, 'hf_extra': extra,
             'special_ids': {k: getattr(hf_cfg, k) for k in ('bos_token_id', 'pad_token_id', 'eos_token_id')}}
 
 
@@ -414,12 +598,14 @@ HELP = """usage: python convert_hf.py CKPT OUT_DIR                       export 
        python convert_hf.py --from_hf=NAME_OR_DIR CKPT [--overwrite]  import an HF MPNet as a checkpoint
 
   CKPT                 a train.py checkpoint: out_dir/ckpt.pt, best.pt, or a snapshot (snapshots/iter_N.pt)
-  OUT_DIR              the HF folder to write: new, empty, or an earlier export (replaced whole)
+  OUT_DIR              the HF folder to write: new (its parent must exist), empty, or an earlier export
+                       (replaced whole, once the new one is complete); never the folder holding CKPT
   --from_hf=NAME_OR_DIR  an MPNetForMaskedLM / MPNetModel / sentence-transformers MPNet, hub name or folder
   --overwrite          let the import replace an existing CKPT file
 
-Export: MPNetForMaskedLM (model.safetensors, config.json), the tokenizer, the sentence-transformers modules
-the checkpoint carries, nano_mpnet.json; checked against transformers before it is moved into OUT_DIR."""
+Export: MPNetForMaskedLM (model.safetensors, config.json), the tokenizer, nano_mpnet.json; for a sentence
+model its modules and the encoder as MPNetModel with its pooler; checked against transformers (and the
+tokenizer loaded) before it is moved into OUT_DIR."""
 
 
 def main(argv):

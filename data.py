@@ -12,17 +12,19 @@ block_size-1 consecutive tokens of that stream, so blocks run across document bo
 
 Sources: 'pydocs' is the Python installation's own documentation (pydoc topics + standard-library
 docstrings, ~2 MB of English, built once into data/pydocs.jsonl). A .txt file gives one document per
-blank-line separated paragraph; undecodable bytes become U+FFFD and are counted. .jsonl/.parquet give one
-document per row (--text_field); rows whose text is null or not a string are skipped and counted.
-Anything else is a HuggingFace hub dataset. A corpus too big to prepare is read by StreamingBatches
-instead, which tokenizes on the fly.
+blank-line separated paragraph (--txt_split=paragraph), per line (line) or per file (file); undecodable
+bytes become U+FFFD and are counted. .jsonl/.parquet give one document per row (--text_field); rows
+whose text is null or not a string are skipped and counted. Anything else is a HuggingFace hub dataset.
+A corpus too big to prepare is read by StreamingBatches instead, which tokenizes on the fly.
 
 meta.json records what the folder was made from (source files' sizes and times, or the hub revision);
 preparing again over a changed source is refused unless --overwrite. load_prepared checks a folder
-before training reads it, and gives the fingerprint that DDP ranks compare.
+before training reads it, and gives the fingerprint that DDP ranks compare. The folder is written as
+<out_dir>.partial-PID and renamed when complete: Ctrl-C or SIGTERM stops preparing within a second and
+removes it, and a later prepare removes one left by a killed process.
 
 Training from prepared data needs torch, numpy and tokenizers: datasets and transformers are imported
-where used (preparing, streaming).
+where used (preparing, streaming), and finding an already prepared folder needs neither.
 """
 import os
 import re
@@ -31,7 +33,11 @@ import json
 import glob
 import hashlib
 import shutil
+import signal
+import socket
+import threading
 import time
+import contextlib
 
 import numpy as np
 import torch
@@ -40,11 +46,91 @@ DATA_ROOT = 'data'                   # default parent folder of prepared dataset
 TOKENIZER_TRAIN_CHARS = 300_000_000  # --tokenizer=train learns its vocab from at most this much text
 EXTENSIONS = {'.txt': 'text', '.jsonl': 'json', '.json': 'json', '.parquet': 'parquet'}
 
+TXT_SPLITS = {'line': 'line', 'paragraph': 'paragraph', 'file': 'document'}  # txt_split -> datasets' sample_by
+
 class DataError(Exception):
     """A mistake the user can fix; the message is one line naming the problem and the fix."""
 
+class Interrupted(DataError):
+    """Preparation stopped by SIGINT or SIGTERM; nothing was written (the staging folder is removed)."""
+
 def _line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+def _root_cause(e):  # datasets wraps the reader's error ("An error occurred while generating the dataset")
+    for _ in range(20):  # a chain, not a cycle
+        e = e.__cause__ or e.__context__ or e
+    return e
+
+# -----------------------------------------------------------------------------
+# Ctrl-C: Python runs signal handlers only in the main thread, between bytecodes; a long Rust call there
+# (the vocabulary trainer) would hold a Ctrl-C until it returns. So long Rust calls run in a worker thread
+# while the main thread waits in short timeouts, and SIGTERM (which would end the process without any
+# cleanup) raises KeyboardInterrupt too, so that the staging folder is removed either way.
+
+@contextlib.contextmanager
+def interruptible():
+    """SIGINT and SIGTERM raise KeyboardInterrupt inside the block (once: a second signal during the
+    cleanup that follows is ignored); yields a list that receives the signal's number. prepare() runs
+    in it; train.py needs nothing more. Outside the main thread, or where SIGINT is ignored (nohup),
+    the handlers are left as they are."""
+    got = []
+    def handler(signum, frame):
+        if not got:
+            got.append(signum)
+            raise KeyboardInterrupt
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    sigs = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    old = {s: signal.signal(s, handler) for s in sigs}
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+def _in_thread(fn, *args, **kwargs):
+    """fn(*args, **kwargs) in a daemon worker thread, the main thread waiting in short timeouts so that a
+    signal is answered at once. On an interrupt the worker is abandoned (it ends with the process)."""
+    out = {}
+    def work():
+        try:
+            out['value'] = fn(*args, **kwargs)
+        except BaseException as e:
+            out['error'] = e
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)
+    if 'error' in out:
+        raise out['error']
+    return out['value']
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):  # another user's process: alive
+        return True
+    return True
+
+def _remove_stale_staging(out_dir):
+    """Remove out_dir.partial-PID folders whose process is gone on this host (a kill -9 or a power loss
+    during prepare); a staging folder records its host, so one of a live process elsewhere is kept."""
+    for folder in glob.glob(glob.escape(out_dir.rstrip(os.sep)) + '.partial-*'):
+        pid = folder.rsplit('.partial-', 1)[1]
+        if not (pid.isdigit() and os.path.isdir(folder)) or pid_alive(int(pid)):
+            continue
+        try:
+            with open(os.path.join(folder, '.host')) as f:
+                host = f.read().strip()
+        except OSError:
+            host = None
+        if host in (None, socket.gethostname()):
+            shutil.rmtree(folder, ignore_errors=True)
+            print(f"removed {folder}: the unfinished preparation of process {pid}, which is gone")
 
 # -----------------------------------------------------------------------------
 # seeded hashing: every random choice here is a pure function of (seed, index), so runs resume exactly
@@ -136,17 +222,39 @@ def _pydocs_texts():
         if len(doc) >= 20:  # drops the one-liners ("Return self==value.") that repeat everywhere
             yield doc
 
-def _files(dataset):
-    """-> (datasets builder, files) for 'pydocs' or a local path, None for a hub name; DataError for a bad path."""
-    if dataset == 'pydocs':
-        return 'json', [build_pydocs()]
+def _looks_local(dataset):
+    """Whether dataset names a local source ('pydocs', or a path) rather than a hub dataset."""
     path = os.path.expanduser(dataset)
-    if not os.path.exists(path):
-        if path.startswith(('/', '.', '~')) or os.path.splitext(path)[1] in EXTENSIONS:
+    return (dataset == 'pydocs' or os.path.exists(path) or path.startswith(('/', '.', '~'))
+            or os.path.splitext(path)[1] in EXTENSIONS)
+
+def _files(dataset, build=True):
+    """-> (datasets builder, files) for 'pydocs' or a local path, None for a hub name; DataError for a bad
+    path or a file that cannot be read. build=False: 'pydocs' gives its path even before it is built."""
+    if dataset == 'pydocs':
+        return 'json', [build_pydocs() if build else os.path.join(DATA_ROOT, 'pydocs.jsonl')]
+    path = os.path.expanduser(dataset)
+    if not os.path.lexists(path):
+        if _looks_local(dataset):
             raise DataError(f"dataset path '{dataset}' does not exist")
         return None
-    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, '**', '*'), recursive=True))
-    files = [f for f in files if os.path.splitext(f)[1] in EXTENSIONS]
+    found = [path] if not os.path.isdir(path) else sorted(glob.glob(os.path.join(glob.escape(path), '**', '*'), recursive=True))
+    files = [f for f in found if os.path.splitext(f)[1] in EXTENSIONS and not os.path.isdir(f)]
+    for f in files:  # every file is checked here, where it is found: the reader's errors name neither file nor fix
+        if not os.path.exists(f):
+            raise DataError(f"dataset file '{f}' is a broken link (to '{os.readlink(f)}'): fix or remove it")
+        if not os.path.isfile(f):
+            raise DataError(f"dataset file '{f}' is not a regular file: remove it from '{dataset}'")
+        try:
+            with open(f, 'rb') as fh:
+                head, size = fh.read(4), os.fstat(fh.fileno()).st_size
+                fh.seek(max(size - 4, 0))
+                tail = fh.read(4)
+        except OSError as e:
+            raise DataError(f"cannot read dataset file '{f}' ({e.strerror or _line(e)}): fix its permissions, or remove it") from None
+        if f.endswith('.parquet') and not (head == tail == b'PAR1' and size >= 8):
+            raise DataError(f"dataset file '{f}' is not a parquet file ({'empty' if not head else 'no PAR1 magic bytes'}, "
+                            f"truncated or misnamed): re-create or remove it")
     kinds = {EXTENSIONS[os.path.splitext(f)[1]] for f in files}
     if not files:
         raise DataError(f"unsupported file type '{dataset}': use .txt, .jsonl or .parquet" if os.path.isfile(path) else
@@ -157,19 +265,81 @@ def _files(dataset):
         raise DataError(f"dataset '{dataset}' has no documents: its files are empty")
     return kinds.pop(), files
 
-def _source(dataset, text_field='text', streaming=False):
+def _bad_json_line(path):
+    """(line number, what is wrong) of the first line of a JSON-lines file that is not a JSON object, or
+    None. Run only after the reader failed: it names the file and line, which the reader's error does not."""
+    with open(path, 'rb') as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode('utf-8').strip())
+            except UnicodeDecodeError:
+                why = 'not UTF-8'
+            except ValueError as e:
+                why = f'not valid JSON ({e})'
+            else:
+                if isinstance(row, dict):
+                    continue
+                why = f'a JSON {type(row).__name__}, not an object'
+            if path.endswith('.json'):  # a .json file may also be one JSON array of objects
+                try:
+                    with open(path, encoding='utf-8') as g:
+                        whole = json.load(g)
+                    if isinstance(whole, list) and all(isinstance(r, dict) for r in whole):
+                        return None
+                except ValueError:
+                    pass
+            return n, why
+    return None
+
+def _read_error(dataset, kind, files, e):
+    """The DataError for a failed read of local files: the file and line at fault where they can be found."""
+    for f in files if kind == 'json' else []:
+        bad = _bad_json_line(f)
+        if bad:
+            return DataError(f"'{f}' line {bad[0]} is {bad[1][:200]}: fix or remove that line")
+    return DataError(f"cannot read '{dataset}': {_line(_root_cause(e))}")
+
+class _Rows:
+    """A streaming dataset whose read errors become the one-line DataError of _read_error."""
+    def __init__(self, ds, error):
+        self.ds, self.error, self.column_names = ds, error, ds.column_names
+    def __iter__(self):
+        try:
+            yield from self.ds
+        except DataError:
+            raise
+        except Exception as e:
+            raise self.error(e) from None
+
+def _import_datasets(dataset):
+    """The datasets package, or one line saying how to do without it (GPU machines often lack it)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"reading '{dataset}' needs the datasets package, which is not installed here: prepare "
+                        f"the data where it is (python data.py --dataset={dataset} ... --out_dir=DIR), copy DIR "
+                        f"here and pass --data_dir=DIR (or pip install datasets)") from None
+    return datasets
+
+def _source(dataset, text_field='text', streaming=False, txt_split='paragraph'):
     """-> (datasets.Dataset or IterableDataset, name of its text column, whether it was read from .txt)."""
-    import datasets
+    if txt_split not in TXT_SPLITS:
+        raise DataError(f"txt_split '{txt_split}' is not one of {', '.join(TXT_SPLITS)}")
+    datasets = _import_datasets(dataset)
     local = _files(dataset)
     if local:
         kind, files = local
         text_field = 'text' if kind == 'text' or dataset == 'pydocs' else text_field
-        # .txt: one document per blank-line separated paragraph; bad bytes become U+FFFD, not a crash
-        kw = dict(sample_by='paragraph', encoding_errors='replace') if kind == 'text' else {}
+        # .txt: one document per line, blank-line separated paragraph or file; bad bytes become U+FFFD, not a crash
+        kw = dict(sample_by=TXT_SPLITS[txt_split], encoding_errors='replace') if kind == 'text' else {}
         try:
             ds = datasets.load_dataset(kind, data_files=files, split='train', streaming=streaming, **kw)
         except Exception as e:
-            raise DataError(f"cannot read '{dataset}': {_line(e)}") from None
+            raise _read_error(dataset, kind, files, e) from None
+        if streaming:  # read errors surface while iterating
+            ds = _Rows(ds, lambda e: _read_error(dataset, kind, files, e))
     else:  # a hub dataset, 'name' or 'name:config'
         kind, (name, _, config) = None, dataset.partition(':')
         try:
@@ -225,13 +395,15 @@ def prepare_command(settings, out_dir):
     """The data.py command that prepares out_dir again with the recorded settings, replacing it."""
     s = settings or {}
     return ' '.join(['python data.py', f"--dataset={s.get('dataset', '...')}", f"--tokenizer={s.get('tokenizer', '...')}"] +
-                    [f'--{k}={s[k]}' for k in ('vocab_size', 'val_frac', 'text_field', 'seed') if s.get(k) is not None] +
+                    [f'--{k}={s[k]}' for k in ('vocab_size', 'val_frac', 'text_field', 'seed', 'txt_split')
+                     if s.get(k) is not None] +
                     [f'--out_dir={out_dir}', '--overwrite'])
 
 def train_tokenizer(texts, vocab_size):
     """A lowercase WordPiece vocab (BERT's recipe) from an iterator of texts (or of lists of texts), in
     MPNet's special-token layout <s>=0 <pad>=1 </s>=2 <unk>=3, then <mask>=4 (mpnet-base has it last), then
-    the learned pieces, continuations marked '##'. A small corpus can give fewer than vocab_size tokens.
+    the learned pieces, continuations marked '##'. A small corpus can give fewer than vocab_size tokens;
+    a vocab_size below the special tokens plus the corpus' characters is refused (DataError).
     Words over 100 characters (LONG_WORD) are left out: they encode as <unk> anyway, and would cost time.
     Not bit-reproducible: the `tokenizers` trainer breaks ties in hash-map order (tokenizers#1794)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers, processors, decoders
@@ -241,9 +413,14 @@ def train_tokenizer(texts, vocab_size):
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix='##')
     capped = ([LONG_WORD.sub(' ', t) for t in x] if isinstance(x, list) else LONG_WORD.sub(' ', x) for x in texts)
-    tok.train_from_iterator(capped, trainers.WordPieceTrainer(
+    # in a worker thread: the trainer holds the thread it runs in for as long as it learns (see interruptible)
+    _in_thread(tok.train_from_iterator, capped, trainers.WordPieceTrainer(
         vocab_size=vocab_size, special_tokens=['<s>', '<pad>', '</s>', '<unk>', '<mask>'], min_frequency=2,
         limit_alphabet=1000, continuing_subword_prefix='##'))
+    if tok.get_vocab_size() > vocab_size:  # the trainer keeps every special token and alphabet character, whatever vocab_size says
+        raise DataError(f"vocab_size {vocab_size} is too small for this corpus: its 5 special tokens and the characters "
+                        f"it uses (up to 1000) already make {tok.get_vocab_size()} tokens; use --vocab_size="
+                        f"{tok.get_vocab_size()} or more")
     # what tokenizer(text) adds, as HF's MPNet tokenizer does; data.py itself encodes without special tokens
     tok.post_processor = processors.TemplateProcessing(single='<s> $A </s>', pair='<s> $A </s> </s> $B </s>',
                                                        special_tokens=[('<s>', 0), ('</s>', 2)])
@@ -272,7 +449,7 @@ def _source_record(dataset, local):
     name, _, config = dataset.partition(':')
     try:
         from huggingface_hub import HfApi
-        revision = HfApi().dataset_info(name).sha
+        revision = HfApi().dataset_info(name, timeout=10).sha  # a machine without network waits no longer
     except Exception:  # offline, private, or no such dataset: the load itself will say which
         revision = None
     return dict(hub=name, config=config or None, revision=revision)
@@ -282,7 +459,10 @@ def _source_changes(old, new):
     if not old or not new:
         return []
     if 'files' in old and 'files' in new:
-        a, b = ({f: (size, mtime) for f, size, mtime in r['files']} for r in (old, new))
+        try:
+            a, b = ({f: (size, mtime) for f, size, mtime in r['files']} for r in (old, new))
+        except (TypeError, ValueError):  # meta.json edited by hand: the source cannot be compared
+            return ['its record in meta.json unreadable']
         return ([f'{f} added' for f in b if f not in a] + [f'{f} removed' for f in a if f not in b] +
                 [f'{f} modified' for f in a if f in b and a[f] != b[f]])
     if old.get('revision') and new.get('revision') and old['revision'] != new['revision']:
@@ -290,44 +470,74 @@ def _source_changes(old, new):
     return []
 
 def prepare(dataset='pydocs', tokenizer='microsoft/mpnet-base', vocab_size=30527, out_dir=None, val_frac=0.005,
-            text_field='text', num_proc=None, seed=1337, overwrite=False):
+            text_field='text', num_proc=None, seed=1337, overwrite=False, txt_split='paragraph'):
     """Tokenize `dataset` into out_dir (see the module docstring) and return out_dir; a no-op if done before
     with the same settings from the same source files (a changed source is refused unless overwrite).
-    The folder is built under a temporary name and renamed when complete, so a failure leaves nothing.
-    Memory stays bounded: datasets keeps the text and token ids on disk (Arrow), and the .bin files are
-    appended one batch of documents at a time."""
+    Finding a prepared folder needs neither the source nor the datasets package (a GPU machine may have
+    neither). The folder is built under a temporary name and renamed when complete, so a failure leaves
+    nothing; so does Ctrl-C or SIGTERM, answered within a second (Interrupted), and a later prepare removes
+    what a killed one left. Memory stays bounded: datasets keeps the text and token ids on disk (Arrow),
+    and the .bin files are appended one batch of documents at a time."""
     out_dir = out_dir or default_out_dir(dataset, tokenizer, vocab_size)
-    local = _files(dataset)  # fail early on a bad path, before a long download
+    with interruptible() as got:
+        try:
+            return _prepare(dataset, tokenizer, vocab_size, out_dir, val_frac, text_field, num_proc, seed, overwrite,
+                            txt_split)
+        except KeyboardInterrupt:
+            name = signal.Signals(got[0]).name if got else 'SIGINT'
+            raise Interrupted(f"interrupted by {name} while preparing '{out_dir}': nothing written; run the same "
+                              f"command again to prepare it") from None
+
+def _prepare(dataset, tokenizer, vocab_size, out_dir, val_frac, text_field, num_proc, seed, overwrite, txt_split):
+    _remove_stale_staging(out_dir)
+    if txt_split not in TXT_SPLITS:
+        raise DataError(f"txt_split '{txt_split}' is not one of {', '.join(TXT_SPLITS)}")
+    local = _looks_local(dataset)
+    here = os.path.exists(os.path.join(DATA_ROOT, 'pydocs.jsonl') if dataset == 'pydocs' else os.path.expanduser(dataset))
+    files = _files(dataset, build=False) if local and here else None  # fail early on a bad path or file
+    kind = files[0] if files else EXTENSIONS.get(os.path.splitext(dataset)[1])
     settings = dict(dataset=os.path.abspath(os.path.expanduser(dataset)) if local and dataset != 'pydocs' else dataset,
                     tokenizer=tokenizer, vocab_size=vocab_size if tokenizer == 'train' else None,
-                    text_field=text_field, val_frac=val_frac, seed=seed)
-    source = _source_record(dataset, local)
-    command = prepare_command(settings, out_dir)
+                    text_field=text_field, val_frac=val_frac, seed=seed, txt_split=txt_split if kind == 'text' else None)
     if os.path.exists(os.path.join(out_dir, 'meta.json')) and not overwrite:
         old = load_meta(out_dir)
-        if (old.get('settings') or {}) != settings:
-            diff = ', '.join(f'{k}: {old["settings"].get(k)!r} -> {v!r}' for k, v in settings.items()
-                             if old.get('settings', {}).get(k) != v) if old.get('settings') else 'unknown'
+        # folders prepared before txt_split existed split .txt files into paragraphs
+        old_settings = {'txt_split': 'paragraph' if kind == 'text' else None, **(old.get('settings') or {})}
+        if local and not here and kind is None:  # a folder that is not here: its kind is unknown
+            settings['txt_split'] = old_settings['txt_split']
+        if not old.get('settings') or any(old_settings.get(k) != v for k, v in settings.items()):
+            diff = ', '.join(f'{k}: {old_settings.get(k)!r} -> {v!r}' for k, v in settings.items()
+                             if old_settings.get(k) != v) if old.get('settings') else 'unknown'
             raise DataError(f"'{out_dir}' holds data prepared with other settings ({diff}): delete it, or prepare into another folder (data.py --out_dir=DIR, then train.py --data_dir=DIR)")
-        changes = _source_changes(old.get('source'), source)
+        if local and not here:  # e.g. a GPU machine given only the prepared folder
+            print(f"{out_dir} is already prepared with these settings (its source '{dataset}' is not here to compare)")
+            return out_dir
+        changes = _source_changes(old.get('source'), _source_record(dataset, files))
         if changes:
             raise DataError(f"'{out_dir}' was prepared from an earlier version of '{dataset}' "
                             f"({', '.join(changes[:3])}{', ...' if len(changes) > 3 else ''}): re-prepare it with "
-                            f"{command} (a run resumed on it then reads other blocks)")
+                            f"{prepare_command(settings, out_dir)} (a run resumed on it then reads other blocks)")
         print(f"{out_dir} is already prepared with these settings from the same source")
         return out_dir
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, 'meta.json')):
         raise DataError(f"'{out_dir}' exists but is not a prepared dataset (no meta.json): delete it, or choose "
                         f"another --out_dir")  # never deleted here, even with overwrite: it may be anything
+    _import_datasets(dataset)  # before building anything: one line on a machine without it
+    files = _files(dataset) if local else None  # builds pydocs; a missing path is said here
+    source = _source_record(dataset, files)
     staging = f'{out_dir.rstrip(os.sep)}.partial-{os.getpid()}'
     try:
-        meta = _prepare_into(staging, out_dir, dataset, tokenizer, vocab_size, val_frac, text_field, num_proc, seed)
+        os.makedirs(staging, exist_ok=True)
+        with open(os.path.join(staging, '.host'), 'w') as f:  # whose it is, for _remove_stale_staging
+            f.write(socket.gethostname())
+        meta = _prepare_into(staging, out_dir, dataset, tokenizer, vocab_size, val_frac, text_field, num_proc, seed,
+                             txt_split)
         meta.update(settings=settings, source=source)
         with open(os.path.join(staging, 'meta.json'), 'w') as f:
             json.dump(meta, f, indent=2)
+        os.remove(os.path.join(staging, '.host'))
         if os.path.exists(os.path.join(out_dir, 'meta.json')) and not overwrite:
             print(f'{out_dir} was prepared meanwhile by another process; using it')  # two runs started at once
-            shutil.rmtree(staging)
             return out_dir
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)
@@ -336,11 +546,11 @@ def prepare(dataset='pydocs', tokenizer='microsoft/mpnet-base', vocab_size=30527
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
-def _prepare_into(folder, out_dir, dataset, tokenizer, vocab_size, val_frac, text_field, num_proc, seed):
+def _prepare_into(folder, out_dir, dataset, tokenizer, vocab_size, val_frac, text_field, num_proc, seed, txt_split):
     """prepare()'s work, written into folder (renamed to out_dir when done); returns the meta dict."""
     t0 = time.time()
     tok = None if tokenizer == 'train' else load_tokenizer(tokenizer)
-    ds, field, is_txt = _source(dataset, text_field)
+    ds, field, is_txt = _source(dataset, text_field, txt_split=txt_split)
     n_docs = len(ds)
     if n_docs == 0:
         raise DataError(f"dataset '{dataset}' has no documents")
@@ -359,9 +569,11 @@ def _prepare_into(folder, out_dir, dataset, tokenizer, vocab_size, val_frac, tex
                 n_chars += sum(map(len, texts))
                 if n_chars > TOKENIZER_TRAIN_CHARS:
                     return
-        tok = train_tokenizer(train_texts(), vocab_size)
+        try:
+            tok = train_tokenizer(train_texts(), vocab_size)
+        except (ValueError, OSError) as e:  # as for the map below
+            raise _read_error(dataset, *(_files(dataset) or (None, [])), e) from None
     ids, dtype = _special_ids(tok), token_dtype(len(tok))
-    os.makedirs(folder, exist_ok=True)
     tok.save_pretrained(os.path.join(folder, 'tokenizer'))
 
     encoder, eos = _encoder(tok), ids['eos_id']
@@ -379,9 +591,12 @@ def _prepare_into(folder, out_dir, dataset, tokenizer, vocab_size, val_frac, tex
     if num_proc and num_proc > 1:  # forked workers must not use the Rust thread pool the parent already used
         os.environ['TOKENIZERS_PARALLELISM'] = 'false'
     # 256 documents a batch: enough for the Rust thread pool, and bounded even when documents are books
-    tokenized = ds.map(tokenize, batched=True, batch_size=256, with_indices=True, remove_columns=ds.column_names,
-                       num_proc=num_proc, desc='tokenizing', load_from_cache_file=False,
-                       cache_file_name=os.path.join(folder, 'tokenized.arrow'))  # intermediate, removed below
+    try:
+        tokenized = ds.map(tokenize, batched=True, batch_size=256, with_indices=True, remove_columns=ds.column_names,
+                           num_proc=num_proc, desc='tokenizing', load_from_cache_file=False,
+                           cache_file_name=os.path.join(folder, 'tokenized.arrow'))  # intermediate, removed below
+    except (ValueError, OSError) as e:  # what the reader let through (bytes that are not UTF-8 in a JSON string)
+        raise _read_error(dataset, *(_files(dataset) or (None, [])), e) from None
 
     import pyarrow.compute as pc
     n_tokens, n_split_docs, n_bad, n_null, n_not_text, max_id = {'train': 0, 'val': 0}, {'train': 0, 'val': 0}, 0, 0, 0, 0
@@ -425,8 +640,33 @@ def load_meta(data_dir):
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.exists(path):
         raise DataError(f"'{data_dir}' is not a prepared dataset (no meta.json): run python data.py --dataset=... --out_dir={data_dir}")
-    with open(path) as f:
-        meta = json.load(f)
+    fix = f"re-prepare the folder: {prepare_command(None, data_dir)}"
+    try:
+        with open(path, encoding='utf-8') as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:  # unreadable, truncated, not JSON, not UTF-8
+        raise DataError(f"'{path}' cannot be read ({_line(e)}); {fix}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"'{path}' holds a JSON {type(meta).__name__}, not the object data.py writes; {fix}")
+    if isinstance(meta.get('settings'), dict):
+        fix = f"re-prepare the folder: {prepare_command(meta['settings'], data_dir)}"
+    ints = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    def dtype(v):  # load_prepared says when it cannot hold the vocabulary
+        try:
+            return isinstance(v, str) and np.dtype(v).kind in 'ui'
+        except TypeError:
+            return False
+    checks = dict(tokenizer=lambda v: isinstance(v, str) and v, vocab_size=lambda v: ints(v) and v > 0,
+                  dtype=dtype, bos_id=ints, eos_id=ints,
+                  pad_id=lambda v: v is None or ints(v), unk_id=lambda v: v is None or ints(v),
+                  mask_id=lambda v: v is None or ints(v), settings=lambda v: v is None or isinstance(v, dict),
+                  source=lambda v: v is None or isinstance(v, dict),
+                  n_tokens=lambda v: v is None or (isinstance(v, dict) and all(map(ints, v.values()))))
+    for key, ok in checks.items():
+        if key not in meta and key in ('tokenizer', 'vocab_size', 'dtype', 'bos_id', 'eos_id'):  # needed by every reader
+            raise DataError(f"'{path}' has no '{key}' (not written by this data.py, or edited); {fix}")
+        if not ok(meta.get(key)):
+            raise DataError(f"'{path}' has {key} = {json.dumps(meta.get(key))[:60]}, which data.py never writes; {fix}")
     if os.path.isdir(os.path.join(data_dir, meta['tokenizer'])):  # stored relative, so the folder can be moved
         meta['tokenizer'] = os.path.join(data_dir, meta['tokenizer'])
     return meta
@@ -531,8 +771,11 @@ class Batches:
         n, L = os.path.getsize(self.path) // self.dtype.itemsize, block_size - 1
         self.n_blocks = (n - L + 1) // L  # so the grid fits whatever the epoch's shift
         if self.n_blocks < 1:
-            raise DataError(f"{self.path} has {n:,} tokens, too few for one block of {block_size}: "
-                            f"lower block_size or prepare more data (or a larger val_frac)")
+            # a block takes L = block_size-1 stream tokens (after its <s>) from a grid shifted by up to L-1 per epoch
+            raise DataError(f"{self.path} has {n:,} tokens; block_size {block_size} needs at least {2 * L - 1:,} "
+                            f"({L:,} per block, plus up to {L - 1:,} for the random shift of each epoch's grid): " +
+                            (f"use block_size <= {(n + 1) // 2 + 1:,} or " if n else '') + "prepare more data" +
+                            (" (or a larger val_frac)" if split == 'val' else ''))
         self.offset, self.i = 0, 0  # blocks consumed before the last load_state_dict, batches since
 
     def starts(self, i):
@@ -607,7 +850,7 @@ class StreamingBatches:
     vocab_size, as load_meta does for prepared data."""
 
     def __init__(self, dataset, tokenizer, batch_size, block_size, seed=1337, rank=0, world_size=1, device='cpu',
-                 text_field='text', buffer_blocks=1000, held_out=0):
+                 text_field='text', buffer_blocks=1000, held_out=0, txt_split='paragraph'):
         assert 0 <= rank < world_size and block_size >= 2
         if tokenizer == 'train':
             raise DataError("streaming needs an existing tokenizer: train one with data.py --tokenizer=train on a "
@@ -616,7 +859,7 @@ class StreamingBatches:
         self.meta = dict(dataset=dataset, tokenizer=tokenizer if isinstance(tokenizer, str) else self.tok.name_or_path,
                          vocab_size=len(self.tok), **_special_ids(self.tok))
         self.encoder = _encoder(self.tok)
-        self.ds, self.field, _ = _source(dataset, text_field, streaming=True)
+        self.ds, self.field, _ = _source(dataset, text_field, streaming=True, txt_split=txt_split)
         self.dataset, self.batch_size, self.block_size, self.seed = dataset, batch_size, block_size, seed
         self.rank, self.world_size, self.device, self.buffer_blocks = rank, world_size, device, buffer_blocks
         self.held_out, self.n_skipped = held_out, 0
@@ -687,13 +930,13 @@ def _text_of(example, field, dataset):
                         f"pass --text_field=NAME")
     return example[field]
 
-def stream_val_blocks(dataset, tokenizer, n_blocks, block_size, text_field='text'):
+def stream_val_blocks(dataset, tokenizer, n_blocks, block_size, text_field='text', txt_split='paragraph'):
     """The validation set of a streaming run without a prepared data_dir: the first documents of the
     stream, packed in order into n_blocks fixed blocks (<s> + block_size-1 tokens), on the CPU.
     Returns (blocks, n_docs); StreamingBatches(held_out=n_docs) never trains on those documents."""
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     encoder, ids = _encoder(tok), _special_ids(tok)
-    ds, field, _ = _source(dataset, text_field, streaming=True)
+    ds, field, _ = _source(dataset, text_field, streaming=True, txt_split=txt_split)
     need, parts, n, n_docs = n_blocks * (block_size - 1), [], 0, 0
     for example in ds:
         n_docs += 1
@@ -722,11 +965,17 @@ if __name__ == '__main__':
     parser.add_argument('--num_proc', type=int, default=None, help='tokenizer processes (None: one, multithreaded)')
     parser.add_argument('--seed', type=int, default=1337, help='the validation split and the vocabulary sample')
     parser.add_argument('--overwrite', action='store_true', help='re-prepare out_dir even if it holds prepared data')
+    parser.add_argument('--txt_split', default='paragraph', choices=list(TXT_SPLITS),
+                        help='a .txt document is a line, a blank-line separated paragraph, or the whole file')
     from configurator import ConfigError, check_limits
     try:
         args = vars(parser.parse_args())
         check_limits(args)
         prepare(**args)
+    except Interrupted as e:
+        print(e, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # at once: an abandoned worker thread (the vocabulary trainer) must not delay the exit
     except (DataError, ConfigError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(1)

@@ -120,16 +120,31 @@ def two_stream_mask(T, P, device, objective='mpnet'):
         L, S = layout(objective, T, P)
         q = torch.arange(L, device=device)[:, None]
         kv = torch.arange(S, device=device)[None, :]
-        _mask_cache[key] = two_stream_visible(q, kv, T, P, objective)
+        _mask_cache[key] = visible = two_stream_visible(q, kv, T, P, objective)
+        # rows that see no key at all (plm's first query row when every token is predicted, N = 0): known
+        # here, once, so that forward handles them only when they exist and never syncs to ask
+        lonely = ~visible.any(-1)
+        _mask_cache[('lonely', *key[1:])] = lonely if lonely.any() else None
     return _mask_cache[key]
 
 
+def empty_rows(T, P, device, objective='mpnet'):
+    """(L,) True for the rows of two_stream_mask that see no key, or None when every row sees one (usually)."""
+    two_stream_mask(T, P, device, objective)
+    return _mask_cache[('lonely', T, P, objective, str(device))]
+
+
 def two_stream_block_mask(T, P, device, objective='mpnet'):
-    """FlexAttention block mask of two_stream_visible, built once per (T, P, objective, device)."""
+    """FlexAttention block mask of two_stream_visible, built once per (T, P, objective, device); rows that
+    see nothing (empty_rows) get every key, as in the dense path, and forward zeroes their output."""
     from torch.nn.attention.flex_attention import create_block_mask
     key = ('flex', T, P, objective, str(device))
     if key not in _mask_cache:
-        mask_mod = lambda b, h, q_idx, kv_idx: two_stream_visible(q_idx, kv_idx, T, P, objective)
+        lonely = empty_rows(T, P, device, objective)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            visible = two_stream_visible(q_idx, kv_idx, T, P, objective)
+            return visible if lonely is None else visible | lonely[q_idx]
         _mask_cache[key] = create_block_mask(mask_mod, None, None, *layout(objective, T, P), device=device)
     return _mask_cache[key]
 
@@ -159,10 +174,11 @@ def rotary(x, positions, theta):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-# SDPA's cuDNN and flash backwards return no gradient for attn_mask (torch's derivatives.yaml:
-# _scaled_dot_product_cudnn_attention and _flash_attention_for_cpu differentiate q, k and v only),
-# and PyTorch prefers cuDNN on H100: the learned relative bias would stop training, silently or with
-# an error depending on the version. Whenever the bias needs a gradient, only these may run.
+# Which SDPA backends can train the relative bias (torch's derivatives.yaml, the same in 2.11 and 2.13): the
+# efficient and math backends differentiate attn_mask; cuDNN does not, and refuses at the forward a bias that
+# requires grad ("not differentiable with respect to argument 'attn_bias'"), so on H100/H200, where PyTorch
+# prefers cuDNN, training would crash; flash takes no mask at all. Whenever the bias needs a gradient, only
+# these may run; evaluation (no grad) lets PyTorch pick any backend, cuDNN included.
 MASK_GRAD_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -346,13 +362,16 @@ class MPNet(nn.Module):
         c, device = self.config, positions.device
         L, n_kv = layout(c.objective, T, P)
         visible, keep = two_stream_mask(T, P, device, c.objective), None  # (L, S)
+        lonely = empty_rows(T, P, device, c.objective)  # (L,) or, as a rule, None: the usual path pays nothing
         if docs is not None:
             # doc_mask: rows see their own document only, (B, L, S). A plm query row can then have nothing to
-            # see (a short document whose tokens are all predicted, this one first); such a row gets every key
-            # (no -inf-only softmax, no NaN) and its attention output is zeroed, so nothing leaks in
+            # see (a short document whose tokens are all predicted, this one first)
             visible = visible & (docs[:, :, None] == docs[:, None, :n_kv])
             lonely = ~visible.any(-1)  # (B, L)
-            visible, keep = visible | lonely[..., None], ~lonely[:, None, :, None]
+        if lonely is not None:
+            # a row with nothing to see gets every key (no -inf-only softmax, whose NaN would reach the loss
+            # and every gradient) and its attention output is zeroed, so nothing leaks in: (B or 1, 1, L, 1)
+            visible, keep = visible | lonely[..., None], ~lonely[..., None, :, None]
         if c.attn_impl == 'flex':
             return AttnInputs(positions, flex=self._flex_attention(positions, T, P, visible if docs is not None else None),
                               keep=keep)

@@ -2,46 +2,132 @@
 A run's curves from its metrics.jsonl, as one PNG: no account and no server, open it anywhere.
 
     python plot.py out-tiny                      # -> out-tiny/curves.png
-    python plot.py out-a out-b --out=cmp.png     # several runs on the same axes
+    python plot.py out-a out-b --out=cmp.png     # several runs on the same axes (or cmp.pdf, cmp.svg)
 
 train.py starts this in the background after each evaluation (curves=True), so out_dir/curves.png
 follows the run. Panels: loss (training, and validation as dots), accuracy on the predicted tokens, learning
 rate, throughput and MFU, and the embedding probe when the run logged it (probe=True).
+
+read_metrics() is the one reader of metrics.jsonl (train.py's resume trims the log with it too): it imports
+nothing heavy, matplotlib is imported only to draw.
 """
 
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
+import time
 
 
-def read_metrics(run_dir):
-    """(training records, evaluation records) of run_dir/metrics.jsonl, one per iteration (the last written
-    wins, should a crashed run have left a record that its resumption wrote again)."""
-    train, evals = {}, {}
-    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
-        for line in f:
+class PlotError(Exception):
+    """A problem the user can fix: printed as one line, exit code 1."""
+
+
+def valid_record(record):
+    """The rule for a usable line of metrics.jsonl: a JSON object whose 'iter' is an int >= 0. Its other values
+    are not checked here: a log window with a skipped step honestly logs loss NaN and grad_norm Infinity."""
+    return isinstance(record, dict) and type(record.get('iter')) is int and record['iter'] >= 0  # bool is no iter
+
+
+def read_metrics(path_or_dir, warn=True):
+    """The valid records (valid_record) of a metrics.jsonl (or of a run folder's), in file order. A line that is
+    not one (cut short by a crash, undecodable bytes, not an object, no integer 'iter') is skipped, and with
+    warn, one line on stderr says how many and where the first is. OSError if the file cannot be read."""
+    path = os.path.join(path_or_dir, 'metrics.jsonl') if os.path.isdir(path_or_dir) else path_or_dir
+    records, bad, first_bad = [], 0, None
+    with open(path, 'rb') as f:  # bytes: an undecodable line is one bad line, not an error for the whole file
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a crash
-                continue
-            (evals if 'val_loss' in record else train)[record['iter']] = record
+            except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                record = None
+            if valid_record(record):
+                records.append(record)
+            else:
+                bad, first_bad = bad + 1, first_bad or n
+    if bad and warn:
+        print(f"warning: {path}: skipped {bad} malformed line{'s' if bad > 1 else ''} (the first is line {first_bad}): "
+              f"each line must be a JSON object with an integer 'iter'", file=sys.stderr)
+    return records
+
+
+def curves_of(records):
+    """(training records, evaluation records), one per iteration each: the last written wins, should a crashed
+    run have left a record that its resumption wrote again."""
+    train, evals = {}, {}
+    for record in records:
+        (evals if 'val_loss' in record else train)[record['iter']] = record
     return [train[k] for k in sorted(train)], [evals[k] for k in sorted(evals)]
 
 
+def series(records, key):
+    """(iterations, values) of key where it is a finite number: NaN, Infinity and anything else is a gap."""
+    points = [(r['iter'], r[key]) for r in records if type(r.get(key)) in (int, float) and math.isfinite(r[key])]
+    return [i for i, _ in points], [v for _, v in points]
+
+
+def objective_of(run_dir, records):
+    """The training objective of a run (mpnet, mlm, plm): from its log, else from its checkpoint's config;
+    None when neither says (no checkpoint yet, or no torch to read it)."""
+    logged = [r['objective'] for r in records if isinstance(r.get('objective'), str)]
+    if logged:
+        return logged[-1]
+    for name in ('ckpt.pt', 'best.pt'):
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path) and importlib.util.find_spec('torch'):
+            import torch
+            try:  # mmap: only the config is read, not gigabytes of weights
+                config = torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('config', {})
+                return config.get('objective', 'mpnet')  # train.py's default before the option existed
+            except Exception:  # unreadable: the curves do not need it
+                pass
+    return None
+
+
 def plot(run_dirs, out_path):
+    """Draw the runs' curves into out_path (its extension names the format). PlotError if there is nothing to
+    draw, or if out_path cannot be written (then the previous out_path is unchanged and no temp file is left)."""
+    runs = []
+    for d in run_dirs:
+        try:
+            records = read_metrics(d)
+        except OSError as e:  # unreadable (permissions, a folder named metrics.jsonl...)
+            raise PlotError(f"cannot read {os.path.join(d, 'metrics.jsonl')} ({e.strerror or e})") from None
+        name = os.path.basename(os.path.normpath(d)) or d
+        runs.append((name, d, *curves_of(records), records))
+    if len({name for name, *_ in runs}) < len({d for _, d, *_ in runs}):  # out-a/run and out-b/run: tell them apart
+        runs = [(os.path.normpath(d), d, *rest) for _, d, *rest in runs]
+    keys = ('loss', 'acc', 'lr', 'tokens_per_sec', 'val_loss', 'val_acc', 'probe_found', 'probe_cos')
+    empty = [name for name, _, train, evals, _ in runs if not any(series(train + evals, k)[0] for k in keys)]
+    if len(empty) == len(runs):
+        # no file, and a non-zero exit, so that `plot.py out && open out/curves.png` stops at this line
+        raise PlotError(f"{' and '.join(os.path.join(d, 'metrics.jsonl') for d in run_dirs)} "
+                        f"{'holds' if len(runs) == 1 else 'hold'} nothing to plot yet: the first records come at "
+                        f"the first evaluation and every log_interval iterations")
+    for name in empty:
+        print(f'note: {name} has nothing to plot yet', file=sys.stderr)
+    # losses of different objectives are different tasks (MLM predicts with every other token visible, PLM with
+    # fewer): same axis, but not comparable, and the plot says so
+    objectives = {name: objective_of(d, records) for name, d, _, _, records in runs} if len(runs) > 1 else {}
+    mixed = len({o for o in objectives.values() if o}) > 1
+    if mixed:
+        which = ', '.join(f"{n}: {o or 'unknown'}" for n, o in objectives.items())
+        print(f'note: these runs train different objectives ({which}): their losses measure different tasks and '
+              f'are not comparable', file=sys.stderr)
+
     import matplotlib
     matplotlib.use('Agg')  # files only, no display
     import matplotlib.pyplot as plt
-    runs = {os.path.basename(os.path.normpath(d)) or d: read_metrics(d) for d in run_dirs}
-    probed = any('probe_found' in e for _, evals in runs.values() for e in evals)
+    probed = any('probe_found' in e for _, _, _, evals, _ in runs for e in evals)
     fig, axes = plt.subplots(2, 3 if probed else 2, figsize=(15 if probed else 11, 7.5), squeeze=False)
     (loss_ax, acc_ax, *rest), (lr_ax, speed_ax, *rest2) = axes
-    for i, (name, (train, evals)) in enumerate(runs.items()):
+    for i, (name, _, train, evals, _) in enumerate(runs):
         color = f'C{i}'
-        series = lambda records, key: ([r['iter'] for r in records if r.get(key) is not None],
-                                       [r[key] for r in records if r.get(key) is not None])
+        name = f'{name} ({objectives[name] or "objective unknown"})' if mixed else name
         loss_ax.plot(*series(train, 'loss'), color=color, alpha=0.6, label=f'{name} train')
         loss_ax.plot(*series(evals, 'val_loss'), 'o-', color=color, label=f'{name} val')
         acc_ax.plot(*series(train, 'acc'), color=color, alpha=0.6, label=f'{name} train')
@@ -51,28 +137,64 @@ def plot(run_dirs, out_path):
         if probed:
             rest[0].plot(*series(evals, 'probe_found'), 'o-', color=color, label=f'{name} found')
             rest2[0].plot(*series(evals, 'probe_cos'), 'o-', color=color, label=f'{name} unrelated cos')
-    titles = [(loss_ax, 'loss (dots: validation)'), (acc_ax, 'accuracy on predicted tokens'), (lr_ax, 'learning rate'),
+    loss_title = 'loss (dots: validation)' + ('\ndifferent objectives: losses of different tasks, not comparable'
+                                              if mixed else '')
+    titles = [(loss_ax, loss_title), (acc_ax, 'accuracy on predicted tokens'), (lr_ax, 'learning rate'),
               (speed_ax, 'tokens/s')]
     if probed:
-        titles += [(rest[0], 'probe: halves that find their other half'), (rest2[0], 'probe: cosine of unrelated halves')]
+        titles += [(rest[0], 'probe: halves that find their other half'),
+                   (rest2[0], 'probe: cosine of unrelated halves')]
     for ax, title in titles:
-        ax.set_title(title)
+        ax.set_title(title, color='C3' if mixed and ax is loss_ax else 'black')
         ax.set_xlabel('iteration')
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = f'{out_path}.{os.getpid()}.tmp.png'
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, out_path)  # a viewer never sees half a file
+    # a viewer never sees half a file: a temp file of our own (the pattern checkpoint.py's writers use, which
+    # train.py removes when a killed run's folder is taken over), then os.replace; any failure (a full disk)
+    # removes it and leaves the previous file as it was
+    tmp = f'{out_path}.{os.getpid()}.{time.monotonic_ns() % 10**9}.tmp'
+    try:
+        fig.savefig(tmp, dpi=80, format=os.path.splitext(out_path)[1][1:].lower())
+        os.replace(tmp, out_path)
+    except Exception as e:  # OSError (disk full, a size limit, permissions), or a backend's own error
+        reason = (e.strerror if isinstance(e, OSError) and e.strerror
+                  else (str(e).strip().splitlines() or [type(e).__name__])[0][:160])
+        kept = (f'the previous {os.path.basename(out_path)} is unchanged' if os.path.exists(out_path)
+                else 'nothing was written')
+        raise PlotError(f'could not write {out_path} ({reason}): {kept}') from None
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return out_path
 
 
+def out_problem(out_path):
+    """Why out_path cannot be written (a one-line reason), or None: checked before any work."""
+    from matplotlib.backend_bases import FigureCanvasBase  # no figure, no backend: just the formats
+    formats = FigureCanvasBase.get_supported_filetypes()
+    ext = os.path.splitext(out_path)[1][1:].lower()
+    folder = os.path.dirname(out_path) or '.'
+    if os.path.isdir(out_path):
+        return f"--out='{out_path}' is a folder: name the file, e.g. {os.path.join(out_path, 'curves.png')}"
+    if ext not in formats:
+        others = ' '.join('.' + f for f in sorted(formats) if f not in ('png', 'pdf', 'svg'))
+        why = f'matplotlib cannot write .{ext} files' if ext else 'no extension names the format'
+        return f"--out='{out_path}': {why}: use .png, .pdf or .svg (or {others})"
+    if not os.path.isdir(folder):
+        return f"--out='{out_path}': the folder '{folder}' does not exist: create it, or choose another --out"
+    return None
+
+
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser(description='plot the curves of training runs (their metrics.jsonl) into a PNG',
+    parser = argparse.ArgumentParser(description='plot the curves of training runs (their metrics.jsonl) into a PNG '
+                                                 '(or any format matplotlib writes: .pdf, .svg, ...)',
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('run_dirs', nargs='+', help="run folders (train.py's out_dir)")
-    parser.add_argument('--out', default=None, help='the PNG to write (default: RUN_DIR/curves.png for one run)')
+    parser.add_argument('--out', default=None, help='the file to write, its extension names the format '
+                                                    '(default: RUN_DIR/curves.png for one run)')
     args = parser.parse_args()
     missing = [d for d in args.run_dirs if not os.path.isfile(os.path.join(d, 'metrics.jsonl'))]
     if missing:
@@ -84,4 +206,14 @@ if __name__ == '__main__':
     if importlib.util.find_spec('matplotlib') is None:
         print('error: plotting needs matplotlib: pip install matplotlib', file=sys.stderr)
         sys.exit(1)
-    print(f'wrote {plot(args.run_dirs, args.out or os.path.join(args.run_dirs[0], "curves.png"))}')
+    out = args.out or os.path.join(args.run_dirs[0], 'curves.png')
+    problem = out_problem(out)
+    if problem:
+        print(f'error: {problem}', file=sys.stderr)
+        sys.exit(1)
+    try:
+        plot(args.run_dirs, out)
+    except PlotError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(1)
+    print(f'wrote {out}')

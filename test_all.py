@@ -22,8 +22,10 @@ import runpy
 import shutil
 import signal
 import socket
+import string
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import types
@@ -33,6 +35,7 @@ os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 os.environ.setdefault('WANDB_MODE', 'offline')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -41,10 +44,11 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 import data
 from permute import n_pred, permute_batch, vocab_tables
-from model import MPNet, MPNetConfig, layout, relative_position_bucket, two_stream_mask
+from model import MPNet, MPNetConfig, empty_rows, layout, relative_position_bucket, two_stream_mask
 import checkpoint
 import configurator
 import convert_hf
+import plot
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # CPU FlexAttention runs unfused (no torch.compile) by design here: forward parity only
@@ -75,6 +79,8 @@ def run_here(script, *args):
     finally:
         sys.argv = argv
         os.chdir(cwd)
+        for name in [k for k, m in sys.modules.items() if getattr(m, '__file__', None) == os.path.join(HERE, script)]:
+            del sys.modules[name]  # '__mp_main__': multiprocess (imported by datasets) keeps the script's module
     gc.collect()  # the script's globals (an out_dir lock among them) go, as they would with its process
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
@@ -823,17 +829,65 @@ def test_never_lose_a_trained_model(tmp_path, small_run):
     proc = train(tmp_path, *common, '--max_iters=30', '--init_from=resume', '--learning_rate=1e38', '--warmup_iters=0')
     assert_clean_error(proc, 'validation loss is nan', 'nothing saved', 'best.pt (iter 10')
     assert load_ckpt(tmp_path / 'ckpt.pt')['iter_num'] == 20 and load_ckpt(tmp_path / 'best.pt')['iter_num'] == 10
-    # 3. overwrite=True starts over: the old checkpoints and log are gone, not mixed in
-    proc = train(tmp_path, *common, '--max_iters=4', '--eval_interval=2', '--overwrite=True')
+    # 3. overwrite=True, starting from the folder's own best.pt, and the new run never beats it: the model it
+    # started from is moved aside (replaced/), not deleted, and the last line exports it, not the worse ckpt.pt
+    (tmp_path / 'hf').mkdir()  # an export of the old run goes with it
+    proc = train(tmp_path, *common, '--max_iters=5', '--overwrite=True', f'--init_from={tmp_path / "best.pt"}',
+                 '--learning_rate=50.0', '--warmup_iters=0')
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert load_ckpt(tmp_path / 'ckpt.pt')['iter_num'] == 4 and load_ckpt(tmp_path / 'best.pt')['iter_num'] <= 4
-    assert max(json.loads(line)['iter'] for line in open(tmp_path / 'metrics.jsonl')) == 4
+    kept = load_ckpt(tmp_path / 'replaced' / 'best.pt')
+    assert kept['iter_num'] == 10 and all(torch.equal(kept['model'][k], first['model'][k]) for k in first['model'])
+    assert not (tmp_path / 'best.pt').exists() and load_ckpt(tmp_path / 'ckpt.pt')['iter_num'] == 5
+    assert (tmp_path / 'replaced' / 'hf').is_dir() and not (tmp_path / 'hf').exists()
+    assert max(json.loads(line)['iter'] for line in open(tmp_path / 'metrics.jsonl')) == 5  # a log of its own
+    assert f"export with: python convert_hf.py {tmp_path / 'replaced' / 'best.pt'}" in proc.stdout.splitlines()[-1]
+    # ... a second overwrite would have to drop one of the two runs: refused, the user chooses
+    proc = train(tmp_path, *common, '--max_iters=5', '--overwrite=True')
+    assert_clean_error(proc, 'keeps one replaced run only', 'delete whichever')
+    # ... with the worse run deleted, a run that beats the kept model (the same validation) releases it
+    for name in ('ckpt.pt', 'metrics.jsonl'):
+        os.remove(tmp_path / name)
+    proc = train(tmp_path, *common, '--max_iters=5', '--overwrite=True', f'--init_from={tmp_path / "replaced/best.pt"}')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"removed {tmp_path / 'replaced'}" in proc.stdout and not (tmp_path / 'replaced').exists()
+    assert load_ckpt(tmp_path / 'best.pt')['val_loss'] < first['val_loss']
     assert not list(tmp_path.glob('*.tmp'))
     # 4. another run's checkpoint file starts a new run: its weights, a fresh optimizer, iteration 0
     proc = train(tmp_path / 'next', *common, f'--init_from={tmp_path / "best.pt"}', '--max_iters=3')
     assert proc.returncode == 0, proc.stderr[-2000:]
     nxt = load_ckpt(tmp_path / 'next' / 'ckpt.pt')
     assert nxt['iter_num'] == 3 and int(nxt['optimizer']['state'][0]['step']) == 3
+
+
+def test_a_log_alone_is_a_run_and_an_unreadable_checkpoint_names_a_real_alternative(tmp_path, small_run):
+    # killed after its first evaluation, before its first save: metrics.jsonl alone still belongs to a run
+    (tmp_path / 'log_only').mkdir()
+    (tmp_path / 'log_only' / 'metrics.jsonl').write_text('{"iter": 0, "val_loss": 9.0}\n')
+    proc = train(tmp_path / 'log_only', *SMALL, '--max_iters=2')
+    assert_clean_error(proc, 'already holds a run (metrics.jsonl', '--overwrite=True')
+    assert 'init_from=resume' not in proc.stderr  # nothing to resume
+    # a truncated checkpoint points to another checkpoint that exists, and to none that does not
+    copy_run(small_run, tmp_path / 'run')
+    os.remove(tmp_path / 'run' / 'ckpt.pt')
+    shutil.copyfile(tmp_path / 'run' / 'best.pt', tmp_path / 'run' / 'ckpt.pt')
+    with open(tmp_path / 'run' / 'ckpt.pt', 'r+b') as f:
+        f.truncate(1000)
+    with pytest.raises(checkpoint.CheckpointError, match=f"use {re.escape(str(tmp_path / 'run' / 'best.pt'))}"):
+        checkpoint.load_checkpoint(str(tmp_path / 'run' / 'ckpt.pt'))
+    os.remove(tmp_path / 'run' / 'best.pt')
+    with pytest.raises(checkpoint.CheckpointError, match='no other checkpoint is beside it'):
+        checkpoint.load_checkpoint(str(tmp_path / 'run' / 'ckpt.pt'))
+
+
+def test_resume_reads_a_damaged_log(tmp_path):
+    log = tmp_path / 'metrics.jsonl'
+    lines = [b'{"iter": 0, "val_loss": 9.0}', b'{"val_loss": 1.0}', b'[1, 2]', b'{"iter": "3"}', b'\xff\xfe{"iter"',
+             b'[' * 100_000, b'{"iter": -1}',
+             b'{"iter": 5, "loss": 8.0}', b'{"iter": 10, "loss": NaN}', b'{"iter": 1']
+    log.write_bytes(b'\n'.join(lines))  # the last line cut short by a crash
+    assert checkpoint.trim_log(str(log), 5) == (1, 7)  # iter 10 comes again; seven lines are no record
+    assert [json.loads(line)['iter'] for line in log.read_text().splitlines()] == [0, 5]
+    assert checkpoint.trim_log(str(log), 5) == (0, 0)
 
 
 def test_concurrent_writers_never_share_a_temp_file(tmp_path):
@@ -2017,3 +2071,654 @@ def test_prepare_memory_is_bounded(env, tmp_path):
     as_lists = res['n_tokens'] * 36
     assert res['n_tokens'] > 3_000_000
     assert res['growth'] < as_lists / 5, res
+
+
+# ==============================================================================================
+# issue 19: plot.py reads a damaged log, checks --out, says what it cannot compare, never leaves a torn file
+
+PNG = b'\x89PNG\r\n\x1a\n'
+
+
+def good(i, **kw):
+    return json.dumps(dict(iter=i, loss=5 - i / 10, acc=0.1 + i / 100, lr=1e-3, tokens_per_sec=1000.0, mfu=None, **kw))
+
+
+def write_log(folder, lines):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, 'metrics.jsonl'), 'wb') as f:
+        f.write(b''.join((l if isinstance(l, bytes) else l.encode()) + b'\n' for l in lines))
+    return folder
+
+
+def test_malformed_metrics_lines_are_skipped_with_one_warning(tmp_path):
+    bad = ['{"loss": 1.0}',                   # line 2: valid JSON, no iter
+           '[1, 2]', '3', '"text"', 'null',    # JSON values that are not objects
+           b'\xff\xfe not utf-8',             # undecodable bytes
+           '{"iter": "10", "loss": 1.0}', '{"iter": 10.5}', '{"iter": true}', '{"iter": null}', '{"iter": -1}',
+           '{"iter": NaN}', '[' * 100_000]    # iter not a non-negative int; nesting deep enough for RecursionError
+    lines = [good(0), *bad, good(5), '', good(10), json.dumps(dict(iter=15, loss=float('nan'), grad_norm=float('inf'))),
+             good(20, note='x'), json.dumps(dict(iter=25, val_loss=4.0, val_acc=0.2)), '{"iter": 30, "lo']  # cut short
+    run = write_log(tmp_path / 'run', lines)
+    proc = run_here('plot.py', str(run))
+    assert proc.returncode == 0 and 'Traceback' not in proc.stderr, proc.stderr
+    warnings = [l for l in proc.stderr.splitlines() if l.startswith('warning:')]
+    assert len(warnings) == 1 and 'skipped 14 malformed lines (the first is line 2)' in warnings[0], proc.stderr
+    assert (run / 'curves.png').read_bytes()[:8] == PNG
+    # the reader others reuse (train.py's resume): valid records in file order, NaN/Infinity values kept as logged
+    records = plot.read_metrics(str(run), warn=False)
+    assert [r['iter'] for r in records] == [0, 5, 10, 15, 20, 25]
+    assert plot.read_metrics(str(run / 'metrics.jsonl'), warn=False) == records
+    assert plot.series(records, 'loss')[0] == [0, 5, 10, 20]  # a non-finite loss is a gap in the curve
+    # importing plot.py (as checkpoint.py may) pulls in neither matplotlib nor torch
+    check = "import sys, plot; assert not {'matplotlib', 'torch'} & set(sys.modules), sorted(sys.modules)"
+    assert subprocess.run([sys.executable, '-c', check], cwd=HERE).returncode == 0
+
+
+def test_out_is_checked_before_drawing(tmp_path):
+    run = write_log(tmp_path / 'run', [good(0), good(5)])
+    for out, words in [(tmp_path / 'missing_dir' / 'x.png', ["the folder '", "missing_dir' does not exist"]),
+                       (tmp_path / 'x.txt', ['cannot write .txt files', '.png, .pdf or .svg']),
+                       (tmp_path / 'x', ['no extension']),
+                       (run, ['is a folder'])]:
+        proc = run_here('plot.py', str(run), f'--out={out}')
+        assert_clean_error(proc, *words)
+    assert sorted(os.listdir(tmp_path)) == ['run'] and os.listdir(run) == ['metrics.jsonl']
+    # the extension names the format
+    assert run_here('plot.py', str(run), f'--out={tmp_path / "c.pdf"}').returncode == 0
+    assert run_here('plot.py', str(run), f'--out={tmp_path / "c.svg"}').returncode == 0
+    assert (tmp_path / 'c.pdf').read_bytes()[:5] == b'%PDF-' and b'<svg' in (tmp_path / 'c.svg').read_bytes()[:2000]
+
+
+def test_nothing_to_plot_is_one_line_and_writes_nothing(tmp_path):
+    empty = write_log(tmp_path / 'empty', [])
+    only_bad = write_log(tmp_path / 'bad', ['{"loss": 1.0}', '{"iter": 3, "lr": "x"}', '{"iter": 4, "lo'])
+    for run in (empty, only_bad):
+        proc = run_here('plot.py', str(run))
+        assert_clean_error(proc, 'metrics.jsonl holds nothing to plot yet')
+        assert not (run / 'curves.png').exists()
+    # one run of several without records is a note; the others are drawn
+    full = write_log(tmp_path / 'full', [good(0), good(5)])
+    proc = run_here('plot.py', str(full), str(empty), f'--out={tmp_path / "both.png"}')
+    assert proc.returncode == 0 and 'note: empty has nothing to plot yet' in proc.stderr, proc.stderr
+    assert (tmp_path / 'both.png').read_bytes()[:8] == PNG
+
+
+def test_runs_of_different_objectives_are_said_to_be_incomparable(tmp_path):
+    runs = []
+    for name, objective in [('a', 'mpnet'), ('b', 'mlm'), ('c', 'mpnet')]:
+        runs.append(write_log(tmp_path / name, [good(0), good(5), json.dumps(dict(iter=5, val_loss=4.0, val_acc=0.2))]))
+        # the run's checkpoint config says what it trained, as train.py writes it
+        torch.save({'model': {}, 'model_args': {}, 'config': {'objective': objective}, 'iter_num': 5},
+                   runs[-1] / 'ckpt.pt')
+    with matplotlib.rc_context({'svg.fonttype': 'none'}):  # text stays text in the SVG: legend and title can be read
+        proc = run_here('plot.py', str(runs[0]), str(runs[1]), f'--out={tmp_path / "cmp.svg"}')
+        same = run_here('plot.py', str(runs[0]), str(runs[2]), f'--out={tmp_path / "same.svg"}')
+    assert proc.returncode == 0, proc.stderr
+    notes = [l for l in proc.stderr.splitlines() if l.startswith('note:')]
+    assert len(notes) == 1 and 'different objectives (a: mpnet, b: mlm)' in notes[0] and 'not comparable' in notes[0]
+    svg = (tmp_path / 'cmp.svg').read_text()
+    assert 'a (mpnet) train' in svg and 'b (mlm) val' in svg and 'not comparable' in svg
+    # the same objective: nothing to say
+    assert same.returncode == 0 and 'note' not in same.stderr, same.stderr
+    assert 'not comparable' not in (tmp_path / 'same.svg').read_text()
+
+
+def test_a_failed_write_keeps_the_previous_curves_and_leaves_no_temp_file(tmp_path):
+    run = write_log(tmp_path / 'run', [good(i) for i in range(0, 200, 5)])
+    (run / 'curves.png').write_bytes(b'the previous curves')
+    # a write that fails half-way: a file size limit (a full disk behaves alike, below)
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    proc = subprocess.run([sys.executable, 'plot.py', str(run)], cwd=HERE, capture_output=True, text=True,
+                          preexec_fn=limit)
+    assert_clean_error(proc, f'could not write {run}/curves.png', 'the previous curves.png is unchanged')
+    assert (run / 'curves.png').read_bytes() == b'the previous curves'
+    assert sorted(os.listdir(run)) == ['curves.png', 'metrics.jsonl']
+    # a really full disk: a small tmpfs, filled
+    proc = in_private_mount(f'''
+        mkdir -p {tmp_path}/disk && mount -t tmpfs -o size=256k tmpfs {tmp_path}/disk
+        cp {run}/metrics.jsonl {run}/curves.png {tmp_path}/disk/
+        dd if=/dev/zero of={tmp_path}/disk/fill bs=4k 2>/dev/null || true
+        {sys.executable} plot.py {tmp_path}/disk 2>&1 || true
+        cat {tmp_path}/disk/curves.png; echo; ls {tmp_path}/disk''')
+    if proc is None:
+        pytest.skip('unshare -m is not allowed here: no private tmpfs for the full-disk case')
+    out = proc.stdout.splitlines()
+    assert out[0] == (f'error: could not write {tmp_path}/disk/curves.png (No space left on device): '
+                      f'the previous curves.png is unchanged'), proc.stdout + proc.stderr
+    assert out[1:] == ['the previous curves', 'curves.png', 'fill', 'metrics.jsonl'], out
+
+
+# ==============================================================================================
+# issue 19: an export never empties its destination, never writes an unusable tokenizer, keeps a sentence model's pooler
+
+def small_checkpoint(path, tokenizer_files=None, vocab_size=None):
+    """A checkpoint as train.py writes one (weights, model_args, the tokenizer's files as text)."""
+    vocab_size = vocab_size or len(hf_wordpiece())
+    model = tiny_model(vocab_size=vocab_size)
+    if tokenizer_files is None:
+        with tempfile.TemporaryDirectory() as tok_dir:
+            hf_wordpiece().save_pretrained(tok_dir)
+            tokenizer_files = convert_hf.read_tokenizer_files(tok_dir)
+    torch.save({'model': model.state_dict(), 'model_args': vars(tiny_config(vocab_size=vocab_size)),
+                'tokenizer_files': tokenizer_files, 'iter_num': 7}, path)
+    return path
+
+
+def exported(folder):
+    return {'config.json', 'model.safetensors', 'nano_mpnet.json', 'tokenizer.json'} <= set(os.listdir(folder))
+
+
+# ---- finding 2: no destination is emptied before the new export is complete, whatever path spells it
+
+def test_export_into_the_folder_we_stand_in_and_every_spelling_of_it(tmp_path, monkeypatch, capsys):
+    run = tmp_path / 'O'
+    run.mkdir()
+    ckpt = small_checkpoint(run / 'best.pt')
+    convert_hf.export(str(ckpt), str(run / 'hf'))
+    inode = os.stat(run / 'hf').st_ino
+    monkeypatch.chdir(run / 'hf')  # cd O/hf && python convert_hf.py ../best.pt .
+    for spelling in ('.', './', str(run / 'hf') + '/', '../hf', '../hf/../hf'):
+        convert_hf.export('../best.pt', spelling)
+        assert exported('.') and exported(run / 'hf'), spelling  # the shell standing in it still sees the export
+        assert os.stat(run / 'hf').st_ino == inode  # the same folder, its content replaced
+    assert json.loads((run / 'hf' / 'nano_mpnet.json').read_text())['iter_num'] == 7
+    (tmp_path / 'link').symlink_to(run / 'hf')
+    convert_hf.export('../best.pt', str(tmp_path / 'link') + '/')
+    assert (tmp_path / 'link').is_symlink() and exported(run / 'hf')
+    empty = tmp_path / 'E'
+    empty.mkdir()
+    monkeypatch.chdir(empty)  # an empty folder we stand in
+    convert_hf.export(str(ckpt), '.')
+    assert exported(empty)
+    assert sorted(os.listdir(tmp_path)) == ['E', 'O', 'link'] and sorted(os.listdir(run)) == ['best.pt', 'hf']
+
+
+def test_a_folder_that_holds_the_checkpoint_is_never_an_export_destination(tmp_path, monkeypatch):
+    run = tmp_path / 'O'
+    run.mkdir()
+    ckpt = small_checkpoint(run / 'best.pt')
+    monkeypatch.chdir(run)
+    for dest in ('.', './', str(run), 'hf/..'):
+        with pytest.raises(convert_hf.ConvertError, match='holds the checkpoint being exported'):
+            convert_hf.export('best.pt', dest)
+    # an earlier export that a checkpoint was put into: the checkpoint is not the export's to remove
+    convert_hf.export('best.pt', 'hf')
+    (run / 'hf' / 'copy.pt').write_bytes(ckpt.read_bytes())
+    with pytest.raises(convert_hf.ConvertError, match='copy.pt'):
+        convert_hf.export('best.pt', 'hf')
+    assert (run / 'hf' / 'copy.pt').read_bytes() == ckpt.read_bytes() and exported(run / 'hf')
+    assert sorted(os.listdir(run)) == ['best.pt', 'hf']  # no staging folder left
+
+
+def test_export_destination_that_cannot_be_one_is_one_line(tmp_path):
+    ckpt = small_checkpoint(tmp_path / 'c.pt')
+    (tmp_path / 'afile').write_text('mine')
+    for dest, words in (('/proc/x', ['/proc/x']), (tmp_path / 'no' / 'such' / 'hf', ['does not exist']),
+                        (tmp_path / 'afile', ['is a file']), (tmp_path / 'afile' / 'hf', ['is a file'])):
+        proc = run_here('convert_hf.py', str(ckpt), str(dest))
+        assert_clean_error(proc, *words)
+        assert 'not empty' not in proc.stderr
+    assert (tmp_path / 'afile').read_text() == 'mine' and not (tmp_path / 'no').exists()
+
+
+# ---- finding 3: an import says it found no tokenizer; an export never holds an unusable one
+
+def test_import_without_tokenizer_says_so_and_export_has_none_rather_than_a_broken_one(tmp_path):
+    from transformers import AutoTokenizer, MPNetForMaskedLM
+    random_hf_mlm(seed=0).save_pretrained(tmp_path / 'weights_only')
+    proc = run_here('convert_hf.py', f'--from_hf={tmp_path / "weights_only"}', str(tmp_path / 'c.pt'))
+    assert proc.returncode == 0, proc.stderr
+    assert 'no usable tokenizer' in proc.stdout and '--tokenizer=' in proc.stdout
+    assert torch.load(tmp_path / 'c.pt', weights_only=True)['tokenizer_files'] == {}
+    # what the old import carried for such a folder: transformers' empty tokenizer, which fails when used
+    AutoTokenizer.from_pretrained(tmp_path / 'weights_only').save_pretrained(tmp_path / 'empty_tok')
+    broken = convert_hf.read_tokenizer_files(str(tmp_path / 'empty_tok'))
+    for name, files, words in (('broken', broken, 'Missing [UNK]'), ('too_big', None, "more than the model's 101")):
+        # files=None: a real tokenizer, but one that gives ids the model lacks (its 200 tokens, 101 rows)
+        ckpt = small_checkpoint(tmp_path / f'{name}.pt', tokenizer_files=files, vocab_size=101)
+        proc = run_here('convert_hf.py', str(ckpt), str(tmp_path / f'{name}_hf'))
+        assert proc.returncode == 0, proc.stderr
+        note = [l for l in proc.stdout.splitlines() if l.startswith('note:')]
+        assert len(note) == 1 and 'without a tokenizer' in note[0] and words in note[0], proc.stdout
+        assert not {'tokenizer.json', 'tokenizer_config.json', 'vocab.txt'} & set(os.listdir(tmp_path / f'{name}_hf'))
+        MPNetForMaskedLM.from_pretrained(tmp_path / f'{name}_hf')  # the model itself is fine
+
+
+# ---- finding 11: a sentence model's trained pooler goes through import and export
+
+CHECK_LOADS = """
+import sys, torch
+from sentence_transformers import SentenceTransformer
+from transformers import AutoModel, AutoTokenizer
+original, export = sys.argv[1:]
+SentenceTransformer(export, device='cpu')
+a, b = AutoModel.from_pretrained(original).eval(), AutoModel.from_pretrained(export).eval()
+enc = AutoTokenizer.from_pretrained(export)(['the pooler of a sentence model', 'and another'], padding=True, return_tensors='pt')
+with torch.no_grad():
+    print('pooler_output diff', (a(**enc).pooler_output - b(**enc).pooler_output).abs().max().item())
+"""
+
+
+def test_sentence_model_round_trip_keeps_the_pooler_and_loads_without_a_report(tmp_path):
+    from transformers import MPNetModel
+    hf_wordpiece().save_pretrained(tmp_path / 'tok')
+    folder = st_folder(tmp_path / 'st', str(tmp_path / 'tok'), legacy=True)  # all-mpnet-base-v2's layout
+    convert_hf.import_hf(str(folder), str(tmp_path / 'c.pt'))
+    ckpt = torch.load(tmp_path / 'c.pt', weights_only=True)
+    original = MPNetModel.from_pretrained(folder)
+    assert torch.equal(ckpt['hf_extra']['pooler.weight'], original.pooler.dense.weight)
+    convert_hf.export(str(tmp_path / 'c.pt'), str(tmp_path / 'out'))
+    back = MPNetModel.from_pretrained(tmp_path / 'out')
+    assert torch.equal(back.pooler.dense.weight, original.pooler.dense.weight)
+    assert torch.equal(back.pooler.dense.bias, original.pooler.dense.bias)
+    proc = run_cli('-c', CHECK_LOADS, str(folder), str(tmp_path / 'out'))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.split('pooler_output diff')[1]) < 1e-5
+    assert 'LOAD REPORT' not in proc.stderr + proc.stdout and 'UNEXPECTED' not in proc.stderr + proc.stdout, proc.stderr
+
+
+# ==============================================================================================
+# issue 19: bench.py measures the model init_from names; rows with nothing to see are finite
+
+# ==============================================================================================
+# finding 5: bench.py measures the architecture of the model a run starts from
+
+def save_tiny_checkpoint(path, **kw):
+    """A checkpoint as train.py writes one (its model_args hold the run's kernel and dropout choices too)."""
+    args = dict(vocab_size=300, n_layer=2, n_head=2, n_embd=64, n_inner=128, max_positions=64, dropout=0.1,
+                attn_dropout=0.1, attn_impl='sdpa', rope=False, grad_checkpoint=False, objective='mpnet')
+    args.update(kw)
+    torch.manual_seed(0)
+    checkpoint.save_checkpoint(dict(model=MPNet(MPNetConfig(**args)).state_dict(), model_args=args, iter_num=0), str(path))
+
+
+def test_bench_measures_the_model_of_a_checkpoint_resume_and_an_hf_folder(tmp_path):
+    # --dataset names nothing prepared, so that tokens are random and the vocabulary is the model's
+    small = ['--device=cpu', '--dtype=float32', '--compile=False', '--batch_size=2', '--block_size=40',
+             '--burn_in=1', '--steps=1', f'--dataset={tmp_path}/unprepared']
+
+    def bench(*args):
+        proc = run_here('bench.py', *small, *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        step = re.search(r'step: ([\d.]+) ms, .* loss ([\d.]+)', proc.stdout)
+        assert step and float(step.group(1)) > 0 and 0 < float(step.group(2)) < 20, proc.stdout
+        return proc.stdout
+
+    # a checkpoint file: its architecture (rotary, 3 layers) whatever the config says; the kernel is this run's
+    save_tiny_checkpoint(tmp_path / 'rope.pt', n_layer=3, rope=True)
+    out = bench(f'--init_from={tmp_path}/rope.pt', '--attn_impl=manual')
+    assert 'model: ' in out and '3 layers x 64 (rotary positions)' in out and 'attn_impl=manual' in out
+    # resume: out_dir's ckpt.pt
+    (tmp_path / 'run').mkdir()
+    save_tiny_checkpoint(tmp_path / 'run' / 'ckpt.pt', n_layer=1, n_embd=48)
+    out = bench('--init_from=resume', f'--out_dir={tmp_path}/run')
+    assert '1 layers x 48;' in out
+    # an HF MPNetForMaskedLM folder, offline (its dropout is replaced by the run's, as train.py does)
+    random_hf_mlm(seed=0, n_layer=3, vocab_size=300).save_pretrained(tmp_path / 'hf')
+    out = bench(f'--init_from={tmp_path}/hf', '--dropout=0.0')
+    assert f"imported '{tmp_path}/hf'" in out and '3 layers x 32;' in out
+    # what cannot be read is one line
+    (tmp_path / 'empty').mkdir()
+    assert_clean_error(run_here('bench.py', *small, '--init_from=resume', f'--out_dir={tmp_path}/empty'),
+                       'ckpt.pt', 'not found')
+
+
+# ==============================================================================================
+# finding 10: a query row with nothing to see (every token predicted) gives no NaN, in any impl or objective
+
+def test_rows_with_nothing_to_see_are_known_when_the_table_is_built():
+    cpu = torch.device('cpu')
+    for objective in OBJECTIVE_NAMES:
+        assert empty_rows(37, 6, cpu, objective) is None  # the usual path: nothing to handle, nothing paid
+        lonely = empty_rows(37, 37, cpu, objective)
+        if objective == 'plm':  # the first query row: no unpredicted token, no earlier prediction
+            assert lonely is not None and lonely.nonzero().flatten().tolist() == [37]
+        else:
+            assert lonely is None
+
+
+@pytest.mark.parametrize('objective', OBJECTIVE_NAMES)
+@pytest.mark.parametrize('doc_mask', [False, True])
+def test_every_token_predicted_gives_finite_loss_and_gradients_in_every_impl(objective, doc_mask):
+    T = 17
+    P = T  # pred_frac=1.0: the largest P that n_pred allows
+    batch = objective_batch(objective, doc_mask, B=2, T=T, pred_frac=1.0)
+    input_ids, positions, targets = batch[:3]
+    assert targets.size(1) == P
+    docs = batch[3] if doc_mask else None
+    if objective == 'plm':  # the case of the finding: a query row that sees nothing
+        assert lonely_rows('plm', T, P, docs if doc_mask else torch.zeros_like(input_ids))
+    model = tiny_model(seed=0, objective=objective, vocab_size=201)
+    with torch.no_grad():
+        slow = reference_forward(model, input_ids, positions, P, objective, docs)
+        for impl in ('sdpa', 'manual', 'flex'):
+            set_impl(model, impl)
+            logits, loss = model(input_ids, positions, P, targets, docs=docs)
+            assert torch.isfinite(loss), impl
+            torch.testing.assert_close(logits, slow, atol=1e-5, rtol=0, msg=impl)
+    for impl in ('sdpa', 'manual'):  # FlexAttention has no backward on CPU
+        model = tiny_model(seed=0, objective=objective, attn_impl=impl, vocab_size=201, dropout=0.1,
+                           attn_dropout=0.1).train()
+        loss = model(input_ids, positions, P, targets, docs=docs)[1]
+        loss.backward()
+        assert torch.isfinite(loss), impl
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None), impl
+
+
+def test_rows_with_nothing_to_see_compile_as_one_graph():
+    # the static table's empty rows are decided when it is built: no data-dependent branch in the graph
+    T = 29
+    graphs = []
+    torch._dynamo.reset()
+    model = tiny_model(seed=1, attn_impl='manual', objective='plm', vocab_size=201).train()
+    model.build_masks(T, T, 'cpu')
+    compiled = torch.compile(model, fullgraph=True, backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
+    for seed in range(2):
+        input_ids, positions, targets = objective_batch('plm', False, B=2, T=T, seed=seed, pred_frac=1.0)
+        loss = compiled(input_ids, positions, T, targets)[1]
+        loss.backward()
+        assert torch.isfinite(loss)
+    assert len(graphs) == 1
+
+
+def test_an_export_killed_while_replacing_another_is_mended_by_the_next(tmp_path):
+    ckpt = small_checkpoint(tmp_path / 'best.pt')
+    convert_hf.export(str(ckpt), str(tmp_path / 'hf'))
+    before = sorted(os.listdir(tmp_path / 'hf'))
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()  # a PID that is gone
+    # killed mid-swap: the earlier export half moved aside (its mark first), the new one unfinished beside it
+    aside, partial = tmp_path / f'hf.old-{dead.pid}', tmp_path / f'hf.partial-{dead.pid}'
+    aside.mkdir()
+    partial.mkdir()
+    for name in ('nano_mpnet.json', 'config.json'):
+        os.rename(tmp_path / 'hf' / name, aside / name)
+    (partial / 'model.safetensors').write_bytes(b'half')
+    proc = run_cli('convert_hf.py', str(ckpt), str(tmp_path / 'hf'))
+    assert proc.returncode == 0, proc.stderr
+    assert 'restored the earlier export' in proc.stdout and f'removed {partial}' in proc.stdout
+    assert sorted(os.listdir(tmp_path / 'hf')) == before and not aside.exists() and not partial.exists()
+
+
+# ==============================================================================================
+# issue 19: preparation answers signals, names bad files and lines, works without datasets
+
+OFFLINE = dict(HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', WANDB_MODE='offline', PYTHONUNBUFFERED='1')
+
+
+@pytest.fixture(scope='module')
+def slow_corpus(tmp_path_factory):
+    """Documents of long random words: WordPiece training on them takes many seconds in Rust (its time
+    grows with the square of a word's length), the step that used to hold Ctrl-C until it ended."""
+    r = random.Random(0)
+    texts = [' '.join(''.join(r.choices(string.ascii_lowercase, k=r.randint(40, 90))) for _ in range(20))
+             for _ in range(2000)]
+    return write_jsonl(tmp_path_factory.mktemp('slow') / 'slow.jsonl', texts)
+
+
+def start(args, tmp_path, cwd=HERE):
+    """Start a project script; stderr goes to a file, so the test can watch it while the script runs."""
+    err = open(tmp_path / 'stderr.txt', 'w+')
+    env = {**os.environ, **OFFLINE, 'HF_DATASETS_CACHE': str(tmp_path / 'hf_cache')}  # fresh: the split is generated
+    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+    return proc, err
+
+
+def wait_for(proc, err, text, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout and proc.poll() is None:
+        err.seek(0)
+        if text in err.read():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f'never saw {text!r}; rc {proc.poll()}')
+
+
+def interrupt(proc, err, sig=signal.SIGINT):
+    """Once the corpus is read (the vocabulary trainer starts right after), send sig; -> (seconds to exit, stderr)."""
+    wait_for(proc, err, 'Generating train split')
+    time.sleep(2)  # well inside the vocabulary training, which takes ~15 s
+    assert proc.poll() is None, 'preparation ended before the signal: make slow_corpus slower'
+    t0 = time.time()
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    err.seek(0)
+    return time.time() - t0, err.read()
+
+
+def no_progress(stderr):  # datasets' progress bars share stderr
+    return [l for l in stderr.replace('\r', '\n').splitlines()
+            if l.strip() and not any(w in l for w in ('Generating', 'examples/s', 'tokenizing', '%|'))]
+
+
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
+def test_finding6_data_py_answers_a_signal_in_seconds_with_one_line_and_leaves_nothing(tmp_path, slow_corpus, sig):
+    out = tmp_path / 'prep'
+    proc, err = start(['data.py', f'--dataset={slow_corpus}', '--tokenizer=train', '--vocab_size=8192',
+                       f'--out_dir={out}'], tmp_path)
+    took, stderr = interrupt(proc, err, sig)
+    assert took < 5, f'{took:.1f}s to answer {sig.name}'
+    lines = no_progress(stderr)
+    assert len(lines) == 1 and lines[0].startswith(f'interrupted by {sig.name}') and 'nothing written' in lines[0], stderr
+    assert 'Traceback' not in stderr and proc.returncode == 130
+    assert not out.exists() and not list(tmp_path.glob('prep.partial-*'))
+
+
+def test_finding6_train_py_preparing_answers_ctrl_c_in_seconds(tmp_path, slow_corpus):
+    """train.py with no data_dir prepares under ./data first; Ctrl-C there is one line, and no staging is left."""
+    proc, err = start([os.path.join(HERE, 'train.py'), os.path.join(HERE, 'config/tiny.py'), *SMALL,
+                       f'--dataset={slow_corpus}', f'--out_dir={tmp_path / "run"}'], tmp_path, cwd=tmp_path)
+    took, stderr = interrupt(proc, err)
+    assert took < 5, f'{took:.1f}s to answer SIGINT'
+    lines = no_progress(stderr)
+    assert len(lines) == 1 and 'interrupted' in lines[0] and 'nothing written' in lines[0], stderr
+    assert 'Traceback' not in stderr and proc.returncode != 0
+    assert not list((tmp_path / 'data').glob('*')), os.listdir(tmp_path / 'data')
+
+
+def test_finding6_a_later_prepare_removes_the_staging_of_a_killed_one(tmp_path, slow_corpus, env):
+    out = tmp_path / 'prep'
+    proc, err = start(['data.py', f'--dataset={slow_corpus}', '--tokenizer=train', '--vocab_size=8192',
+                       f'--out_dir={out}'], tmp_path)
+    staging = tmp_path / f'prep.partial-{proc.pid}'
+    t0 = time.time()
+    while not staging.exists() and time.time() - t0 < 120 and proc.poll() is None:
+        time.sleep(0.1)
+    proc.kill()  # kill -9: nothing of the process runs, its staging folder stays
+    proc.wait()
+    assert staging.is_dir()
+    # a live process's staging is another preparation at work: kept
+    alive = tmp_path / f'prep.partial-{os.getpid()}'
+    alive.mkdir()
+    small = write_jsonl(tmp_path / 'small.jsonl', env.docs[:200])
+    proc = run_cli('data.py', f'--dataset={small}', f'--tokenizer={env.tok_dir}', f'--out_dir={out}', '--val_frac=0.1')
+    assert proc.returncode == 0, proc.stderr
+    said = [l for l in proc.stdout.splitlines() if 'removed' in l]
+    assert len(said) == 1 and str(staging) in said[0] and alive.name not in proc.stdout, proc.stdout
+    assert not staging.exists() and alive.is_dir() and (out / 'meta.json').is_file()
+
+
+@pytest.mark.parametrize('content, words', [
+    ('{"tokenizer": "tokenizer", "vocab_si', 'cannot be read'),               # truncated
+    ('not json at all', 'cannot be read'),
+    (b'\xff\xfe{}', 'cannot be read'),                                       # not UTF-8
+    ('[1, 2, 3]', 'JSON list'),
+    ('null', 'JSON NoneType'),
+    ('{"tokenizer": "tokenizer", "vocab_size": 100, "bos_id": 0, "eos_id": 2}', "no 'dtype'"),
+    ('{"tokenizer": "tokenizer", "vocab_size": "100", "dtype": "uint16", "bos_id": 0, "eos_id": 2}', 'vocab_size'),
+    ('{"tokenizer": 5, "vocab_size": 100, "dtype": "uint16", "bos_id": 0, "eos_id": 2}', 'tokenizer'),
+    ('{"tokenizer": "t", "vocab_size": 100, "dtype": "float", "bos_id": 0, "eos_id": 2}', 'dtype'),
+    ('{"tokenizer": "t", "vocab_size": 100, "dtype": "uint16", "bos_id": 0, "eos_id": 2, "settings": [1]}', 'settings'),
+])
+def test_finding8_unreadable_meta_json_is_one_line_naming_it_and_the_fix(tmp_path, content, words):
+    folder = tmp_path / 'prep'
+    folder.mkdir()
+    (folder / 'meta.json').write_bytes(content if isinstance(content, bytes) else content.encode())
+    for read in (data.load_meta, data.load_prepared, lambda d: data.Batches(d, 'train', 2, 8),
+                 lambda d: data.prepare('pydocs', out_dir=d)):
+        with pytest.raises(data.DataError) as e:
+            read(str(folder))
+        msg = str(e.value)
+        assert str(folder / 'meta.json') in msg and words in msg and 'python data.py' in msg and '\n' not in msg, msg
+
+
+def test_finding8_unreadable_meta_json_from_the_command_line(tmp_path):
+    (tmp_path / 'prep').mkdir()
+    (tmp_path / 'prep' / 'meta.json').write_text('{"tokenizer": ')
+    assert_clean_error(run_cli('data.py', f'--out_dir={tmp_path / "prep"}'), 'meta.json', 'python data.py')
+
+
+def test_finding9_bad_dataset_files_name_the_file_line_and_fix(env, tmp_path):
+    def refused(src, *words, streaming=False):
+        with pytest.raises(data.DataError) as e:
+            if streaming:
+                data.StreamingBatches(str(src), env.tok_dir, 2, 16).next()
+            else:
+                data.prepare(str(src), tokenizer=env.tok_dir, out_dir=str(tmp_path / 'out'), val_frac=0.1)
+        for w in words:
+            assert w in str(e.value), str(e.value)
+        assert not (tmp_path / 'out').exists() and not list(tmp_path.glob('out.partial-*'))
+    # a folder with a broken link beside good files
+    folder = tmp_path / 'links'
+    folder.mkdir()
+    write_jsonl(folder / 'a.jsonl', env.docs[:50])
+    os.symlink(tmp_path / 'gone.jsonl', folder / 'b.jsonl')
+    refused(folder, str(folder / 'b.jsonl'), 'broken link', 'gone.jsonl')
+    # a .jsonl with a broken line (and one that is JSON but not an object): the file and the line, prepared or streamed
+    bad = write_jsonl(tmp_path / 'bad.jsonl', env.docs[:30])
+    with open(bad, 'a') as f:
+        f.write('{"text": "half a line\n' + json.dumps({'text': 'fine'}) + '\n')
+    refused(bad, 'bad.jsonl', 'line 31', 'not valid JSON')
+    refused(bad, 'bad.jsonl', 'line 31', streaming=True)
+    lst = write_jsonl(tmp_path / 'list.jsonl', env.docs[:5])
+    with open(lst, 'a') as f:
+        f.write('["a", "list"]\n')
+    refused(lst, 'list.jsonl', 'line 6', 'not an object')
+    bytes_ = tmp_path / 'bytes.jsonl'
+    bytes_.write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')
+    refused(bytes_, 'bytes.jsonl', 'line 2', 'UTF-8')
+    # a .parquet that is not parquet, or empty, among good ones
+    import pyarrow as pa, pyarrow.parquet as pq
+    pdir = tmp_path / 'pq'
+    pdir.mkdir()
+    pq.write_table(pa.table({'text': env.docs[:50]}), pdir / 'a.parquet')
+    (pdir / 'b.parquet').write_text('this is text')
+    refused(pdir, str(pdir / 'b.parquet'), 'not a parquet file')
+    (pdir / 'b.parquet').write_bytes(b'')
+    refused(pdir, str(pdir / 'b.parquet'), 'empty')
+    # a folder named like a data file
+    os.remove(pdir / 'b.parquet')
+    (pdir / 'c.parquet').mkdir()
+    data.prepare(str(pdir), tokenizer=env.tok_dir, out_dir=str(tmp_path / 'ok'), val_frac=0.1)  # skipped, not a crash
+    # a file this user cannot read (root reads anything: checked only as another user)
+    if os.geteuid() != 0:
+        locked = write_jsonl(tmp_path / 'locked.jsonl', env.docs[:5])
+        os.chmod(locked, 0)
+        refused(locked, 'locked.jsonl', 'ermission')
+
+
+def test_finding9_bad_dataset_file_from_the_command_line(env, tmp_path):
+    folder = tmp_path / 'links'
+    folder.mkdir()
+    write_jsonl(folder / 'a.jsonl', env.docs[:50])
+    os.symlink(tmp_path / 'gone.jsonl', folder / 'b.jsonl')
+    assert_clean_error(run_cli('data.py', f'--dataset={folder}', f'--tokenizer={env.tok_dir}',
+                               f'--out_dir={tmp_path / "out"}'), 'b.jsonl', 'broken link')
+
+
+def without_datasets(tmp_path, code, cwd=HERE):
+    """Run python code where `import datasets` fails, as on the GPU machines (a module in front of it on the
+    path that raises, not a stand-in for its behaviour); the project folder is on the path."""
+    fake = tmp_path / 'no_datasets'
+    fake.mkdir(exist_ok=True)
+    (fake / 'datasets.py').write_text("raise ModuleNotFoundError(\"No module named 'datasets'\", name='datasets')\n")
+    env = {**os.environ, **OFFLINE, 'PYTHONPATH': os.pathsep.join([str(fake), HERE])}
+    return subprocess.run([sys.executable, *code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_finding12_without_datasets_a_prepared_folder_is_found_and_preparing_is_one_line(env, tmp_path):
+    # prepared here, where datasets is installed; the source then stays behind (the GPU machine has only the folder)
+    src = write_jsonl(tmp_path / 'corpus.jsonl', env.docs[:300])
+    out = data.prepare(src, tokenizer=env.tok_dir, out_dir=str(tmp_path / 'prep'), val_frac=0.1)
+    call = (f"import data; data.prepare({src!r}, tokenizer={env.tok_dir!r}, out_dir={out!r}, val_frac=0.1); "
+            f"print(data.load_prepared({out!r})[2])")
+    proc = without_datasets(tmp_path, ['-c', call])
+    assert proc.returncode == 0 and 'already prepared' in proc.stdout, proc.stderr
+    os.rename(src, tmp_path / 'elsewhere.jsonl')
+    proc = without_datasets(tmp_path, ['-c', call])
+    assert proc.returncode == 0 and 'already prepared' in proc.stdout and 'not here' in proc.stdout, proc.stderr
+    # other settings are still refused, source or not
+    proc = without_datasets(tmp_path, ['-c', call.replace('val_frac=0.1', 'val_frac=0.2', 1)])
+    assert 'other settings' in proc.stderr, proc.stderr
+    # preparing needs datasets: one line saying where to prepare and how to pass the result
+    other = write_jsonl(tmp_path / 'other.jsonl', env.docs[:50])
+    proc = without_datasets(tmp_path, [os.path.join(HERE, 'data.py'), f'--dataset={other}', f'--tokenizer={env.tok_dir}',
+                                       f'--out_dir={tmp_path / "new"}'])
+    assert_clean_error(proc, 'datasets package', 'python data.py', '--data_dir')
+    assert not (tmp_path / 'new').exists()
+
+
+def test_finding12_train_py_trains_from_a_prepared_folder_without_datasets(env, tmp_path):
+    """train.py with data_dir='' finds data/<dataset>-<tokenizer> prepared elsewhere, the pydocs corpus absent."""
+    src = write_jsonl(tmp_path / 'corpus.jsonl', env.docs[:400])
+    os.makedirs(tmp_path / 'data')
+    data.prepare(src, tokenizer=env.tok_dir, val_frac=0.1,
+                 out_dir=str(tmp_path / 'data' / os.path.basename(data.default_out_dir(src, env.tok_dir, 0))))
+    os.remove(src)
+    proc = without_datasets(tmp_path, [os.path.join(HERE, 'train.py'), os.path.join(HERE, 'config/tiny.py'), *SMALL,
+                                       f'--dataset={src}', f'--tokenizer={env.tok_dir}', '--val_frac=0.1',
+                                       '--max_iters=2', '--eval_interval=2', f'--out_dir={tmp_path / "run"}'],
+                            cwd=tmp_path)
+    assert proc.returncode == 0 and 'already prepared' in proc.stdout, proc.stderr[-2000:]
+    assert (tmp_path / 'run' / 'ckpt.pt').is_file()
+
+
+def test_smaller_too_few_tokens_says_what_a_block_needs(tmp_path):
+    from test_all import fake_prepared
+    folder = fake_prepared(tmp_path / 'p', list(range(5, 55)))  # 50 tokens
+    with pytest.raises(data.DataError, match=r'has 50 tokens; block_size 40 needs at least 77 .*block_size <= 26'):
+        data.Batches(folder, 'train', 2, 40)
+    batches = data.Batches(folder, 'train', 2, 26)  # the largest block the message allows works
+    assert batches.n_blocks == 1 and batches.next().shape == (2, 26)
+    with pytest.raises(data.DataError):
+        data.Batches(folder, 'train', 2, 27)
+
+
+def test_smaller_vocab_size_below_the_alphabet_is_refused(env, tmp_path):
+    src = write_jsonl(tmp_path / 'c.jsonl', env.docs[:200])
+    with pytest.raises(data.DataError, match=r'vocab_size 6 is too small.*--vocab_size=\d+ or more') as e:
+        data.prepare(src, tokenizer='train', vocab_size=6, out_dir=str(tmp_path / 'p'), val_frac=0.1)
+    need = int(str(e.value).split('--vocab_size=')[1].split()[0])
+    assert need > 6 and not (tmp_path / 'p').exists()
+    tok = data.train_tokenizer(iter(env.docs[:200]), need)  # exactly what it asked for is accepted
+    assert len(tok) == need
+
+
+def test_smaller_txt_split_line_paragraph_file(env, tmp_path):
+    src = tmp_path / 'src'
+    src.mkdir()
+    (src / 'a.txt').write_text('one two three\nfour five six\n\nseven eight nine\n\nten eleven\ntwelve\n')
+    (src / 'b.txt').write_text('alpha beta\ngamma\n')
+    n_docs = {}
+    for split in ('line', 'paragraph', 'file'):
+        out = data.prepare(str(src), tokenizer=env.tok_dir, out_dir=str(tmp_path / f'p-{split}'), val_frac=0.5,
+                           txt_split=split)
+        meta = data.load_meta(out)
+        n_docs[split] = meta['n_docs']['train'] + meta['n_docs']['val']
+        assert meta['settings']['txt_split'] == split
+    assert n_docs == dict(line=7, paragraph=4, file=2)
+    # another split over a prepared folder is other settings; jsonl sources do not record it
+    with pytest.raises(data.DataError, match="txt_split: 'line' -> 'file'"):
+        data.prepare(str(src), tokenizer=env.tok_dir, out_dir=str(tmp_path / 'p-line'), val_frac=0.5,
+                     txt_split='file')
+    assert 'txt_split=line' in data.prepare_command(data.load_meta(str(tmp_path / 'p-line'))['settings'], 'x')
+    # a folder prepared before txt_split existed (no such setting) split into paragraphs: still accepted as that
+    meta = json.load(open(tmp_path / 'p-paragraph' / 'meta.json'))
+    del meta['settings']['txt_split']
+    json.dump(meta, open(tmp_path / 'p-paragraph' / 'meta.json', 'w'))
+    data.prepare(str(src), tokenizer=env.tok_dir, out_dir=str(tmp_path / 'p-paragraph'), val_frac=0.5)
+    proc = run_cli('data.py', f'--dataset={src}', '--txt_split=sentence')
+    assert proc.returncode != 0 and 'txt_split' in proc.stderr and 'Traceback' not in proc.stderr

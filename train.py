@@ -33,8 +33,9 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from checkpoint import (CheckpointError, check_free_space, checkpoint_bytes, claim_run_dir, clear_run, link_checkpoint,
-                        load_checkpoint, model_from_checkpoint, same_file, save_checkpoint, trim_log)
+from checkpoint import (REPLACED, CheckpointError, check_free_space, checkpoint_bytes, claim_run_dir, link_checkpoint,
+                        load_checkpoint, model_from_checkpoint, release_replaced, replace_run, same_file,
+                        save_checkpoint, trim_log, validation_key)
 from configurator import CHOICES, ConfigError, check_device, configure
 from convert_hf import ConvertError, hf_to_checkpoint, read_tokenizer_files, sentence_pooling, tokenizer_files_of
 from model import MPNet, MPNetConfig
@@ -44,7 +45,7 @@ from permute import n_pred, permute_batch, vocab_tables
 # I/O
 out_dir: str = 'out'                    # the run's folder: checkpoints, metrics.jsonl, curves.png
 init_from: str = 'scratch'              # 'scratch' | 'resume' (out_dir/ckpt.pt) | a .pt file (weights, new optimizer) | HF name/folder
-overwrite: bool = False                 # start over in an out_dir that holds a run: its checkpoints and log are replaced
+overwrite: bool = False                 # start over in an out_dir that holds a run (moved to replaced/ until beaten)
 eval_interval: int = 500                # evaluate (and save) every this many iterations
 eval_iters: int = 20                    # validation batches: fixed blocks and fixed permutations
 log_interval: int = 10                  # iterations per log line (the loop's only host syncs)
@@ -64,6 +65,7 @@ vocab_size: int = 30527                 # only for tokenizer='train'
 data_dir: str = ''                      # a prepared folder (data.py; $VARS expand, e.g. node-local scratch); '' = prepare under data/
 streaming: bool = False                 # tokenize on the fly (corpora too large to prepare); validate on data_dir or held-out docs
 text_field: str = 'text'                # the text column of .jsonl / .parquet / hub datasets
+txt_split: str = 'paragraph'            # a .txt file's documents: 'line', 'paragraph' (blank-line separated) or 'file'
 val_frac: float = 0.005                 # documents held out for validation when preparing
 batch_size: int = 32                    # sequences per GPU per micro-step
 block_size: int = 512                   # tokens per sequence: <s> + packed text
@@ -226,10 +228,10 @@ try:
             val_said = f'validation: {data_dir}/val.bin; the stream is trained on whole'
         else:  # the first documents of the stream, never trained on
             val_tokens, held_out = data.stream_val_blocks(dataset, tokenizer, eval_iters * batch_size, block_size,
-                                                          text_field=text_field)
+                                                          text_field=text_field, txt_split=txt_split)
             val_said = f'validation: the first {held_out:,} documents of the stream, held out of training'
         train_data = data.StreamingBatches(dataset, tokenizer, batch_size, block_size, seed, rank, world_size, device,
-                                           text_field=text_field, held_out=held_out)
+                                           text_field=text_field, held_out=held_out, txt_split=txt_split)
         tok, meta = train_data.tok, train_data.meta
         if data_dir and val_meta['vocab_size'] != meta['vocab_size']:
             raise data.DataError(f"data_dir '{data_dir}' was prepared with a tokenizer of {val_meta['vocab_size']} "
@@ -239,7 +241,8 @@ try:
         if not data_dir:
             data_dir = data.default_out_dir(dataset, tokenizer, vocab_size)
             if master:  # the other ranks wait for it at the barrier below
-                data.prepare(dataset, tokenizer, vocab_size, out_dir=data_dir, val_frac=val_frac, text_field=text_field)
+                data.prepare(dataset, tokenizer, vocab_size, out_dir=data_dir, val_frac=val_frac, text_field=text_field,
+                             txt_split=txt_split)
 except data.DataError as e:
     data_error = str(e)
 if ddp:
@@ -347,7 +350,7 @@ head_only_until = (ckpt.get('head_only_until', 0) if resuming else
 if master and head_only_until > iter_num:
     print(f'head warmup: until iter {head_only_until} only the new MLM head trains (lr {head_warmup_lr:g}), '
           f'then everything (head_warmup_iters=0 turns this off)')
-carried = {k: ckpt[k] for k in ('st_files', 'st_path') if ckpt is not None and k in ckpt}  # for export
+carried = {k: ckpt[k] for k in ('st_files', 'st_path', 'hf_extra') if ckpt is not None and k in ckpt}  # for export
 wandb_run_id = ckpt.get('wandb_run_id') if init_from == 'resume' else None  # a resumed run goes on logging there
 if master and init_from == 'resume':
     print(f'resuming from iter {iter_num} of {ckpt_path}' +
@@ -358,18 +361,21 @@ tokenizer_files = (read_tokenizer_files(meta['tokenizer']) if os.path.isdir(str(
 special_ids = dict(bos_token_id=meta['bos_id'], pad_token_id=meta['pad_id'], eos_token_id=meta['eos_id'])
 ckpt = None  # free the memory
 metrics_path = os.path.join(out_dir, 'metrics.jsonl')
+start_file = init_from if os.path.isfile(init_from) else None  # the checkpoint this run starts from
 space_error = None
 if master:
     try:
-        if overwrite:  # the previous run goes only now, once this one has everything it needs
-            clear_run(out_dir)
+        if overwrite:  # the previous run moves aside only now, once this one has everything it needs
+            said, start_file = replace_run(out_dir, start=start_file)
+            if said:
+                print(said)
         if init_from == 'resume':
             if best_iter == iter_num and not same_file(ckpt_path, best_path):
                 link_checkpoint(ckpt_path, best_path)  # killed between writing ckpt.pt and linking best.pt: mend it
-            dropped = trim_log(metrics_path, iter_num)
-            if dropped:
+            dropped, bad = trim_log(metrics_path, iter_num)
+            if dropped or bad:
                 print(f'metrics.jsonl: dropped {dropped} records logged after iter {iter_num} by the interrupted '
-                      f'run (those iterations run again)')
+                      f'run (those iterations run again)' + (f' and {bad} lines that are no record' if bad else ''))
         check_free_space(out_dir, checkpoint_bytes(raw_model), 1 if os.path.exists(ckpt_path) else 2)  # room to save
     except CheckpointError as e:
         space_error = str(e)
@@ -452,12 +458,15 @@ def kept():
     """Which files hold what, for the messages that end a run."""
     best = (f'the best model is {best_path} (iter {best_iter}, val loss {best_val_loss:.4f})'
             if best_iter is not None and os.path.exists(best_path) else
-            f'no checkpoint beat the starting model (val loss {best_val_loss:.4f})' if math.isfinite(best_val_loss) else
+            f'no checkpoint beat the starting model' + (f' {start_file}' if start_file else '') +
+            f' (val loss {best_val_loss:.4f})' if math.isfinite(best_val_loss) else
             'no model was evaluated yet')
     last = (f'the latest checkpoint is {ckpt_path}' + (f' (iter {last_saved[0]}, val loss {last_saved[1]:.4f})'
             if last_saved and last_saved[1] is not None and last_saved[0] != best_iter else '')
             if os.path.exists(ckpt_path) else 'no checkpoint was saved')
-    return f'{best}; {last}'
+    replaced = os.path.join(out_dir, REPLACED)
+    return f'{best}; {last}' + (f'; {replaced} keeps the replaced run until a model at least as good is saved'
+                                if os.path.isdir(replaced) else '')
 
 
 def save(val_loss=None, improved=False):
@@ -486,6 +495,7 @@ def save(val_loss=None, improved=False):
                         ckpt_path)
         if improved:
             link_checkpoint(ckpt_path, best_path)
+            released = release_replaced(out_dir, val_loss, validation_key(config, fingerprint), best_iter is not None)
         snapshot = os.path.join(out_dir, 'snapshots', f'iter_{iter_num:07d}.pt')
         if snapshot_interval and val_loss is not None and iter_num % snapshot_interval == 0:
             os.makedirs(os.path.dirname(snapshot), exist_ok=True)
@@ -500,6 +510,8 @@ def save(val_loss=None, improved=False):
     last_saved = (iter_num, val_loss)
     also = ([f'{best_path}: the best so far'] if improved else []) + ([f'snapshot {snapshot}'] if snapshot else [])
     print(f'saved {ckpt_path} at iter {iter_num}' + (f" (also {'; '.join(also)})" if also else ''))
+    if improved and released:
+        print(released)
 
 
 def log(record):
@@ -596,7 +608,7 @@ while True:
         if iter_num > start_iter or init_from != 'resume':  # a new run's starting model is the first to beat
             best_val_loss = min(best_val_loss, val_loss)
         best_iter = iter_num if improved else best_iter
-        record = dict(iter=iter_num, val_loss=val_loss, val_acc=val_acc)
+        record = dict(iter=iter_num, val_loss=val_loss, val_acc=val_acc, objective=objective)  # plot.py compares runs
         if probe:
             record['probe_found'], record['probe_cos'] = embedding_probe()
         if master:
@@ -693,7 +705,9 @@ if master:
     if iter_num == start_iter and start_iter >= max_iters > 0:
         print(f'nothing to train: the run is at iter {iter_num} and max_iters is {max_iters} (raise --max_iters)')
     else:
-        exportable = best_path if os.path.exists(best_path) else ckpt_path if os.path.exists(ckpt_path) else None
+        # never a checkpoint that is worse than the model the run started from
+        exportable = (best_path if os.path.exists(best_path) else start_file if start_file and best_iter is None else
+                      ckpt_path if os.path.exists(ckpt_path) else None)
         print(f"{'stopped' if stop_signal else 'done'}: {kept()}" +
               (f'; export with: python convert_hf.py {exportable} {os.path.join(out_dir, "hf")}' if exportable else ''))
 if ddp:
