@@ -2722,3 +2722,96 @@ def test_smaller_txt_split_line_paragraph_file(env, tmp_path):
     data.prepare(str(src), tokenizer=env.tok_dir, out_dir=str(tmp_path / 'p-paragraph'), val_frac=0.5)
     proc = run_cli('data.py', f'--dataset={src}', '--txt_split=sentence')
     assert proc.returncode != 0 and 'txt_split' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+# ==============================================================================================
+# issue 20: .ci/gpu, the one-command GPU check, as its CPU dry run (so it cannot rot between GPU loans)
+
+STEPS = ['1 environment', '2 correctness', '3 end to end', '4 speed']
+E2E = ['data', 'train + SIGTERM', 'resume', 'export', 'fill-mask', 'torchrun']
+
+
+@pytest.fixture(scope='module')
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp('gpu_check')
+    src = write_jsonl(root / 'docs.jsonl', sentences(600, seed=3))
+    return root, data.prepare(src, tokenizer='train', vocab_size=300, out_dir=str(root / 'prepared'), val_frac=0.1)
+
+
+def gpu_check(folder, *args, timeout=280):
+    """Run `bash .ci/gpu ARGS` as a user would; returns the process, its verdict rows {(step, check): (verdict,
+    number)} and its wall time."""
+    report = folder / 'report'
+    t0 = time.time()
+    proc = subprocess.run(['bash', os.path.join(HERE, '.ci', 'gpu'), f'--report={report}', f'--work={folder / "work"}',
+                           *args], cwd=HERE, env={**os.environ, 'PYTHON': sys.executable}, capture_output=True,
+                          text=True, timeout=timeout)
+    path = report / 'verdicts.tsv'
+    rows = [line.rstrip('\n').split('\t') for line in open(path)] if path.exists() else []
+    return proc, {(r[0], r[1]): (r[2], r[3]) for r in rows}, time.time() - t0
+
+
+def test_dry_run_reaches_every_step_and_ends_with_the_verdict_table(prepared):
+    root, prepared_dir = prepared
+    proc, rows, wall = gpu_check(root / 'good', '--device=cpu', f'--data_dir={prepared_dir}')
+    print(proc.stdout[proc.stdout.index('== .ci/gpu verdict'):], f'wall {wall:.0f} s')
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {step for step, _ in rows} == set(STEPS)
+    verdict = {check: v for (_, check), (v, _) in rows.items()}
+    assert verdict['device'] == verdict['versions'] == 'PASS'
+    assert verdict['torch.compile'] == 'SKIP'  # CUDA only, as train.py
+    # the paths the CPU can train: against the fp32 reference, and the kernel that ran is named
+    assert verdict['sdpa eager'] == verdict['manual eager'] == verdict['sdpa eval (no grad)'] == 'PASS'
+    assert 'rel_bias' in rows['2 correctness', 'sdpa eager'][1] and 'math forward' in rows['2 correctness', 'sdpa eager'][1]
+    for check in ('sdpa compiled', 'flex eager', 'flex compiled', 'manual compiled', 'CUDA tests (pytest)',
+                  'bench flex batch 2'):
+        assert verdict[check] == 'SKIP', check
+    assert all(verdict[check] == 'PASS' for check in E2E), {c: rows['3 end to end', c] for c in E2E}
+    assert 'stopped at iter' in rows['3 end to end', 'train + SIGTERM'][1]
+    assert 'on gloo' in rows['3 end to end', 'torchrun'][1]
+    assert verdict['bench sdpa batch 2'] == 'PASS' and 'ms/step' in rows['4 speed', 'bench sdpa batch 2'][1]
+    # the table is printed last, and kept in the report with the log of every step
+    table = proc.stdout[proc.stdout.index('== .ci/gpu verdict'):]
+    assert f"{len(rows) - sum(v == 'SKIP' for v in verdict.values())} PASS, 0 FAIL" in table
+    for (step, check), (v, _) in rows.items():
+        assert any(line.startswith(step) and check in line and v in line for line in table.splitlines()), (step, check)
+    report = root / 'good' / 'report'
+    assert (report / 'summary.txt').read_text() == table
+    assert '| sdpa | 2 |' in (report / 'speed.md').read_text()
+    assert 'stopped by SIGTERM at iter' in (report / 'check.log').read_text()
+
+
+def test_a_missing_data_dir_fails_step_3_in_one_line_and_the_other_steps_still_run(prepared):
+    root, _ = prepared
+    missing = root / 'not-prepared'
+    proc, rows, _ = gpu_check(root / 'bad', '--device=cpu', f'--data_dir={missing}')
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    verdict, said = rows['3 end to end', 'data']
+    assert verdict == 'FAIL' and f'--data_dir={missing} does not exist' in said and 'python data.py' in said
+    assert all(rows['3 end to end', c][0] == 'SKIP' for c in E2E[1:])
+    assert {step for step, _ in rows} == set(STEPS)
+    assert rows['2 correctness', 'sdpa eager'][0] == rows['4 speed', 'bench sdpa batch 2'][0] == 'PASS'
+    assert '1 FAIL' in proc.stdout and 'Traceback' not in proc.stdout + proc.stderr
+
+
+def test_no_gpu_and_bad_options_are_one_line(tmp_path):
+    proc, rows, _ = gpu_check(tmp_path, '--device=cuda')  # this machine has no GPU
+    assert proc.returncode == 1 and proc.stderr.strip().startswith('error: no CUDA device here')
+    assert len(proc.stderr.strip().splitlines()) == 1 and '--device=cpu' in proc.stderr
+    assert rows['1 environment', 'device'][0] == 'FAIL'
+    for args, words in ((['--device=mps'], "--device must be cpu, cuda or cuda:N; got 'mps'"),
+                        (['--budget=soon'], '--budget must be a whole number'),
+                        (['--data-dir=x'], "unknown argument '--data-dir=x'")):
+        proc, _, _ = gpu_check(tmp_path, *args)
+        assert proc.returncode == 1 and proc.stderr.strip() == f'error: {proc.stderr.strip()[7:]}', proc.stderr
+        assert words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_spent_budget_skips_what_it_cannot_run_and_still_reports(prepared, tmp_path):
+    _, prepared_dir = prepared
+    proc, rows, wall = gpu_check(tmp_path, '--device=cpu', f'--data_dir={prepared_dir}', '--budget=12')
+    assert proc.returncode == 0 and wall < 30, proc.stdout[-2000:]
+    assert {step for step, _ in rows} == set(STEPS)
+    assert all(v == 'SKIP' for v, _ in rows.values())
+    assert rows['3 end to end', 'end to end'][1] == 'out of time: the 12 s budget is spent'
+    assert '== .ci/gpu verdict' in proc.stdout
