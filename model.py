@@ -321,29 +321,33 @@ class MPNet(nn.Module):
         d = k_pos[:, None, :] - q_pos[:, :, None] + T - 1
         return rearrange(F.embedding(d, self.distance_bias(T, q_pos.device)), 'b lq lk nh -> b nh lq lk')
 
-    def lm_logits(self, hidden):
-        """LM head on (..., C) hidden states -> (..., vocab_size) logits; padding rows are cut off."""
+    def lm_logits(self, hidden, head_only=False):
+        """LM head on (..., C) hidden states -> (..., vocab_size) logits; padding rows are cut off. head_only:
+        no gradient reaches the tied decoder (wte, the encoder's)."""
         x = self.head_ln(F.gelu(self.head_dense(hidden)))
-        return F.linear(x, self.wte.weight, self.head_bias)[..., :self.config.vocab_size]
+        decoder = self.wte.weight.detach() if head_only else self.wte.weight  # tied to the token embedding
+        return F.linear(x, decoder, self.head_bias)[..., :self.config.vocab_size]
 
     # -- the two-stream pretraining forward -----------------------------------------------
 
-    def forward(self, input_ids, positions, n_pred, targets=None, docs=None):
+    def forward(self, input_ids, positions, n_pred, targets=None, docs=None, head_only=False):
         """input_ids, positions: (B, L) the objective's layout (permute.py; L = T+2P for mpnet); targets: (B, P);
         docs: (B, L) each row's document (doc_mask), or None. Returns logits (B, P, vocab_size) for the last P
-        rows (the query stream; mlm's predicted tokens) and the mean cross-entropy (or None)."""
+        rows (the query stream; mlm's predicted tokens) and the mean cross-entropy (or None). head_only: the
+        encoder runs without autograd, so a backward costs only the LM head's (a new head training alone)."""
         B, L = input_ids.shape
         P, objective = n_pred, self.config.objective
         T = L - layout(objective, 0, P)[0]
         n_kv = layout(objective, T, P)[1]
-        attn = self._two_stream_inputs(positions, T, P, docs)
-        x = self.embed(input_ids, positions)
-        for block in self.blocks:
-            if self.config.grad_checkpoint and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, n_kv, attn, use_reentrant=False)
-            else:
-                x = block(x, n_kv, attn)
-        logits = self.lm_logits(x[:, L - P:])  # (B, P, V): LM head only on the predicted rows
+        with torch.no_grad() if head_only else nullcontext():
+            attn = self._two_stream_inputs(positions, T, P, docs)
+            x = self.embed(input_ids, positions)
+            for block in self.blocks:
+                if self.config.grad_checkpoint and self.training and not head_only:
+                    x = torch.utils.checkpoint.checkpoint(block, x, n_kv, attn, use_reentrant=False)
+                else:
+                    x = block(x, n_kv, attn)
+        logits = self.lm_logits(x[:, L - P:], head_only)  # (B, P, V): LM head only on the predicted rows
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())

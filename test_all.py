@@ -2815,3 +2815,19 @@ def test_a_spent_budget_skips_what_it_cannot_run_and_still_reports(prepared, tmp
     assert all(v == 'SKIP' for v, _ in rows.values())
     assert rows['3 end to end', 'end to end'][1] == 'out of time: the 12 s budget is spent'
     assert '== .ci/gpu verdict' in proc.stdout
+
+
+def test_a_head_training_alone_costs_only_the_heads_backward_with_the_same_gradients():
+    model = tiny_model(seed=2)
+    model.train()
+    input_ids, positions, targets = two_stream_batch(T=37, P=6)[:3]
+    grads = []
+    for head_only in (False, True):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same dropout masks
+        model(input_ids, positions, 6, targets, head_only=head_only)[1].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    head = {n for n, p in model.named_parameters() if any(p is h for h in model.head_parameters())}
+    assert all(grads[1][n] is None for n in grads[1] if n not in head)  # no graph through the encoder, nor wte
+    for n in head:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)

@@ -387,6 +387,7 @@ if compile and device_type == 'cuda':
     if master:
         print('compiling the model...')
     model = torch.compile(model)
+head_model = model  # a new head training alone: no DDP hooks, as the encoder gets no gradients (see the loop)
 if ddp:
     model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
 if master:
@@ -645,16 +646,18 @@ while True:
         data_state = train_data.state_dict()
         X = train_data.next()  # queued from pinned memory: the CPU does not wait for the copy
         last = micro_step == gradient_accumulation_steps - 1
-        with (model.no_sync() if ddp and not last else nullcontext()):  # DDP syncs gradients once per step
+        step_model = head_model if head_only else model
+        with (model.no_sync() if ddp and not last and not head_only else nullcontext()):  # DDP syncs once per step
             with autocast:
-                logits, loss = model(input_ids, positions, P, targets, docs=docs)
+                logits, loss = step_model(input_ids, positions, P, targets, docs=docs, head_only=head_only)
             (loss / gradient_accumulation_steps).backward()
         loss_sum += loss.detach().float()  # the log window's sums: no host sync until the log step
         correct_sum += (logits.detach().argmax(-1) == targets).float().mean()
         del logits  # (B, P, V): not kept alive through the next forward
-    if head_only:  # the encoder's gradients are dropped: fused AdamW leaves a parameter without one untouched
-        for p in encoder_params:
-            p.grad = None
+    if head_only and ddp:  # only the head has gradients (the encoder ran without autograd): averaged here
+        for p in raw_model.head_parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= world_size
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'), foreach=True)
     # a non-finite loss makes a non-finite norm (identical on all ranks after DDP's all-reduce);
     # fused AdamW then skips the whole update on the device, with no host sync
