@@ -28,6 +28,7 @@ import tempfile
 import zipfile
 
 import torch
+from torch.nn import functional as F
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from model import MPNet, MPNetConfig
@@ -66,6 +67,9 @@ HF_EXTRA_NAMES = {
     'pooler.weight': 'mpnet.pooler.dense.weight',
     'pooler.bias': 'mpnet.pooler.dense.bias',
 }
+# a fine-tuned classifier (finetune.py's ClassificationHead, HF's MPNetClassificationHead on <s>)
+HF_CLASSIFIER_NAMES = {f'{layer}.{kind}': f'classifier.{layer}.{kind}' for layer in ('dense', 'out_proj')
+                       for kind in ('weight', 'bias')}
 HEAD_KEYS = ('head_dense.weight', 'head_dense.bias', 'head_ln.weight', 'head_ln.bias', 'head_bias')
 PADDED_ROWS = ('wte.weight', 'head_bias')  # padded to a multiple of 64 here, exactly vocab_size in HF
 
@@ -292,7 +296,7 @@ def quiet_transformers():
 EXPORT_MARK = 'nano_mpnet.json'  # written into every export: what it came from, and that it may be replaced
 
 
-def parity(model, hf):
+def parity(model, hf, head=None):
     """(max |diff| between our model and an HF one on a padded sample batch, the tolerance it must stay under):
     of the logits for MPNetForMaskedLM, of the last hidden states for an encoder (MPNetModel). fp32 rounding
     differs between the two implementations and grows with depth and with the values' size: a 12-layer model
@@ -301,6 +305,11 @@ def parity(model, hf):
     ids, attention_mask = sample_batch(model.config)
     with torch.no_grad():
         out = hf(input_ids=ids, attention_mask=attention_mask)
+        if head is not None:  # the checkpoint's classification head on <s> (eval: no dropout), as HF applies it
+            x = torch.tanh(F.linear(model.encode(ids, attention_mask)[:, 0], head['dense.weight'], head['dense.bias']))
+            ours, theirs = F.linear(x, head['out_proj.weight'], head['out_proj.bias']), out.logits
+            diff = (ours - theirs).abs().max().item()
+            return diff, 1e-5 + 5e-6 * model.config.n_layer * theirs.abs().max().item()
         if hasattr(hf, 'lm_head'):
             ours, theirs = model.lm_logits(model.encode(ids, attention_mask)), out.logits
         else:
@@ -429,11 +438,27 @@ def _move_into(staging, dest):
     os.rmdir(staging)
 
 
-def hf_model_of(model, special_ids=None, extra=None, encoder_only=False):
+def hf_model_of(model, special_ids=None, extra=None, encoder_only=False, classifier=None):
     """The HF model holding our weights (and the carried extras): MPNetForMaskedLM, or for a sentence model
-    the MPNetModel inside it, as sentence-transformers keeps it (encoder and pooler, no MLM head)."""
-    from transformers import MPNetForMaskedLM
+    the MPNetModel inside it, as sentence-transformers keeps it (encoder and pooler, no MLM head), or for a
+    fine-tuned classifier (finetune.py --save; classifier = {'head': tensors, 'labels': names or None for a
+    score}) MPNetForSequenceClassification, which pipeline('text-classification') loads."""
+    from transformers import MPNetForMaskedLM, MPNetForSequenceClassification
     from transformers.models.mpnet.modeling_mpnet import MPNetPooler
+    if classifier:
+        labels = classifier.get('labels')
+        cfg = hf_config(model.config, special_ids)
+        cfg.num_labels = len(labels) if labels else 1
+        cfg.problem_type = 'single_label_classification' if labels else 'regression'
+        if labels:
+            cfg.id2label, cfg.label2id = dict(enumerate(labels)), {name: i for i, name in enumerate(labels)}
+        hf = MPNetForSequenceClassification(cfg).eval()
+        sd = {k: v for k, v in to_hf_state_dict(model).items() if k.startswith('mpnet.')}
+        sd.update({HF_CLASSIFIER_NAMES[k]: v for k, v in classifier['head'].items()})
+        missing, unexpected = hf.load_state_dict(sd, strict=False)
+        if [k for k in missing if not k.endswith('position_ids')] or unexpected:
+            raise ConvertError(f'internal: HF names do not match (missing {missing[:3]}, unexpected {unexpected[:3]})')
+        return hf
     hf = MPNetForMaskedLM(hf_config(model.config, special_ids)).eval()
     if extra:
         hf.mpnet.pooler = MPNetPooler(hf.config)  # MaskedLM has no pooler; a trained one is kept all the same
@@ -458,7 +483,10 @@ def export(ckpt_path, out_dir):
     check_exportable(c)
     st_files, st_path = ckpt.get('st_files') or {}, ckpt.get('st_path') or ''
     extra = {k: v for k, v in (ckpt.get('hf_extra') or {}).items() if k in HF_EXTRA_NAMES}
-    hf = hf_model_of(model, ckpt.get('special_ids'), extra, encoder_only=bool(st_files))
+    classifier = ckpt.get('classifier')  # a model fine-tuned by finetune.py --save
+    if classifier:
+        st_files, st_path, extra = {}, '', {}  # a classifier now, not the sentence model it may have been
+    hf = hf_model_of(model, ckpt.get('special_ids'), extra, encoder_only=bool(st_files), classifier=classifier)
     tok_files = ckpt.get('tokenizer_files') or {}
     if not tok_files and ckpt.get('config', {}).get('tokenizer'):
         tok_files = tokenizer_files_of(ckpt['config']['tokenizer'])
@@ -488,7 +516,7 @@ def export(ckpt_path, out_dir):
         # parity: reload the folder as a user would
         with quiet_transformers():
             back = type(hf).from_pretrained(hf_dir).eval()
-        diff, tol = parity(model, back)
+        diff, tol = parity(model, back, classifier['head'] if classifier else None)
         if not diff < tol:
             raise ConvertError(f'exported model disagrees with ours: max |diff| {diff:.2e} >= {tol:.2e} '
                                f'(tolerance for {c.n_layer} layers at these values); nothing was written to {out_dir}')
@@ -498,7 +526,8 @@ def export(ckpt_path, out_dir):
         with open(os.path.join(staging, EXPORT_MARK), 'w') as f:
             json.dump(dict(checkpoint=os.path.abspath(ckpt_path), iter_num=ckpt.get('iter_num'),
                            val_loss=ckpt.get('val_loss'), max_diff=diff, tolerance=tol,
-                           compared='last hidden states' if st_files else 'logits'), f, indent=2)
+                           compared='last hidden states' if st_files else
+                           'classifier logits' if classifier else 'logits'), f, indent=2)
         umask = os.umask(0)
         os.umask(umask)
         for root, dirs, names in os.walk(staging):  # ordinary modes (safetensors writes 0600)

@@ -70,6 +70,20 @@ def series(records, key):
     return [i for i, _ in points], [v for _, v in points]
 
 
+def read_scores(run_dir):
+    """finetune.py's downstream scores of a run's checkpoints (run_dir/scores.jsonl, one record per checkpoint
+    and task: iter, task, metric, mean, std, seeds) as {'task metric': [(iter, mean, std)]}, the last per iter."""
+    path = os.path.join(run_dir, 'scores.jsonl')
+    if not os.path.isfile(path):
+        return {}
+    out = {}
+    for r in read_metrics(path):
+        if isinstance(r.get('task'), str) and type(r.get('mean')) in (int, float) and math.isfinite(r['mean']):
+            std = r.get('std') if type(r.get('std')) in (int, float) and math.isfinite(r['std']) else 0.0
+            out.setdefault(f"{r['task']} {r.get('metric') or ''}".strip(), {})[r['iter']] = (r['mean'], std)
+    return {k: [(i, *v[i]) for i in sorted(v)] for k, v in out.items()}
+
+
 def objective_of(run_dir, records):
     """The training objective of a run (mpnet, mlm, plm): from its log, else from its checkpoint's config;
     None when neither says (no checkpoint yet, or no torch to read it)."""
@@ -123,10 +137,12 @@ def plot(run_dirs, out_path):
     matplotlib.use('Agg')  # files only, no display
     import matplotlib.pyplot as plt
     probed = any('probe_found' in e for _, _, _, evals, _ in runs for e in evals)
-    fig, axes = plt.subplots(2, 3 if probed else 2, figsize=(15 if probed else 11, 7.5), squeeze=False)
+    scores = {name: read_scores(d) for name, d, *_ in runs}  # finetune.py's scores of the run's snapshots
+    ncols = 2 + probed + any(scores.values())
+    fig, axes = plt.subplots(2, ncols, figsize=(4 + 3.7 * ncols, 7.5), squeeze=False)
     (loss_ax, acc_ax, *rest), (lr_ax, speed_ax, *rest2) = axes
     for i, (name, _, train, evals, _) in enumerate(runs):
-        color = f'C{i}'
+        color, run_scores = f'C{i}', scores[name]
         name = f'{name} ({objectives[name] or "objective unknown"})' if mixed else name
         loss_ax.plot(*series(train, 'loss'), color=color, alpha=0.6, label=f'{name} train')
         loss_ax.plot(*series(evals, 'val_loss'), 'o-', color=color, label=f'{name} val')
@@ -137,6 +153,10 @@ def plot(run_dirs, out_path):
         if probed:
             rest[0].plot(*series(evals, 'probe_found'), 'o-', color=color, label=f'{name} found')
             rest2[0].plot(*series(evals, 'probe_cos'), 'o-', color=color, label=f'{name} unrelated cos')
+        for j, (task, points) in enumerate(run_scores.items()):
+            it, mean, std = zip(*points)
+            rest[-1].errorbar(it, mean, yerr=std, fmt='o-' if j == 0 else 's--', color=color, capsize=3,
+                              label=f'{name} {task}')
     loss_title = 'loss (dots: validation)' + ('\ndifferent objectives: losses of different tasks, not comparable'
                                               if mixed else '')
     titles = [(loss_ax, loss_title), (acc_ax, 'accuracy on predicted tokens'), (lr_ax, 'learning rate'),
@@ -144,6 +164,9 @@ def plot(run_dirs, out_path):
     if probed:
         titles += [(rest[0], 'probe: halves that find their other half'),
                    (rest2[0], 'probe: cosine of unrelated halves')]
+    if any(scores.values()):
+        titles.append((rest[-1], 'fine-tuned score (finetune.py; bars: spread over seeds)'))
+        rest2[-1].axis('off')  # the score panel has no second row
     for ax, title in titles:
         ax.set_title(title, color='C3' if mixed and ax is loss_ax else 'black')
         ax.set_xlabel('iteration')

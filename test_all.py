@@ -48,6 +48,7 @@ from model import MPNet, MPNetConfig, empty_rows, layout, relative_position_buck
 import checkpoint
 import configurator
 import convert_hf
+import finetune
 import plot
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -788,7 +789,9 @@ def test_nonsense_settings_are_refused_in_one_line(tmp_path, args, words):
 @pytest.mark.parametrize('config_file', sorted(os.listdir(os.path.join(HERE, 'config'))))
 def test_shipped_config_files_are_accepted(tmp_path, config_file):
     # every key known and of the right type: the run gets as far as the range check of the value given here
-    proc = run_here('train.py', f'config/{config_file}', f'--out_dir={tmp_path}', '--batch_size=0')
+    script = 'finetune.py' if config_file.startswith('finetune') else 'train.py'  # finetune_*.py are finetune.py's
+    out = f'--out_file={tmp_path / "r.jsonl"}' if script == 'finetune.py' else f'--out_dir={tmp_path}'
+    proc = run_here(script, f'config/{config_file}', out, '--batch_size=0')
     assert_clean_error(proc, 'batch_size must be >= 1')
 
 
@@ -2831,3 +2834,263 @@ def test_a_head_training_alone_costs_only_the_heads_backward_with_the_same_gradi
     assert all(grads[1][n] is None for n in grads[1] if n not in head)  # no graph through the encoder, nor wte
     for n in head:
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
+
+
+# ==============================================================================================
+# issue 21: finetune.py: the head and metrics against independent computations, an end-to-end fine-tune, export for pipeline, embeddings, bad input
+
+TINY = dict(n_layer=2, n_head=2, n_embd=64, n_inner=128, max_positions=64, dropout=0.0, attn_dropout=0.0)
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    """A folder with the built-in task cached under data/, a WordPiece vocabulary learned on it and two
+    checkpoints of a 2-layer, 64-wide MPNet (iterations 7 and 14) that carry it, as train.py writes them."""
+    root = tmp_path_factory.mktemp('ft')
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, 'DATA_ROOT', str(root / 'data'))
+        task = finetune.pydocs_task()
+    tok = data.train_tokenizer(iter([e[0] for e in task['splits']['train']]), vocab_size=600)
+    tok.save_pretrained(root / 'tok')
+    files = convert_hf.read_tokenizer_files(root / 'tok')
+    paths = []
+    for seed, it in ((0, 7), (1, 14)):
+        torch.manual_seed(seed)
+        model = MPNet(MPNetConfig(vocab_size=len(tok), **TINY))
+        path = root / f'iter_{it}.pt'
+        torch.save(dict(model=model.state_dict(), model_args=dict(vocab_size=len(tok), **TINY), iter_num=it,
+                        config={}, tokenizer_files=files), path)
+        paths.append(str(path))
+    return types_ns(root=root, tok=tok, tok_dir=str(root / 'tok'), ckpts=paths, task=task)
+
+
+def types_ns(**kw):
+    import types
+    return types.SimpleNamespace(**kw)
+
+
+# -----------------------------------------------------------------------------------------------
+# the head and the whole classifier are HF's
+
+def test_head_and_classifier_match_transformers():
+    from transformers import MPNetForSequenceClassification
+    from transformers.models.mpnet.modeling_mpnet import MPNetClassificationHead
+    torch.manual_seed(0)
+    model = MPNet(MPNetConfig(vocab_size=101, **TINY)).eval()
+    head = finetune.ClassificationHead(64, 3, dropout=0.1).eval()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    hf = MPNetForSequenceClassification(convert_hf.hf_config(model.config)).eval()
+    hf.config.num_labels = 3
+    hf.classifier = MPNetClassificationHead(hf.config).eval()
+    hf.classifier.load_state_dict(head.state_dict())  # the same names: dense, out_proj
+    missing, unexpected = hf.mpnet.load_state_dict({k.removeprefix('mpnet.'): v for k, v in
+                                                    convert_hf.to_hf_state_dict(model).items() if k.startswith('mpnet.')},
+                                                   strict=False)
+    assert not unexpected and all('position_ids' in k or 'pooler' in k for k in missing)
+    features = torch.randn(4, 9, 64)
+    torch.testing.assert_close(head(features), hf.classifier(features), atol=1e-6, rtol=0)
+    ids = torch.randint(5, 101, (3, 11))
+    ids[1, 7:] = 1  # padding
+    mask = (ids != 1).long()
+    with torch.no_grad():
+        torch.testing.assert_close(head(model.encode(ids, mask)), hf(input_ids=ids, attention_mask=mask).logits,
+                                   atol=1e-5, rtol=0)
+
+
+# -----------------------------------------------------------------------------------------------
+# metrics
+
+def test_metrics_on_hand_computed_examples():
+    pred, gold = [1, 1, 0, 0, 1, 0], [1, 0, 0, 1, 1, 0]  # tp 2, fp 1, fn 1, tn 2
+    assert finetune.accuracy(pred, gold) == pytest.approx(4 / 6)
+    assert finetune.f1(pred, gold) == pytest.approx(2 * 2 / (3 + 3))
+    assert finetune.matthews(pred, gold) == pytest.approx((2 * 2 - 1 * 1) / 9)  # sqrt(3*3*3*3)
+    assert finetune.matthews([1, 1, 1], [1, 0, 1]) == 0.0  # one predicted class: defined as 0, as sklearn
+    assert finetune.pearson([1, 2, 3], [2, 4, 6.5]) == pytest.approx(4.5 / math.sqrt(2 * 61 / 6))  # centred: -1 0 1; -13/6 -1/6 14/6
+    # ranks with ties: x -> 1, 2.5, 2.5, 4; y -> 1, 2, 3, 4; rho = 4.5 / sqrt(4.5 * 5)
+    assert list(finetune.ranks([1, 5, 5, 9])) == [1, 2.5, 2.5, 4]
+    assert finetune.spearman([1, 5, 5, 9], [0, 1, 2, 3]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+    assert finetune.scores(('f1', 'accuracy'), pred, gold)['score'] == pytest.approx((4 / 6 + 4 / 6) / 2)
+
+
+def test_metrics_match_scipy_and_sklearn():
+    stats = pytest.importorskip('scipy.stats')
+    metrics = pytest.importorskip('sklearn.metrics')
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        gold, pred = rng.integers(0, 2, 97), rng.integers(0, 2, 97)
+        assert finetune.accuracy(pred, gold) == pytest.approx(metrics.accuracy_score(gold, pred))
+        assert finetune.f1(pred, gold) == pytest.approx(metrics.f1_score(gold, pred))
+        assert finetune.matthews(pred, gold) == pytest.approx(metrics.matthews_corrcoef(gold, pred))
+        x, y = rng.normal(size=53), rng.integers(0, 6, 53)  # y with many ties, as STS-B's scores
+        x[:10] = x[10:20]  # ties in x too
+        assert finetune.pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0])
+        assert finetune.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0])
+
+
+# -----------------------------------------------------------------------------------------------
+# end to end: the built-in task, two snapshots of a run, two seeds each
+
+def test_finetune_end_to_end_on_the_builtin_task(tiny, tmp_path):
+    out = tmp_path / 'results.jsonl'
+    proc = run_cli(os.path.join(HERE, 'finetune.py'), *tiny.ckpts, '--max_train=48', '--max_eval=32', '--epochs=2', '--seeds=2',
+                   '--batch_size=16', '--max_len=32', '--learning_rate=1e-3', f'--out_file={out}', cwd=tiny.root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'task pydocs: train 48, dev 32, test 32, 13 labels; metric accuracy; majority class' in proc.stdout
+    assert proc.stdout.count(' seed ') == 4 and 'over 2 seeds' in proc.stdout
+    assert 'iter  score' in proc.stdout and '     7  ' in proc.stdout and '    14  ' in proc.stdout
+    records = [json.loads(line) for line in open(out)]
+    assert [(r['iter_num'], r['seed']) for r in records] == [(7, 0), (7, 1), (14, 0), (14, 1)]
+    for r in records:
+        assert r['metrics'] == ['accuracy'] and len(r['epochs_dev']) == 2 and r['best_epoch'] in (1, 2)
+        assert r['score'] == r['dev']['score'] and abs(r['score'] - max(r['epochs_dev'])) < 1e-4  # the best epoch's
+        assert 0 <= r['test']['accuracy'] <= 1 and r['sizes']['train'] == 48
+        assert r['config']['max_train'] == 48 and r['command'].startswith(os.path.join(HERE, 'finetune.py'))
+
+
+def test_pairs_are_encoded_as_hf_mpnet_does_and_batches_are_length_sorted(tiny):
+    ids = finetune.encode_split(tiny.tok, [('a cat', 'the dog', 0)])[0]
+    bos, eos = tiny.tok.bos_token_id, tiny.tok.eos_token_id
+    a, b = (tiny.tok(t, add_special_tokens=False)['input_ids'] for t in ('a cat', 'the dog'))
+    assert ids == [bos, *a, eos, eos, *b, eos]  # <s> a </s></s> b </s>
+    lengths = [random.Random(i).randint(3, 60) for i in range(500)]
+    got = finetune.batches(lengths, 16, np.random.default_rng(0))
+    assert sorted(np.concatenate(got).tolist()) == list(range(500))  # each example once
+    padding = sum(16 * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in got[:-1])
+    assert padding < 0.1 * sum(lengths)  # length-sorted buckets: little padding
+    assert got[0].tolist() != finetune.batches(lengths, 16, np.random.default_rng(1))[0].tolist()
+
+
+# -----------------------------------------------------------------------------------------------
+# embeddings: known answers, and the fast batched evaluation against a slow per-document one
+
+def reference_embedding(model, ids, pooling):
+    with torch.no_grad():
+        h = model.encode(torch.tensor([ids]))[0]
+    return torch.nn.functional.normalize(h[0] if pooling == 'cls' else h.mean(0), dim=-1)
+
+
+@pytest.mark.parametrize('pooling', ['mean', 'cls'])
+def test_retrieval_scores_against_a_loop_and_a_known_answer(pooling):
+    torch.manual_seed(0)
+    model = MPNet(MPNetConfig(vocab_size=101, **TINY)).eval()
+    rng = random.Random(0)
+    docs = [[rng.randrange(5, 101) for _ in range(rng.randrange(32, 70))] for _ in range(13)]
+    ids, mask = data.probe_pairs([np.array([t for d in docs for t in (*d, 2)])], 0, 2, 1, 1000, max_len=40)
+    assert ids.shape[:2] == (2, 13)  # every document of 32 tokens or more gives a pair
+    got = finetune.retrieval_scores(model, ids, mask, pooling)
+    halves = [[row[m.bool()].tolist() for row, m in zip(ids[s], mask[s])] for s in (0, 1)]
+    first, second = (torch.stack([reference_embedding(model, h, pooling) for h in hs]) for hs in halves)
+    sim = first @ second.T
+    rank = [1 + sum(sim[i, j] > sim[i, i] for j in range(13)) for i in range(13)]
+    assert got['pairs'] == 13
+    assert got['acc1'] == pytest.approx(np.mean([r == 1 for r in rank]))
+    assert got['mrr'] == pytest.approx(np.mean([1 / r for r in rank]), abs=1e-6)
+    assert got['unrelated_cos'] == pytest.approx(((sim.sum() - sim.trace()) / (13 * 12)).item(), abs=1e-5)
+    same = finetune.retrieval_scores(model, torch.stack([ids[0], ids[0]]), torch.stack([mask[0], mask[0]]), pooling)
+    assert same['acc1'] == 1.0 and same['mrr'] == 1.0  # a half finds itself first
+
+
+def test_sts_scores_and_retrieval_from_the_command_line(tiny, tmp_path):
+    torch.manual_seed(0)
+    model = MPNet(MPNetConfig(vocab_size=len(tiny.tok), **TINY)).eval()
+    texts = [e[0][:80] for e in tiny.task['splits']['dev'][:30]]
+    pairs = [(texts[i], texts[(i * 7 + 3) % 30]) for i in range(30)]
+    cos = [float(reference_embedding(model, tiny.tok(a)['input_ids'], 'mean') @
+                 reference_embedding(model, tiny.tok(b)['input_ids'], 'mean')) for a, b in pairs]
+    scored = [(a, b, 5 * c) for (a, b), c in zip(pairs, cos)]  # human scores that are the cosines: rho = 1
+    got = finetune.sts_scores(model, tiny.tok, scored, 'mean', 'cpu')
+    assert got['spearman'] == pytest.approx(1.0) and got['pearson'] == pytest.approx(1.0, abs=1e-5)
+    docs = tmp_path / 'docs.jsonl'
+    docs.write_text(''.join(json.dumps({'text': e[0]}) + '\n' for e in tiny.task['splits']['test']))
+    n = sum(len(tiny.tok(e[0], add_special_tokens=False)['input_ids']) >= 32 for e in tiny.task['splits']['test'])
+    out = tmp_path / 'r.jsonl'
+    proc = run_cli('finetune.py', tiny.ckpts[0], '--task=retrieval', f'--eval_data={docs}', '--max_len=64',
+                   f'--out_file={out}')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f'pairs {n}' in proc.stdout and 'mean pooling' in proc.stdout
+    record = json.loads(out.read_text())
+    assert record['pairs'] == n and record['iter_num'] == 7 and record['score'] == record['mrr']
+
+
+# -----------------------------------------------------------------------------------------------
+# bad input: one line, nothing written
+
+def write_csv(path, rows, header='text,label'):
+    path.write_text(header + '\n' + ''.join(r + '\n' for r in rows))
+    return str(path)
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path):
+    out = tmp_path / 'results.jsonl'
+    good = [f'some text number {i},{"pos" if i % 2 else "neg"}' for i in range(60)]
+    table = write_csv(tmp_path / 't.csv', good)
+    unseen = tmp_path / 'unseen'
+    unseen.mkdir()
+    write_csv(unseen / 'train.csv', good[:20])
+    write_csv(unseen / 'dev.csv', ['a new text,neutral'])
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    write_csv(empty / 'train.csv', good[:20])
+    write_csv(empty / 'dev.csv', [])
+    one = write_csv(tmp_path / 'one.csv', [f'text {i},pos' for i in range(30)])
+    other = data.train_tokenizer(iter(['completely different words here'] * 50 + good), vocab_size=200)
+    other.save_pretrained(tmp_path / 'other_tok')
+    cases = [
+        (['--task=nosuch'], ['unknown task', 'nosuch']),
+        ([f'--task={table}', '--label_field=stars'], ["no 'stars' column", '--label_field']),
+        ([f'--task={table}', '--text_field=review'], ["no 'review' column", '--text_field']),
+        ([f'--task={unseen}'], ["'neutral'", 'never occurs in training']),
+        ([f'--task={one}'], ['at least 2 labels']),
+        ([f'--task={table}', '--problem=regression'], ['needs numbers', "'neg'", '--problem=classification']),
+        ([f'--task={empty}'], ['dev split', 'empty']),
+        ([f'--task={table}', f'--tokenizer={tmp_path / "other_tok"}'], ['another vocabulary']),
+        (['--task=rte'], ["cannot load GLUE task 'rte'", '--task=FILE.csv']),
+        (['--task=sts'], ['--eval_data=FILE']),
+        (['--seeds=a,b'], ['seeds must be']),
+        (['--lr=1e-4'], ["unknown config key 'lr'", 'learning_rate']),
+        (['--warmup_frac=1.5'], ['warmup_frac must be in [0, 1)']),
+        ([f'--task={table}', '--max_len=128'], ["max_len 128 exceeds the model's max_positions 64"]),
+    ]
+    for args, words in cases:
+        proc = run_here('finetune.py', tiny.ckpts[0], f'--out_file={out}', *args)
+        assert_clean_error(proc, *words)
+        assert not out.exists(), args
+    assert_clean_error(run_here('finetune.py', str(tmp_path / 'missing.pt')), 'not found')
+    assert_clean_error(run_here('finetune.py'), 'give a model')
+
+
+def test_a_fine_tuned_model_exports_for_pipeline_and_a_runs_scores_are_plotted(tiny, tmp_path):
+    run = tmp_path / 'run'
+    (run / 'snapshots').mkdir(parents=True)
+    (run / 'metrics.jsonl').write_text('{"iter": 7, "val_loss": 6.5}\n')
+    snapshot = run / 'snapshots' / 'iter_0000007.pt'
+    os.link(tiny.ckpts[0], snapshot)
+    proc = run_cli(os.path.join(HERE, 'finetune.py'), str(snapshot), '--max_train=48', '--max_eval=32', '--epochs=2',
+                   '--seeds=2', '--batch_size=16', '--max_len=32', '--learning_rate=1e-3', f'--save={tmp_path / "ft.pt"}',
+                   f'--out_file={tmp_path / "results.jsonl"}', cwd=tiny.root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    best = max(json.loads(line)['score'] for line in open(tmp_path / 'results.jsonl'))
+    assert f'saved the fine-tuned model to {tmp_path / "ft.pt"} (dev {best:.4f})' in proc.stdout  # the best seed's
+    scores = [json.loads(line) for line in open(run / 'scores.jsonl')]
+    assert scores[0]['iter'] == 7 and scores[0]['task'] == 'pydocs' and scores[0]['seeds'] == 2
+    assert run_cli(os.path.join(HERE, 'plot.py'), str(run)).returncode == 0 and (run / 'curves.png').exists()
+    # exported as MPNetForSequenceClassification: pipeline gives our predictions, with the label names
+    proc = run_cli(os.path.join(HERE, 'convert_hf.py'), str(tmp_path / 'ft.pt'), str(tmp_path / 'hf'))
+    assert proc.returncode == 0 and 'max |logit diff| vs transformers' in proc.stdout, proc.stderr[-2000:]
+    from transformers import pipeline
+    ckpt = torch.load(tmp_path / 'ft.pt', weights_only=True)
+    model = MPNet(MPNetConfig(**ckpt['model_args'])).eval()
+    model.load_state_dict(ckpt['model'])
+    head = finetune.ClassificationHead(model.config.n_embd, 13, 0.0).eval()
+    head.load_state_dict(ckpt['classifier']['head'])
+    texts = [e[0] for e in tiny.task['splits']['dev'][:12]]
+    enc = tiny.tok(texts, padding=True, truncation=True, max_length=32, return_tensors='pt')
+    with torch.no_grad():
+        ours = head(model.encode(enc['input_ids'], enc['attention_mask'])).argmax(-1).tolist()
+    with convert_hf.quiet_transformers():
+        theirs = pipeline('text-classification', model=str(tmp_path / 'hf'), device='cpu')(
+            texts, truncation=True, max_length=32)
+    assert [t['label'] for t in theirs] == [ckpt['classifier']['labels'][i] for i in ours]

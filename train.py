@@ -29,7 +29,6 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
@@ -54,7 +53,7 @@ snapshot_interval: int = 0              # also keep out_dir/snapshots/iter_N.pt 
 snapshot_keep: int = 5                  # ... the newest this many of them
 curves: bool = True                     # redraw out_dir/curves.png after each eval (plot.py, in the background)
 probe: bool = False                     # with each eval, a label-free embedding probe (see embedding_probe)
-probe_docs: int = 200                   # document pieces the probe compares
+probe_docs: int = 1000                  # validation documents the probe splits into halves and compares
 wandb_log: bool = False                 # also log to wandb (WANDB_MODE=offline works); a resumed run continues its wandb run
 wandb_project: str = 'nano-mpnet'       # wandb project ...
 wandb_run_name: str = 'run'             # ... and run name
@@ -432,27 +431,11 @@ def evaluate():
     return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
 
 
-@torch.no_grad()
 def embedding_probe():
-    """A label-free look at the embeddings: the first and second halves of validation documents, pooled as
-    the run's sentence-transformers model pools (else mean pooling), compared by cosine. Returns how often a
-    first half's nearest second half is its own (higher: the embeddings keep what a text is about), and the
-    mean cosine of unrelated halves (near 0: a spread-out space; towards 1: everything looks alike)."""
-    raw_model.eval()
-    n = probe_ids.size(1)
-    ids, mask = probe_ids.flatten(0, 1).to(device), probe_mask.flatten(0, 1).to(device)  # (2n, L)
-    pooled = []
-    for i in range(0, 2 * n, 64):  # bounded memory at any probe_docs
-        with autocast:
-            hidden = raw_model.encode(ids[i:i + 64], mask[i:i + 64]).float()  # (b, L, C)
-        m = mask[i:i + 64, :, None].float()
-        pooled.append(hidden[:, 0] if probe_pooling == 'cls' else (hidden * m).sum(1) / m.sum(1))
-    first, second = F.normalize(torch.cat(pooled), dim=-1).view(2, n, -1)
-    sim = first @ second.T  # (n, n): row i against every second half
-    raw_model.train()
-    found = (sim.argmax(1) == torch.arange(n, device=device)).float().mean()
-    unrelated = (sim.sum() - sim.diagonal().sum()) / (n * (n - 1))
-    return found.item(), unrelated.item()
+    """finetune.py's retrieval evaluation (--task=retrieval) on the probe's pairs of validation half-documents,
+    pooled as the run's sentence-transformers model pools (else mean): the same numbers, on fewer pairs."""
+    from finetune import retrieval_scores
+    return retrieval_scores(raw_model, probe_ids.to(device), probe_mask.to(device), probe_pooling, autocast)
 
 
 def kept():
@@ -611,11 +594,13 @@ while True:
         best_iter = iter_num if improved else best_iter
         record = dict(iter=iter_num, val_loss=val_loss, val_acc=val_acc, objective=objective)  # plot.py compares runs
         if probe:
-            record['probe_found'], record['probe_cos'] = embedding_probe()
+            scores = embedding_probe()
+            record.update(probe_found=scores['acc1'], probe_mrr=scores['mrr'], probe_cos=scores['unrelated_cos'])
         if master:
             print(f'iter {iter_num}: val loss {val_loss:.4f}, val acc {val_acc:.4f}, best {best_val_loss:.4f}' +
-                  (f", probe: {record['probe_found']:.3f} of halves find their other half, unrelated cosine "
-                   f"{record['probe_cos']:.3f}" if probe else ''))
+                  (f", probe: {record['probe_found']:.3f} of halves find their other half (MRR "
+                   f"{record['probe_mrr']:.3f}, {probe_ids.size(1)} pairs), unrelated cosine {record['probe_cos']:.3f}"
+                   if probe else ''))
         log(record)
         snapshot_due = snapshot_interval and iter_num % snapshot_interval == 0
         if iter_num > start_iter and (improved or always_save_checkpoint or snapshot_due):
