@@ -193,21 +193,10 @@ def release_replaced(out_dir, val_loss, key, beat_start):
     return f"removed {keep}: this run's best (val loss {val_loss:.4f}) is at least as good as the replaced run's"
 
 
-def metrics_record(line):
-    """The record of one metrics.jsonl line, or None for a line that is not one: cut short by a crash,
-    undecodable, edited by hand. The rule is plot.py's valid_record, so that resume and plot.py agree."""
-    from plot import valid_record  # standard library only at plot.py's top
-    try:
-        record = json.loads(line)
-    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        return None
-    return record if valid_record(record) else None
-
-
 def trim_log(path, iter_num):
     """A run resumed at iter_num trains the iterations after it again: drop what the interrupted run logged of
     them (and its evaluation at iter_num, logged again at start), so that the log holds each iteration once.
-    Lines that are no record (metrics_record) are dropped too. Returns (records dropped, bad lines dropped)."""
+    Lines that are no record (plot.parse_record, the rule plot.py reads by) are dropped too. Returns (records dropped, bad lines dropped)."""
     if not os.path.exists(path):
         return 0, 0
     try:
@@ -215,8 +204,9 @@ def trim_log(path, iter_num):
             lines = f.read().splitlines(keepends=True)
     except OSError as e:
         raise CheckpointError(f'cannot read {path} ({_reason(e)})') from None
+    from plot import parse_record  # standard library only at plot.py's top
     lines = [line for line in lines if line.strip()]
-    records = [metrics_record(line) for line in lines]
+    records = [parse_record(line) for line in lines]
     keep = [line if line.endswith(b'\n') else line + b'\n' for line, r in zip(lines, records)
             if r is not None and (r['iter'] < iter_num or r['iter'] == iter_num and 'val_loss' not in r)]
     if len(keep) < len(lines):

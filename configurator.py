@@ -103,7 +103,7 @@ def script_settings(path):
     return settings
 
 
-def help_text(script, defaults, choices=None, also=None):
+def help_text(script, defaults, choices=None, also=None, limits=None):
     """--help: usage, then every key of the script with its default, range and comment, by group."""
     name = os.path.basename(script)
     out = [f'usage: python {name} [CONFIG_FILE ...] [--key=value ...]',
@@ -114,7 +114,7 @@ def help_text(script, defaults, choices=None, also=None):
             continue
         _, key, _, comment = entry
         allowed = (choices or {}).get(key)
-        limit = LIMITS.get(key, '')
+        limit = {**LIMITS, **(limits or {})}.get(key, '')
         extra = f"one of {', '.join(allowed)}" if allowed else f"in {limit}" if limit[:1] in '[(' and limit else limit
         out.append(f'  --{key}={defaults[key]}'.ljust(40) + ' ' + comment + (f' [{extra}]' if extra else ''))
     if also:
@@ -122,12 +122,12 @@ def help_text(script, defaults, choices=None, also=None):
     return '\n'.join(out)
 
 
-def configure(defaults, argv, choices=None, script=None, also=None):
+def configure(defaults, argv, choices=None, script=None, also=None, limits=None):
     """Return {key: value} of the defaults overridden by config files and --key=value arguments;
-    choices: {key: allowed values} for keys that take one of a few values. --help (or -h) prints
-    help_text(script) and exits."""
+    choices: {key: allowed values} for keys that take one of a few values; limits: the script's own ranges,
+    beside LIMITS. --help (or -h) prints help_text(script) and exits."""
     if script and any(a in ('--help', '-h') for a in argv):
-        print(help_text(script, defaults, choices, also))
+        print(help_text(script, defaults, choices, also, limits))
         sys.exit(0)
     config = dict(defaults)
     for arg in argv:
@@ -157,13 +157,14 @@ def configure(defaults, argv, choices=None, script=None, also=None):
     for key, allowed in (choices or {}).items():
         if config[key] not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {config[key]!r}")
-    check_limits(config)
+    check_limits(config, limits)
     return config
 
 
-def check_limits(config):
-    """ConfigError for the first value of config outside its LIMITS, or an empty name or path."""
-    for key, limit in LIMITS.items():
+def check_limits(config, limits=None):
+    """ConfigError for the first value of config outside its LIMITS (and a script's own limits), or an empty
+    name or path."""
+    for key, limit in {**LIMITS, **(limits or {})}.items():
         if config.get(key) is not None and not _within(config[key], limit):
             raise ConfigError(f"{key} must be {'in ' * (limit[0] in '[(')}{limit}; got {config[key]!r}")
     for key in ('out_dir', 'dataset', 'tokenizer'):

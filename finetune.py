@@ -36,7 +36,7 @@ from torch.nn import functional as F
 
 import data
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from configurator import ConfigError, _within, check_device, configure
+from configurator import ConfigError, check_device, configure
 from convert_hf import ConvertError, hf_to_checkpoint, quiet_transformers, sentence_pooling
 from model import MPNet, MPNetConfig
 
@@ -72,8 +72,9 @@ dtype: str = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast 
 # -----------------------------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 CHOICES = dict(problem=('auto', 'classification', 'regression'), dtype=('float32', 'bfloat16'))
-LIMITS = dict(max_len='>= 8', max_train='>= 0', max_eval='>= 0', max_pairs='>= 0', epochs='>= 1', batch_size='>= 1',
-              learning_rate='> 0', warmup_frac='[0, 1)', weight_decay='>= 0', grad_clip='>= 0', dropout='[0, 1)')
+# this script's own ranges; those of the keys it shares with train.py (batch_size, learning_rate, ...) are configurator's
+LIMITS = dict(max_len='>= 8', max_train='>= 0', max_eval='>= 0', max_pairs='>= 0', epochs='>= 1', warmup_frac='[0, 1)',
+              dropout='[0, 1)')
 
 
 class TaskError(Exception):
@@ -556,11 +557,8 @@ def main(argv):
             '--task=pydocs\nResults: one JSON record per run appended to out_file.')
     try:
         config = configure({k: globals()[k] for k in config_keys}, files + [a for a in argv if a.startswith('-')],
-                           CHOICES, script=__file__, also=also)
+                           CHOICES, script=__file__, also=also, limits=LIMITS)
         check_device(config['device'], 'sdpa')
-        for key, limit in LIMITS.items():  # this script's own ranges (configurator's LIMITS are train.py's)
-            if not _within(config[key], limit):
-                raise ConfigError(f"{key} must be {'in ' * (limit[0] in '[(')}{limit}; got {config[key]!r}")
     except ConfigError as e:
         die(e)
     globals().update(config)

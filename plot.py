@@ -31,6 +31,15 @@ def valid_record(record):
     return isinstance(record, dict) and type(record.get('iter')) is int and record['iter'] >= 0  # bool is no iter
 
 
+def parse_record(line):
+    """The record of one metrics.jsonl line (bytes or text), or None for a line that is not one (valid_record)."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
+    return record if valid_record(record) else None
+
+
 def read_metrics(path_or_dir, warn=True):
     """The valid records (valid_record) of a metrics.jsonl (or of a run folder's), in file order. A line that is
     not one (cut short by a crash, undecodable bytes, not an object, no integer 'iter') is skipped, and with
@@ -41,11 +50,8 @@ def read_metrics(path_or_dir, warn=True):
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-                record = None
-            if valid_record(record):
+            record = parse_record(line)
+            if record is not None:
                 records.append(record)
             else:
                 bad, first_bad = bad + 1, first_bad or n
