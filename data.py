@@ -175,52 +175,59 @@ def token_dtype(vocab_size):
 def build_pydocs(path=None):
     """The built-in corpus: pydoc's topic pages and the docstrings of the standard library's modules,
     classes and functions, deduplicated, one document each. Written once to DATA_ROOT/pydocs.jsonl."""
-    import io, warnings, contextlib
+    from pydoc_data.topics import topics
     path = path or os.path.join(DATA_ROOT, 'pydocs.jsonl')
     if not os.path.exists(path):
-        # some modules print or warn (asyncore, typing.io are deprecated) when imported or inspected
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter('ignore')
-            docs = list(dict.fromkeys(_pydocs_texts()))  # deduplicated, first occurrence kept
-        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-        with open(path + '.tmp', 'w', encoding='utf-8') as f:
-            f.writelines(json.dumps({'text': d}) + '\n' for d in docs)
-        os.replace(path + '.tmp', path)
-    return path
-
-def _pydocs_texts():
-    import inspect, pkgutil, importlib
-    from pydoc_data.topics import topics
-    def modules():
         # importing these opens windows or a browser, prints, or needs tkinter; tests are not documentation
         skip = {'antigravity', 'this', 'idlelib', 'tkinter', 'turtle', 'turtledemo', 'test', 'lib2to3', 'ensurepip'}
-        for name in sorted(n for n in sys.stdlib_module_names if n not in skip and not n.startswith('_')):
-            try:
-                yield importlib.import_module(name)
-            except (Exception, SystemExit):  # another platform's module (winreg, msvcrt), a missing library
-                continue
-            for info in pkgutil.walk_packages(getattr(sys.modules[name], '__path__', []), name + '.', onerror=lambda _: None):
-                last = info.name.rsplit('.', 1)[-1]  # '__main__' submodules run a program when imported
-                if not (last.startswith('_') or last.startswith('test') or '.test' in info.name):
-                    try:
-                        yield importlib.import_module(info.name)
-                    except (Exception, SystemExit):
-                        pass
-    def docs():
-        yield from (topics[t] for t in sorted(topics))
-        for mod in modules():
-            yield mod.__doc__
-            for name, obj in sorted(vars(mod).items()):  # only what the module defines, not what it imports
-                if name.startswith('__') or getattr(obj, '__module__', None) != mod.__name__:
-                    continue
-                if inspect.isclass(obj) or inspect.isroutine(obj):
-                    yield obj.__doc__
-                if inspect.isclass(obj):
-                    yield from (a.__doc__ for a in vars(obj).values() if inspect.isroutine(a) or isinstance(a, property))
-    for doc in docs():
-        doc = inspect.cleandoc(doc) if isinstance(doc, str) else ''
-        if len(doc) >= 20:  # drops the one-liners ("Return self==value.") that repeat everywhere
-            yield doc
+        names = sorted(n for n in sys.stdlib_module_names if n not in skip and not n.startswith('_'))
+        texts = [topics[t] for t in sorted(topics)] + [doc for _, _, doc in stdlib_docstrings(names)]
+        texts = (clean_docstring(t) for t in texts)
+        # deduplicated, first occurrence kept; drops the one-liners ("Return self==value.") that repeat everywhere
+        docs = list(dict.fromkeys(t for t in texts if len(t) >= 20))
+        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+        with open(f'{path}.tmp-{os.getpid()}', 'w', encoding='utf-8') as f:  # two builders never share it
+            f.writelines(json.dumps({'text': d}) + '\n' for d in docs)
+        os.replace(f'{path}.tmp-{os.getpid()}', path)
+    return path
+
+def clean_docstring(doc):
+    import inspect
+    return inspect.cleandoc(doc) if isinstance(doc, str) else ''
+
+def stdlib_docstrings(packages):
+    """(package, owner, docstring) of each module of these standard-library packages (submodules included,
+    tests and private ones not), and of the classes, functions and methods each defines (not what it imports).
+    The owner is the module for the module and its functions, 'module.Class' for a class and its methods:
+    finetune.py's built-in task keeps an owner on one side of its split. Also the walk of the pydocs corpus."""
+    import contextlib, importlib, inspect, io, pkgutil, warnings
+    def modules(package):
+        try:
+            yield importlib.import_module(package)
+        except (Exception, SystemExit):  # another platform's module (winreg, msvcrt), a missing library
+            return
+        for info in pkgutil.walk_packages(getattr(sys.modules[package], '__path__', []), package + '.', onerror=lambda _: None):
+            last = info.name.rsplit('.', 1)[-1]  # '__main__' submodules run a program when imported
+            if not (last.startswith('_') or last.startswith('test') or '.test' in info.name):
+                try:
+                    yield importlib.import_module(info.name)
+                except (Exception, SystemExit):
+                    pass
+    # some modules print or warn (asyncore, typing.io are deprecated) when imported or inspected
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter('ignore')
+        for package in packages:
+            for mod in modules(package):
+                yield package, mod.__name__, mod.__doc__
+                for name, obj in sorted(vars(mod).items()):
+                    if name.startswith('__') or getattr(obj, '__module__', None) != mod.__name__:
+                        continue
+                    owner = f'{mod.__name__}.{name}' if inspect.isclass(obj) else mod.__name__
+                    if inspect.isclass(obj) or inspect.isroutine(obj):
+                        yield package, owner, obj.__doc__
+                    if inspect.isclass(obj):
+                        yield from ((package, owner, a.__doc__) for a in vars(obj).values()
+                                    if inspect.isroutine(a) or isinstance(a, property))
 
 def _looks_local(dataset):
     """Whether dataset names a local source ('pydocs', or a path) rather than a hub dataset."""

@@ -52,7 +52,7 @@ pair_field: str = ''                    # ... its second text column, for pairs 
 label_field: str = ''                   # ... its label or score column ('' = label, else score)
 eval_data: str = ''                     # retrieval: documents (.txt/.jsonl; '' = the checkpoint's validation text); sts: scored pairs
 max_len: int = 128                      # tokens per example (pairs: both texts together), cut beyond
-max_train: int = 0                      # use only this many training examples (0 = all): quick checks
+max_train: int = 0                      # use only a fixed random subset of this many training examples (0 = all)
 max_eval: int = 0                       # ... and this many of each evaluation split
 max_pairs: int = 0                      # retrieval: at most this many document pairs (0 = as many as the text gives)
 # recipe (RoBERTa/MPNet GLUE fine-tuning)
@@ -70,7 +70,7 @@ save: str = ''                          # write the best seed's fine-tuned model
 device: str = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda' or 'cuda:N'
 dtype: str = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast dtype on CUDA; CPU runs float32
 # -----------------------------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+config_keys = list(__annotations__)  # the typed globals above, and nothing imported (checkpoint.REPLACED is a str too)
 CHOICES = dict(problem=('auto', 'classification', 'regression'), dtype=('float32', 'bfloat16'))
 # this script's own ranges; those of the keys it shares with train.py (batch_size, learning_rate, ...) are configurator's
 LIMITS = dict(max_len='>= 8', max_train='>= 0', max_eval='>= 0', max_pairs='>= 0', epochs='>= 1', warmup_frac='[0, 1)',
@@ -176,53 +176,28 @@ def build_pydocs_task(path):
     """The labelled docstrings of PYDOCS_PACKAGES, written once to path (jsonl: text, label, split). The
     split is made per owner (a class with its methods, or a module with its functions), so that near-identical
     sibling docstrings never sit on both sides of it, and per package, about 70/15/15 of its texts; a text
-    found under two packages is dropped. The walk is data.py's (the pydocs corpus), here keeping each docstring's module."""
-    import contextlib, importlib, inspect, io, pkgutil, warnings
-    def docstrings():
-        for package in PYDOCS_PACKAGES:
-            mod = importlib.import_module(package)
-            names = [package] + [i.name for i in pkgutil.walk_packages(getattr(mod, '__path__', []), package + '.',
-                                                                         onerror=lambda _: None)]
-            for name in names:
-                last = name.rsplit('.', 1)[-1]
-                if last.startswith(('_', 'test')) or '.test' in name:
-                    continue
-                try:
-                    mod = importlib.import_module(name)
-                except (Exception, SystemExit):  # a platform's module, a missing library
-                    continue
-                yield package, name, mod.__doc__
-                for key, obj in sorted(vars(mod).items()):  # only what the module defines
-                    if key.startswith('__') or getattr(obj, '__module__', None) != name:
-                        continue
-                    if inspect.isclass(obj) or inspect.isroutine(obj):
-                        yield package, f'{name}.{key}' if inspect.isclass(obj) else name, obj.__doc__
-                    if inspect.isclass(obj):
-                        yield from ((package, f'{name}.{key}', a.__doc__) for a in vars(obj).values()
-                                    if inspect.isroutine(a) or isinstance(a, property))
+    found under two packages is dropped. The walk is the pydocs corpus's (data.stdlib_docstrings)."""
     rows = {}
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter('ignore')
-        for package, owner, doc in docstrings():
-            text = GIVEAWAY.sub('module', inspect.cleandoc(doc)) if isinstance(doc, str) else ''
-            if len(text) >= 40:  # drops the one-liners ("Return self==value.")
-                seen = rows.setdefault(text, (package, owner))
-                if seen[0] != package:
-                    rows[text] = (None, owner)
+    for package, owner, doc in data.stdlib_docstrings(PYDOCS_PACKAGES):
+        text = GIVEAWAY.sub('module', data.clean_docstring(doc))
+        if len(text) >= 40:  # drops the one-liners ("Return self==value.")
+            seen = rows.setdefault(text, (package, owner))
+            if seen[0] != package:
+                rows[text] = (None, owner)
     owners = {}  # package -> owner -> texts
     for text, (package, owner) in rows.items():
         if package:
             owners.setdefault(package, {}).setdefault(owner, []).append(text)
     share = dict(train=0.7, dev=0.15, test=0.15)
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    with open(f'{path}.tmp-{os.getpid()}', 'w', encoding='utf-8') as f:  # two builders never share it
         for package in PYDOCS_PACKAGES:  # per package, the largest owners first, each to the split most short of its share
             count, total = dict.fromkeys(share, 0), sum(len(t) for t in owners[package].values())
             for owner, texts in sorted(owners[package].items(), key=lambda o: (-len(o[1]), hashlib.sha1(o[0].encode()).digest())):
                 split = min(share, key=lambda s: count[s] / total - share[s])
                 count[split] += len(texts)
                 f.writelines(json.dumps(dict(text=t, label=package, split=split)) + '\n' for t in texts)
-    os.replace(path + '.tmp', path)
+    os.replace(f'{path}.tmp-{os.getpid()}', path)
 
 
 def pydocs_task():
@@ -250,6 +225,14 @@ def load_glue(name):
     out['test'] = []  # GLUE's test labels are hidden (-1): scores come from the dev splits
     return dict(name=name, splits=out, num_labels=num_labels, labels=ds['train'].features['label'].names
                 if num_labels > 1 else None, metrics=metrics)
+
+
+def subset(examples, keep):
+    """A fixed random subset of keep examples (0: all), in their order: the first rows of a file sorted by
+    label (pydocs' is) would be one label."""
+    if not keep or keep >= len(examples):
+        return examples
+    return [examples[i] for i in sorted(np.random.default_rng(0).permutation(len(examples))[:keep])]
 
 
 def read_rows(path):
@@ -588,8 +571,8 @@ def main(argv):
             for s in ('train', 'dev'):
                 if not spec['splits'][s]:
                     raise TaskError(f"task '{task}' has an empty {s} split")
-            for s in spec['splits']:  # 0: all
-                spec['splits'][s] = spec['splits'][s][:(max_train if s == 'train' else max_eval) or None]
+            for s, examples in spec['splits'].items():
+                spec['splits'][s] = subset(examples, max_train if s == 'train' else max_eval)
         if task == 'sts':
             if not eval_data:
                 raise TaskError("--task=sts needs --eval_data=FILE: pairs with human scores (columns sentence1, sentence2, score)")

@@ -781,7 +781,8 @@ def test_a_signal_saves_and_stops_a_second_one_quits_and_wandb_resumes_its_run(t
     (['--seed=-1'], 'seed'), (['--rope=True', '--n_embd=132', '--n_head=4'], 'head size'),
     (['--snapshot_keep=0', '--snapshot_interval=100'], 'snapshot_keep must be >= 1'),
     (['--snapshot_interval=150'], 'snapshot_interval (150) must be a multiple of eval_interval (100)'),
-    (['--objective=xlnet'], "objective must be one of mpnet, mlm, plm; got 'xlnet'")])
+    (['--objective=xlnet'], "objective must be one of mpnet, mlm, plm; got 'xlnet'"),
+    (['--REPLACED=x'], "unknown config key 'REPLACED'")])  # a str constant imported by train.py is no setting
 def test_nonsense_settings_are_refused_in_one_line(tmp_path, args, words):
     assert_clean_error(run_here('train.py', 'config/tiny.py', f'--out_dir={tmp_path}', *args), words)
 
@@ -2928,6 +2929,15 @@ def test_metrics_match_scipy_and_sklearn():
         x[:10] = x[10:20]  # ties in x too
         assert finetune.pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0])
         assert finetune.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0])
+
+
+def test_max_train_keeps_a_fixed_random_subset_not_the_first_rows():
+    examples = [(f'text {i}', None, i // 100) for i in range(1300)]  # sorted by label, as pydocs' file is
+    got = finetune.subset(examples, 48)
+    assert len(got) == 48 and got == finetune.subset(examples, 48)  # the same subset in every run and seed
+    assert got == sorted(got, key=lambda e: int(e[0].split()[1]))  # in the file's order
+    assert len({e[2] for e in got}) >= 8  # first 48 rows would be label 0 alone
+    assert finetune.subset(examples, 0) is examples and finetune.subset(examples, 5000) is examples
 
 
 # -----------------------------------------------------------------------------------------------

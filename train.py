@@ -110,7 +110,7 @@ dtype: str = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast 
 compile: bool = True                    # torch.compile the model (CUDA only)
 seed: int = 1337                        # data order, permutations, initialisation
 # -----------------------------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+config_keys = list(__annotations__)  # the typed globals above, and nothing imported (checkpoint.REPLACED is a str too)
 
 
 def die(msg):
