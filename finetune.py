@@ -77,6 +77,11 @@ LIMITS = dict(max_len='>= 8', max_train='>= 0', max_eval='>= 0', max_pairs='>= 0
               dropout='[0, 1)')
 
 
+# what a score depends on besides the model and task: plot.py draws scores of different recipes as different lines
+RECIPE = ('max_len', 'max_train', 'max_eval', 'epochs', 'batch_size', 'learning_rate', 'warmup_frac', 'weight_decay',
+          'grad_clip', 'dropout', 'max_pairs', 'eval_data')
+
+
 class TaskError(Exception):
     pass
 
@@ -651,7 +656,7 @@ def main(argv):
                 f.write(json.dumps(dict(iter=iter_num, task=task, metric=(spec['metrics'][0] if spec else
                                         'spearman' if task == 'sts' else 'mrr'), mean=float(np.mean(summary[-1][2])),
                                         std=float(np.std(summary[-1][2], ddof=1)) if len(runs) > 1 else 0.0,
-                                        seeds=len(runs), model=name)) + '\n')
+                                        seeds=len(runs), model=name, recipe={k: config[k] for k in RECIPE})) + '\n')
         if len(runs) > 1:
             dev_s, test_s = np.array(summary[-1][2]), [t for t in summary[-1][3] if t is not None]
             print(f'{name}: dev {dev_s.mean():.4f} +- {dev_s.std(ddof=1):.4f} over {len(runs)} seeds' +

@@ -78,16 +78,29 @@ def series(records, key):
 
 def read_scores(run_dir):
     """finetune.py's downstream scores of a run's checkpoints (run_dir/scores.jsonl, one record per checkpoint
-    and task: iter, task, metric, mean, std, seeds) as {'task metric': [(iter, mean, std)]}, the last per iter."""
+    and task: iter, task, metric, mean, std, seeds, recipe) as {'task metric': [(iter, mean, std)]}, the last
+    per iter. Scores of one task under different recipes (a quick --max_train=50 check beside the real one) are
+    different lines, each named by the settings in which it differs: one curve never mixes them."""
     path = os.path.join(run_dir, 'scores.jsonl')
     if not os.path.isfile(path):
         return {}
-    out = {}
+    out, recipes = {}, {}
     for r in read_metrics(path):
         if isinstance(r.get('task'), str) and type(r.get('mean')) in (int, float) and math.isfinite(r['mean']):
             std = r.get('std') if type(r.get('std')) in (int, float) and math.isfinite(r['std']) else 0.0
-            out.setdefault(f"{r['task']} {r.get('metric') or ''}".strip(), {})[r['iter']] = (r['mean'], std)
-    return {k: [(i, *v[i]) for i in sorted(v)] for k, v in out.items()}
+            recipe = r.get('recipe') if isinstance(r.get('recipe'), dict) else {}
+            task = f"{r['task']} {r.get('metric') or ''}".strip()
+            key = (task, json.dumps(recipe, sort_keys=True))
+            recipes[key] = recipe
+            out.setdefault(key, {})[r['iter']] = (r['mean'], std)
+    named = {}
+    for task, key in out:
+        others = [recipes[k] for k in out if k[0] == task]
+        differ = sorted({name for rec in others for name in set(rec) | set(recipes[task, key])
+                         if rec.get(name) != recipes[task, key].get(name)})
+        label = task + (f" ({', '.join(f'{n}={recipes[task, key].get(n)}' for n in differ)})" if differ else '')
+        named[label] = [(i, *out[task, key][i]) for i in sorted(out[task, key])]
+    return named
 
 
 def objective_of(run_dir, records):

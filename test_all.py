@@ -2094,6 +2094,19 @@ def write_log(folder, lines):
     return folder
 
 
+def test_scores_of_different_recipes_are_different_lines(tmp_path):
+    recipe = dict(max_len=64, max_train=0, epochs=15, learning_rate=5e-4)
+    quick = dict(recipe, max_train=50, epochs=1)  # a quick check of the same checkpoint, written to the same run
+    records = [dict(iter=10, task='pydocs', metric='accuracy', mean=0.5, std=0.01, seeds=3, recipe=recipe),
+               dict(iter=20, task='pydocs', metric='accuracy', mean=0.6, std=0.02, seeds=3, recipe=recipe),
+               dict(iter=20, task='pydocs', metric='accuracy', mean=0.1, std=0.0, seeds=1, recipe=quick)]
+    (tmp_path / 'scores.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records[:2]))
+    assert plot.read_scores(str(tmp_path)) == {'pydocs accuracy': [(10, 0.5, 0.01), (20, 0.6, 0.02)]}
+    (tmp_path / 'scores.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+    assert plot.read_scores(str(tmp_path)) == {'pydocs accuracy (epochs=15, max_train=0)': [(10, 0.5, 0.01), (20, 0.6, 0.02)],
+                                               'pydocs accuracy (epochs=1, max_train=50)': [(20, 0.1, 0.0)]}
+
+
 def test_malformed_metrics_lines_are_skipped_with_one_warning(tmp_path):
     bad = ['{"loss": 1.0}',                   # line 2: valid JSON, no iter
            '[1, 2]', '3', '"text"', 'null',    # JSON values that are not objects
@@ -3086,6 +3099,7 @@ def test_a_fine_tuned_model_exports_for_pipeline_and_a_runs_scores_are_plotted(t
     assert f'saved the fine-tuned model to {tmp_path / "ft.pt"} (dev {best:.4f})' in proc.stdout  # the best seed's
     scores = [json.loads(line) for line in open(run / 'scores.jsonl')]
     assert scores[0]['iter'] == 7 and scores[0]['task'] == 'pydocs' and scores[0]['seeds'] == 2
+    assert scores[0]['recipe']['max_train'] == 48 and scores[0]['recipe']['epochs'] == 2  # what the score depends on
     assert run_cli(os.path.join(HERE, 'plot.py'), str(run)).returncode == 0 and (run / 'curves.png').exists()
     # exported as MPNetForSequenceClassification: pipeline gives our predictions, with the label names
     proc = run_cli(os.path.join(HERE, 'convert_hf.py'), str(tmp_path / 'ft.pt'), str(tmp_path / 'hf'))
