@@ -31,6 +31,7 @@ is complete; a failed write removes its temp file.
 import fcntl
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -191,6 +192,35 @@ def release_replaced(out_dir, val_loss, key, beat_start):
         return None
     shutil.rmtree(keep, ignore_errors=True)
     return f"removed {keep}: this run's best (val loss {val_loss:.4f}) is at least as good as the replaced run's"
+
+
+def keep_snapshot(out_dir, iter_num, keep):
+    """out_dir/snapshots/iter_N.pt, a hard link to the ckpt.pt just saved (no copy); only the newest `keep`
+    snapshots stay. Returns its path."""
+    folder = os.path.join(out_dir, 'snapshots')
+    snapshot = os.path.join(folder, f'iter_{iter_num:07d}.pt')
+    os.makedirs(folder, exist_ok=True)
+    link_checkpoint(os.path.join(out_dir, 'ckpt.pt'), snapshot)
+    for old in sorted(f for f in os.listdir(folder) if f.endswith('.pt'))[:-keep]:
+        os.remove(os.path.join(folder, old))
+    return snapshot
+
+
+def run_summary(out_dir, best_iter, best_val_loss, last_saved, start_file):
+    """Which files of a run hold what, for the line that ends it: the best model (or that none beat the model
+    it started from), the latest checkpoint when it is another, and a replaced run still kept."""
+    best_path, ckpt_path = os.path.join(out_dir, 'best.pt'), os.path.join(out_dir, 'ckpt.pt')
+    best = (f'the best model is {best_path} (iter {best_iter}, val loss {best_val_loss:.4f})'
+            if best_iter is not None and os.path.exists(best_path) else
+            f'no checkpoint beat the starting model' + (f' {start_file}' if start_file else '') +
+            f' (val loss {best_val_loss:.4f})' if math.isfinite(best_val_loss) else
+            'no model was evaluated yet')
+    last = (f'the latest checkpoint is {ckpt_path}' + (f' (iter {last_saved[0]}, val loss {last_saved[1]:.4f})'
+            if last_saved and last_saved[1] is not None and last_saved[0] != best_iter else '')
+            if os.path.exists(ckpt_path) else 'no checkpoint was saved')
+    replaced = os.path.join(out_dir, REPLACED)
+    return f'{best}; {last}' + (f'; {replaced} keeps the replaced run until a model at least as good is saved'
+                                if os.path.isdir(replaced) else '')
 
 
 def trim_log(path, iter_num):

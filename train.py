@@ -32,9 +32,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from checkpoint import (REPLACED, CheckpointError, check_free_space, checkpoint_bytes, claim_run_dir, link_checkpoint,
-                        load_checkpoint, model_from_checkpoint, release_replaced, replace_run, same_file,
-                        save_checkpoint, trim_log, validation_key)
+from checkpoint import (CheckpointError, check_free_space, checkpoint_bytes, claim_run_dir, keep_snapshot,
+                        link_checkpoint, load_checkpoint, model_from_checkpoint, release_replaced, replace_run,
+                        run_summary, same_file, save_checkpoint, trim_log, validation_key)
 from configurator import CHOICES, ConfigError, check_device, configure
 from convert_hf import ConvertError, hf_to_checkpoint, read_tokenizer_files, sentence_pooling, tokenizer_files_of
 from model import MPNet, MPNetConfig
@@ -440,17 +440,7 @@ def embedding_probe():
 
 def kept():
     """Which files hold what, for the messages that end a run."""
-    best = (f'the best model is {best_path} (iter {best_iter}, val loss {best_val_loss:.4f})'
-            if best_iter is not None and os.path.exists(best_path) else
-            f'no checkpoint beat the starting model' + (f' {start_file}' if start_file else '') +
-            f' (val loss {best_val_loss:.4f})' if math.isfinite(best_val_loss) else
-            'no model was evaluated yet')
-    last = (f'the latest checkpoint is {ckpt_path}' + (f' (iter {last_saved[0]}, val loss {last_saved[1]:.4f})'
-            if last_saved and last_saved[1] is not None and last_saved[0] != best_iter else '')
-            if os.path.exists(ckpt_path) else 'no checkpoint was saved')
-    replaced = os.path.join(out_dir, REPLACED)
-    return f'{best}; {last}' + (f'; {replaced} keeps the replaced run until a model at least as good is saved'
-                                if os.path.isdir(replaced) else '')
+    return run_summary(out_dir, best_iter, best_val_loss, last_saved, start_file)
 
 
 def save(val_loss=None, improved=False):
@@ -480,14 +470,8 @@ def save(val_loss=None, improved=False):
         if improved:
             link_checkpoint(ckpt_path, best_path)
             released = release_replaced(out_dir, val_loss, validation_key(config, fingerprint), best_iter is not None)
-        snapshot = os.path.join(out_dir, 'snapshots', f'iter_{iter_num:07d}.pt')
-        if snapshot_interval and val_loss is not None and iter_num % snapshot_interval == 0:
-            os.makedirs(os.path.dirname(snapshot), exist_ok=True)
-            link_checkpoint(ckpt_path, snapshot)  # no copy: a hard link
-            for old in sorted(f for f in os.listdir(os.path.dirname(snapshot)) if f.endswith('.pt'))[:-snapshot_keep]:
-                os.remove(os.path.join(os.path.dirname(snapshot), old))
-        else:
-            snapshot = None
+        snapshot = (keep_snapshot(out_dir, iter_num, snapshot_keep)
+                    if snapshot_interval and val_loss is not None and iter_num % snapshot_interval == 0 else None)
     except CheckpointError as e:
         die(e)
     global last_saved
