@@ -67,9 +67,11 @@ def save_checkpoint(ckpt, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
+    except BaseException as e:  # Ctrl-C or a signal during the write too: the temp file never stays
         if os.path.exists(tmp):
             os.remove(tmp)
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
         # torch reports a short write as a RuntimeError ("unexpected pos ..."), not as the OSError behind it
         reason = _reason(e) if isinstance(e, OSError) else 'the write was cut short: disk full or a file size limit'
         free = f'{shutil.disk_usage(folder).free / 2**30:.1f} GiB free there' if os.path.isdir(folder) else 'no folder'
@@ -86,9 +88,11 @@ def link_checkpoint(src, dst):
         except OSError:
             shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
-    except OSError as e:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if not isinstance(e, OSError):
+            raise
         raise CheckpointError(f'could not write {dst} ({_reason(e)}): the previous {os.path.basename(dst)} is unchanged') from None
 
 
@@ -96,7 +100,9 @@ def same_file(a, b):
     return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
-RUN_FILES = ('ckpt.pt', 'best.pt', 'snapshots', 'hf', 'metrics.jsonl', 'curves.png')  # what a run leaves in out_dir
+# what a run leaves in out_dir: all of it is the run's, and overwrite=True moves all of it (finetune.py's scores of
+# the run's checkpoints included: a new run's curves must not draw the old model's scores)
+RUN_FILES = ('ckpt.pt', 'best.pt', 'snapshots', 'hf', 'metrics.jsonl', 'curves.png', 'scores.jsonl')
 MODEL_FILES = RUN_FILES[:4]
 REPLACED = 'replaced'
 # what a validation loss was measured on: two runs' losses compare only when all of these agree (the same
@@ -245,9 +251,11 @@ def trim_log(path, iter_num):
             with open(tmp, 'wb') as f:
                 f.writelines(keep)
             os.replace(tmp, path)
-        except OSError as e:
+        except BaseException as e:
             if os.path.exists(tmp):
                 os.remove(tmp)
+            if not isinstance(e, OSError):
+                raise
             raise CheckpointError(f'could not rewrite {path} ({_reason(e)})') from None
     bad = records.count(None)
     return len(lines) - len(keep) - bad, bad

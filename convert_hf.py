@@ -481,6 +481,10 @@ def export(ckpt_path, out_dir):
     model = model_from_checkpoint(ckpt, ckpt_path).eval()
     c = model.config
     check_exportable(c)
+    broken = next((k for k, v in ckpt['model'].items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if broken:  # a diverged run's weights: any comparison with them is nan, and no user wants them
+        raise ConvertError(f"'{ckpt_path}' holds non-finite weights ({broken} has nan or inf): it comes from a diverged "
+                           f"run; export the run's best.pt or an earlier snapshot")
     st_files, st_path = ckpt.get('st_files') or {}, ckpt.get('st_path') or ''
     extra = {k: v for k, v in (ckpt.get('hf_extra') or {}).items() if k in HF_EXTRA_NAMES}
     classifier = ckpt.get('classifier')  # a model fine-tuned by finetune.py --save
@@ -576,6 +580,11 @@ def hf_to_checkpoint(name_or_dir):
     local = os.path.isdir(name_or_dir)
     if name_or_dir.startswith(('/', '.', '~')) and not local:
         raise ConvertError(f"HF model folder '{name_or_dir}' not found (give a local folder or a hub name)")
+    if local and not os.path.isfile(os.path.join(name_or_dir, 'config.json')):
+        run = next((n for n in ('best.pt', 'ckpt.pt') if os.path.isfile(os.path.join(name_or_dir, n))), None)
+        if run:  # a train.py run folder given where its checkpoint was meant
+            raise ConvertError(f"'{name_or_dir}' is a run folder of this project, not an HF model: give its checkpoint, "
+                               f"{os.path.join(name_or_dir, run)}")
     st_files, st_path = read_sentence_transformers(name_or_dir if local else _hub_small_files(name_or_dir))
     from transformers import AutoConfig, MPNetForMaskedLM, MPNetModel
     where = dict(pretrained_model_name_or_path=os.path.join(name_or_dir, st_path) if local else name_or_dir,
@@ -585,12 +594,16 @@ def hf_to_checkpoint(name_or_dir):
     except (OSError, ValueError) as e:
         raise ConvertError(f"cannot load HF model '{name_or_dir}': {str(e).splitlines()[0]}")
     model_args = config_from_hf(hf_cfg)
-    with quiet_transformers():
-        hf, info = MPNetForMaskedLM.from_pretrained(**where, output_loading_info=True)
-        extra = {}
-        if any('pooler.dense' in k for k in info['unexpected_keys']):  # a trained pooler, which MaskedLM drops
-            pooled = MPNetModel.from_pretrained(**where).state_dict()
-            extra = {ours: pooled[hf_name.removeprefix('mpnet.')].clone() for ours, hf_name in HF_EXTRA_NAMES.items()}
+    try:
+        with quiet_transformers():
+            hf, info = MPNetForMaskedLM.from_pretrained(**where, output_loading_info=True)
+            extra = {}
+            if any('pooler.dense' in k for k in info['unexpected_keys']):  # a trained pooler, which MaskedLM drops
+                pooled = MPNetModel.from_pretrained(**where).state_dict()
+                extra = {ours: pooled[hf_name.removeprefix('mpnet.')].clone() for ours, hf_name in HF_EXTRA_NAMES.items()}
+    except OSError as e:  # config.json without weights, or weights that cannot be read: transformers' OSError
+        raise ConvertError(f"cannot load the weights of HF model '{name_or_dir}' ({str(e).strip().splitlines()[0][:160]}): "
+                           f"it needs model.safetensors (or pytorch_model.bin) beside its config.json") from None
     model = MPNet(MPNetConfig(**model_args))
     hf_sd = {k: v for k, v in hf.state_dict().items() if k not in info['missing_keys']}
     head_fresh = bool(from_hf_state_dict(hf_sd, model))

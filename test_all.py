@@ -906,6 +906,53 @@ def test_concurrent_writers_never_share_a_temp_file(tmp_path):
     assert torch.load(path, weights_only=True)['who'] in 'ab' and os.listdir(tmp_path) == ['ckpt.pt']
 
 
+class _Interrupted:
+    """Pickling it is a Ctrl-C in the middle of torch.save."""
+    def __reduce__(self):
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_during_a_save_leaves_no_temp_file_and_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / 'ckpt.pt'
+    checkpoint.save_checkpoint({'x': torch.ones(3)}, path)
+    with pytest.raises(KeyboardInterrupt):  # not swallowed: the run's own handler says what happened
+        checkpoint.save_checkpoint({'x': torch.zeros(3), 'y': _Interrupted()}, path)
+    assert os.listdir(tmp_path) == ['ckpt.pt'] and torch.equal(load_ckpt(path)['x'], torch.ones(3))
+
+
+def test_overwrite_moves_everything_of_the_run_its_scores_included(tmp_path, small_run):
+    # finetune.py's scores of the old run's checkpoints stayed behind and were drawn on the new run's curves
+    copy_run(small_run, tmp_path)
+    (tmp_path / 'scores.jsonl').write_text(json.dumps(dict(iter=10, task='pydocs', metric='accuracy', mean=0.5)) + '\n')
+    said, _ = checkpoint.replace_run(str(tmp_path))
+    assert 'scores.jsonl' in said and not (tmp_path / 'scores.jsonl').exists()
+    assert (tmp_path / 'replaced' / 'scores.jsonl').is_file()
+    # a checkpoint names its prepared data by an absolute path: finetune.py --task=retrieval finds it from anywhere
+    assert os.path.isabs(load_ckpt(small_run / 'ckpt.pt')['data_dir'])
+
+
+def test_hf_folders_that_cannot_be_imported_are_one_line(tmp_path):
+    convert_hf.hf_config(tiny_config()).save_pretrained(tmp_path / 'no_weights')  # config.json alone
+    assert_clean_error(run_here('convert_hf.py', f'--from_hf={tmp_path / "no_weights"}', str(tmp_path / 'c.pt')),
+                       'cannot load the weights', 'model.safetensors')
+    run = tmp_path / 'run'  # a run folder of this project given as an HF model
+    run.mkdir()
+    torch.save({'model': {}, 'model_args': {}}, run / 'best.pt')
+    assert_clean_error(run_here('convert_hf.py', f'--from_hf={run}', str(tmp_path / 'c.pt')),
+                       'a run folder of this project', str(run / 'best.pt'))
+    assert not (tmp_path / 'c.pt').exists()
+
+
+def test_export_of_non_finite_weights_is_refused_in_one_line(tmp_path):
+    model = MPNet(tiny_config())
+    sd = model.state_dict()
+    sd['blocks.1.mlp.fc1.weight'][0, 0] = float('nan')
+    torch.save({'model': sd, 'model_args': vars(tiny_config())}, tmp_path / 'c.pt')
+    assert_clean_error(run_here('convert_hf.py', str(tmp_path / 'c.pt'), str(tmp_path / 'out')),
+                       'non-finite weights', 'blocks.1.mlp.fc1.weight', 'best.pt')
+    assert not (tmp_path / 'out').exists()
+
+
 def in_private_mount(script):
     """Run a shell script in a private mount namespace (unshare -m, root only), where it may mount a
     small or read-only tmpfs; None where this machine does not allow it."""

@@ -434,8 +434,11 @@ def evaluate():
 def embedding_probe():
     """finetune.py's retrieval evaluation (--task=retrieval) on the probe's pairs of validation half-documents,
     pooled as the run's sentence-transformers model pools (else mean): the same numbers, on fewer pairs."""
-    from finetune import retrieval_scores
-    return retrieval_scores(raw_model, probe_ids.to(device), probe_mask.to(device), probe_pooling, autocast)
+    from finetune import TaskError, retrieval_scores
+    try:  # non-finite embeddings are refused there: nan similarities would score a perfect retrieval
+        return retrieval_scores(raw_model, probe_ids.to(device), probe_mask.to(device), probe_pooling, autocast)
+    except TaskError as e:
+        die(f'probe at iter {iter_num}: {e}: nothing saved; {kept()} (lower learning_rate, or check the data)')
 
 
 def kept():
@@ -465,7 +468,7 @@ def save(val_loss=None, improved=False):
                              config=config, iter_num=iter_num, val_loss=val_loss, best_val_loss=best_val_loss,
                              best_iter=best_iter, rank_states=states, data_fingerprint=fingerprint,
                              head_only_until=head_only_until, wandb_run_id=wandb_run_id,
-                             tokenizer_files=tokenizer_files, special_ids=special_ids, data_dir=data_dir, **carried),
+                             tokenizer_files=tokenizer_files, special_ids=special_ids, data_dir=os.path.abspath(data_dir), **carried),
                         ckpt_path)
         if improved:
             link_checkpoint(ckpt_path, best_path)
