@@ -122,10 +122,12 @@ def help_text(script, defaults, choices=None, also=None, limits=None):
     return '\n'.join(out)
 
 
-def configure(defaults, argv, choices=None, script=None, also=None, limits=None):
+def configure(defaults, argv, choices=None, script=None, also=None, limits=None, given=None):
     """Return {key: value} of the defaults overridden by config files and --key=value arguments;
     choices: {key: allowed values} for keys that take one of a few values; limits: the script's own ranges,
-    beside LIMITS. --help (or -h) prints help_text(script) and exits."""
+    beside LIMITS; given: a set that receives the keys a config file or argument set (a default is no choice).
+    --help (or -h) prints help_text(script) and exits."""
+    given = set() if given is None else given
     if script and any(a in ('--help', '-h') for a in argv):
         print(help_text(script, defaults, choices, also, limits))
         sys.exit(0)
@@ -143,6 +145,7 @@ def configure(defaults, argv, choices=None, script=None, also=None, limits=None)
             for key, value in scope.items():
                 if not key.startswith('_') and not callable(value) and not hasattr(value, '__file__'):
                     config[key] = _check(key, value, defaults, arg)
+                    given.add(key)
         else:
             key, eq, text = arg[2:].partition('=')
             if not eq:
@@ -154,6 +157,7 @@ def configure(defaults, argv, choices=None, script=None, also=None, limits=None)
             if isinstance(defaults.get(key), str):
                 value = text  # a string key takes the text as written, e.g. --out_dir=2024
             config[key] = _check(key, value, defaults, f'--{key}')
+            given.add(key)
     for key, allowed in (choices or {}).items():
         if config[key] not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {config[key]!r}")

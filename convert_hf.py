@@ -296,13 +296,18 @@ def quiet_transformers():
 EXPORT_MARK = 'nano_mpnet.json'  # written into every export: what it came from, and that it may be replaced
 
 
-def parity(model, hf, head=None):
+def parity(model, hf, head=None, full_length=False):
     """(max |diff| between our model and an HF one on a padded sample batch, the tolerance it must stay under):
+    with full_length, a row of max_positions tokens joins it (an extended table: its new rows are checked too);
     of the logits for MPNetForMaskedLM, of the last hidden states for an encoder (MPNetModel). fp32 rounding
     differs between the two implementations and grows with depth and with the values' size: a 12-layer model
     continued from all-mpnet-base-v2 differed by 1.3e-4 at logits near 16 (relative 8e-6). The tolerance,
     5e-6 x n_layer x max|value|, leaves room for that; a wrong conversion is off by O(1)."""
     ids, attention_mask = sample_batch(model.config)
+    if full_length:  # the short rows padded to one of every position
+        long_ids = sample_batch(model.config, T=model.config.max_positions, seed=1)[0][:1]
+        ids = torch.cat([F.pad(ids, (0, long_ids.size(1) - ids.size(1)), value=model.config.pad_id), long_ids])
+        attention_mask = (ids != model.config.pad_id).long()
     with torch.no_grad():
         out = hf(input_ids=ids, attention_mask=attention_mask)
         if head is not None:  # the checkpoint's classification head on <s> (eval: no dropout), as HF applies it
@@ -319,9 +324,9 @@ def parity(model, hf, head=None):
     return diff, 1e-5 + 5e-6 * model.config.n_layer * theirs[keep].abs().max().item()
 
 
-def _tokenizer_config(text, max_positions):
+def _tokenizer_config(text, max_positions, extended=False):
     """The tokenizer's config for an export: model_max_length at most the model's positions (truncation
-    then stops where the model does), and a class that transformers 4 also knows, giving only the inputs
+    then stops where the model does; a model whose positions train.py extended reads all of them), and a class that transformers 4 also knows, giving only the inputs
     MPNet takes (a generic fast tokenizer of transformers 4 adds token_type_ids, which MPNet refuses).
     Text that is not a JSON object is left as it is, for the tokenizer check to name."""
     try:
@@ -331,7 +336,7 @@ def _tokenizer_config(text, max_positions):
     if not isinstance(cfg, dict):
         return text
     length = cfg.get('model_max_length')
-    cfg['model_max_length'] = min(length, max_positions) if isinstance(length, int) else max_positions
+    cfg['model_max_length'] = min(length, max_positions) if isinstance(length, int) and not extended else max_positions
     if cfg.get('tokenizer_class') == 'TokenizersBackend':  # transformers 5's name for a tokenizer.json tokenizer
         cfg['tokenizer_class'] = 'PreTrainedTokenizerFast'
     cfg['model_input_names'] = ['input_ids', 'attention_mask']
@@ -491,6 +496,7 @@ def export(ckpt_path, out_dir):
     if classifier:
         st_files, st_path, extra = {}, '', {}  # a classifier now, not the sentence model it may have been
     hf = hf_model_of(model, ckpt.get('special_ids'), extra, encoder_only=bool(st_files), classifier=classifier)
+    extended = bool(ckpt.get('positions_extended'))  # train.py --max_positions above the checkpoint's
     tok_files = ckpt.get('tokenizer_files') or {}
     if not tok_files and ckpt.get('config', {}).get('tokenizer'):
         tok_files = tokenizer_files_of(ckpt['config']['tokenizer'])
@@ -507,20 +513,22 @@ def export(ckpt_path, out_dir):
         tok_paths = [os.path.join(hf_dir, n) for n in tok_files]
         for path, (name, text) in zip(tok_paths, tok_files.items()):
             with open(path, 'w', encoding='utf-8') as f:
-                f.write(_tokenizer_config(text, c.max_positions) if name == 'tokenizer_config.json' else text)
+                f.write(_tokenizer_config(text, c.max_positions, extended) if name == 'tokenizer_config.json' else text)
         # an unusable tokenizer breaks every use of the export: it is left out, and the note says so
         tok_problem = tokenizer_problem(hf_dir, c.vocab_size) if tok_files else 'the checkpoint names none'
         if tok_files and tok_problem:
             for path in tok_paths:
                 os.remove(path)
         for name, text in st_files.items():
+            if extended and name == 'sentence_bert_config.json':  # the sentence model embeds the new length
+                text = json.dumps({**json.loads(text), 'max_seq_length': c.max_positions}, indent=2) + '\n'
             os.makedirs(os.path.dirname(os.path.join(staging, name)), exist_ok=True)
             with open(os.path.join(staging, name), 'w', encoding='utf-8') as f:
                 f.write(text)
         # parity: reload the folder as a user would
         with quiet_transformers():
             back = type(hf).from_pretrained(hf_dir).eval()
-        diff, tol = parity(model, back, classifier['head'] if classifier else None)
+        diff, tol = parity(model, back, classifier['head'] if classifier else None, full_length=extended)
         if not diff < tol:
             raise ConvertError(f'exported model disagrees with ours: max |diff| {diff:.2e} >= {tol:.2e} '
                                f'(tolerance for {c.n_layer} layers at these values); nothing was written to {out_dir}')

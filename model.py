@@ -478,6 +478,20 @@ PEAK_BF16_FLOPS = {'H200 NVL': 835e12, 'H200': 989e12, 'H100 SXM': 989e12, 'H100
                    'RTX 4090': 165e12}
 
 
+def extend_positions(state_dict, config, new_max):
+    """state_dict with its absolute position table grown from config.max_positions to new_max positions, as
+    Longformer grew RoBERTa's 512 to 4,096 (Beltagy et al. 2020, sec. 5): the learned rows are copied over and
+    over (position p starts as position p mod max_positions), so the new positions begin with the local
+    structure the model already knows, and continued pretraining only has to tell the copies apart. Rows
+    0..max_positions+pad_id are kept bit for bit, and the relative bias (saturated past distance 128) needs
+    nothing, so the outputs on sequences up to the old length are unchanged. A rotary model has no table."""
+    first = config.pad_id + 1  # rows 0..pad_id: the padding rows HF keeps before position 0
+    old = state_dict['wpe.weight']  # (max_positions + pad_id + 1, C)
+    learned = old[first:]
+    copies = learned.repeat(-(-new_max // config.max_positions), 1)[:new_max]
+    return {**state_dict, 'wpe.weight': torch.cat([old[:first], copies])}
+
+
 def peak_flops(device_name):
     for key, value in PEAK_BF16_FLOPS.items():
         if key in device_name:

@@ -663,6 +663,52 @@ def test_trained_checkpoint_exports_with_tokenizer(tmp_path, small_run):
     assert os.listdir(tmp_path / 'other') == ['notes.txt'] and not list(tmp_path.glob('*.partial-*'))
 
 
+def test_extended_positions_leave_outputs_up_to_the_old_length_unchanged():
+    from model import extend_positions
+    model = tiny_model(seed=2, max_positions=24)
+    sd = extend_positions(model.state_dict(), model.config, 61)  # not a multiple: the last copy is cut
+    longer = MPNet(tiny_config(max_positions=61)).eval()
+    longer.load_state_dict(sd)
+    first = model.config.pad_id + 1
+    assert torch.equal(sd['wpe.weight'][:first + 24], model.state_dict()['wpe.weight'])
+    torch.testing.assert_close(sd['wpe.weight'][first + 24 + 5], model.wpe.weight[first + 5], rtol=0, atol=0)
+    torch.testing.assert_close(sd['wpe.weight'][first + 48 + 12], model.wpe.weight[first + 12], rtol=0, atol=0)
+    ids, mask = (t[:, :24] for t in padded_batch())
+    with torch.no_grad():  # the plain path (HF's) and the two-stream path, at the old length and below
+        assert torch.equal(model.encode(ids, mask), longer.encode(ids, mask))
+        batch = two_stream_batch(B=2, T=24, P=4)
+        assert torch.equal(model(*batch[:2], 4)[0], longer(*batch[:2], 4)[0])
+
+
+def test_continued_pretraining_at_a_longer_context(tmp_path, small_run):
+    # small_run: 128 positions, trained at 64; continued at 256 from its best.pt
+    common = [*SMALL, '--eval_interval=2', '--lr_decay_iters=40', f'--init_from={small_run / "best.pt"}']
+    proc = train(tmp_path / 'long', *common, '--max_positions=256', '--block_size=256', '--max_iters=2',
+                 '--batch_size=2')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'positions: 128 -> 256, the new rows copied from the 128 learned ones' in proc.stdout
+    ckpt = load_ckpt(tmp_path / 'long' / 'best.pt')
+    assert ckpt['model_args']['max_positions'] == 256 and ckpt['positions_extended'] == [[128, 256]]
+    # the export reads all 256 positions: config, tokenizer, and parity on a row of every position
+    proc = run_cli('convert_hf.py', str(tmp_path / 'long' / 'best.pt'), str(tmp_path / 'hf'))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / 'hf' / 'config.json').read_text())['max_position_embeddings'] == 258
+    assert json.loads((tmp_path / 'hf' / 'tokenizer_config.json').read_text())['model_max_length'] == 256
+    from transformers import MPNetForMaskedLM
+    hf = MPNetForMaskedLM.from_pretrained(tmp_path / 'hf').eval()
+    model = load_model(tmp_path / 'long' / 'best.pt')
+    ids = torch.randint(5, model.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (model.lm_logits(model.encode(ids))[0, 128:] - hf(input_ids=ids).logits[0, 128:]).abs().max()
+    assert diff < 1e-4
+    # a table never shrinks; a block beyond the table names the way to extend it
+    assert_clean_error(train(tmp_path / 'short', *common, '--max_positions=64', '--max_iters=1'),
+                       'below the checkpoint', 'never shrinks')
+    assert_clean_error(train(tmp_path / 'short', *common, '--block_size=256', '--max_iters=1'),
+                       'block_size 256 exceeds', '--max_positions=256 extends')
+    assert not (tmp_path / 'short' / 'ckpt.pt').exists()
+
+
 def test_continue_pretraining_from_hf(tmp_path):
     prepared = data.prepare('pydocs', 'train', 8192, out_dir=os.path.join(HERE, 'data', 'pydocs-train8192'), val_frac=0.05)
     hf = random_hf_mlm(seed=0, vocab_size=data.load_meta(prepared)['vocab_size'])
@@ -1178,7 +1224,7 @@ def test_adapting_a_sentence_model_trains_the_new_head_alone_first(env, tmp_path
     run = tmp_path / 'run'
     args = [f'--init_from={folder}', f'--data_dir={prepared}', '--batch_size=8', '--block_size=64', '--eval_iters=2',
             '--log_interval=1', '--warmup_iters=0', '--lr_decay_iters=100', '--learning_rate=1e-3', '--probe=True',
-            '--probe_docs=20', '--head_warmup_iters=2', '--eval_interval=2']
+            '--probe_docs=20', '--head_warmup_iters=2', '--eval_interval=2', '--max_positions=64']  # the model's (tiny.py: 128)
     proc = train(run, *args, '--max_iters=2')
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'until iter 2 only the new MLM head trains' in proc.stdout and 'head only, lr 1.00e-03' in proc.stdout

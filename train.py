@@ -37,7 +37,7 @@ from checkpoint import (CheckpointError, check_free_space, checkpoint_bytes, cla
                         run_summary, same_file, save_checkpoint, trim_log, validation_key)
 from configurator import CHOICES, ConfigError, check_device, configure
 from convert_hf import ConvertError, hf_to_checkpoint, read_tokenizer_files, sentence_pooling, tokenizer_files_of
-from model import MPNet, MPNetConfig
+from model import MPNet, MPNetConfig, extend_positions
 from permute import n_pred, permute_batch, vocab_tables
 
 # -----------------------------------------------------------------------------------------------
@@ -76,12 +76,12 @@ rand_prob: float = 0.1                  # ... as a random token, else unchanged
 whole_word: bool = True                 # permute whole words, not tokens
 objective: str = 'mpnet'                # 'mpnet' | 'mlm' (BERT) | 'plm' (XLNet): the paper's ablation, same model
 doc_mask: bool = False                  # no attention across the documents of a block; positions restart per document
-# model (ignored on resume or HF init: the checkpoint's architecture is used)
+# model (ignored on resume or HF init: the checkpoint's architecture is used, but for a larger max_positions)
 n_layer: int = 12                       # mpnet-base: 12 layers x 768, 12 heads, feed-forward 3072
 n_head: int = 12                        # attention heads (n_embd a multiple of it)
 n_embd: int = 768                       # hidden size
 n_inner: int = 3072                     # feed-forward width
-max_positions: int = 512                # longest sequence the position table holds
+max_positions: int = 512                # longest sequence the position table holds; above an init_from's, extends it
 dropout: float = 0.1                    # on embeddings, attention output and feed-forward (BERT's)
 attn_dropout: float = 0.1               # on attention probabilities
 attn_impl: str = 'sdpa'                 # 'sdpa' | 'flex' (CUDA) | 'manual'
@@ -122,8 +122,8 @@ def die(msg):
 
 
 try:
-    config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:],
-                       CHOICES, script=__file__)
+    given = set()  # the keys a config file or argument set: max_positions given extends a checkpoint's table
+    config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:], CHOICES, script=__file__, given=given)
     check_device(config['device'], config['attn_impl'])
 except ConfigError as e:
     die(e)
@@ -297,6 +297,19 @@ try:
         ckpt = hf_to_checkpoint(init_from)
 except (CheckpointError, ConvertError) as e:
     die(e)
+if ckpt is not None and init_from != 'resume' and 'max_positions' in given:  # continued at a longer context
+    held = ckpt['model_args']['max_positions']
+    if max_positions < held:
+        die(f"max_positions {max_positions} is below the checkpoint's {held}: a position table never shrinks; "
+            f"leave max_positions out (the checkpoint's is used) or give {held} or more")
+    if max_positions > held:
+        if not ckpt['model_args'].get('rope'):  # rotary positions have no table: nothing to copy
+            ckpt['model'] = extend_positions(ckpt['model'], MPNetConfig(**ckpt['model_args']), max_positions)
+        ckpt['model_args'] = {**ckpt['model_args'], 'max_positions': max_positions}
+        ckpt['positions_extended'] = [*ckpt.get('positions_extended', []), [held, max_positions]]  # export follows
+        if master:
+            print(f'positions: {held} -> {max_positions}, ' + ('rotary, no table to grow' if ckpt['model_args'].get('rope')
+                  else f'the new rows copied from the {held} learned ones (Longformer); outputs up to {held} tokens unchanged'))
 if ckpt is not None:
     # the architecture comes from the checkpoint; kernel, dropout and recomputation are this run's choice
     model_args = {**ckpt['model_args'], 'attn_impl': attn_impl, 'dropout': dropout, 'attn_dropout': attn_dropout,
@@ -311,7 +324,9 @@ if model_args['vocab_size'] != meta['vocab_size']:
     die(f"vocab mismatch: the model has {model_args['vocab_size']} tokens but the data's tokenizer "
         f"{meta['tokenizer']!r} has {meta['vocab_size']}: prepare the data with the model's tokenizer")
 if block_size > model_args['max_positions']:
-    die(f"block_size {block_size} exceeds the model's max_positions {model_args['max_positions']}")
+    die(f"block_size {block_size} exceeds the model's max_positions {model_args['max_positions']}" +
+        (f": --max_positions={block_size} extends the checkpoint's table (continued pretraining at a longer context)"
+         if ckpt is not None and init_from != 'resume' else ''))
 try:
     raw_model = (MPNet(MPNetConfig(**model_args)) if ckpt is None else
                  model_from_checkpoint(ckpt, ckpt_path if init_from == 'resume' else init_from, **model_args))
@@ -349,7 +364,7 @@ head_only_until = (ckpt.get('head_only_until', 0) if resuming else
 if master and head_only_until > iter_num:
     print(f'head warmup: until iter {head_only_until} only the new MLM head trains (lr {head_warmup_lr:g}), '
           f'then everything (head_warmup_iters=0 turns this off)')
-carried = {k: ckpt[k] for k in ('st_files', 'st_path', 'hf_extra') if ckpt is not None and k in ckpt}  # for export
+carried = {k: ckpt[k] for k in ('st_files', 'st_path', 'hf_extra', 'positions_extended') if ckpt is not None and k in ckpt}  # for export
 wandb_run_id = ckpt.get('wandb_run_id') if init_from == 'resume' else None  # a resumed run goes on logging there
 if master and init_from == 'resume':
     print(f'resuming from iter {iter_num} of {ckpt_path}' +
