@@ -6,6 +6,7 @@ backward over gradient_accumulation_steps micro-batches, gradient clipping, fuse
     python bench.py config/tiny.py                         # what `python train.py config/tiny.py` would run
     python bench.py config/base.py --batch_size=64 --attn_impl=flex
     python bench.py config/base.py --profile=out/bench_trace.json   # also a torch.profiler trace + summary
+    python bench.py config/tiny.py --block_size=2048 --max_positions=2048 --batch_size=2   # a longer context
 
 It takes the training config files and every train.py key (keys that only matter for I/O are accepted
 and ignored), plus its own keys below. The model is the run's: the config's, or with init_from the
@@ -16,6 +17,7 @@ share of the step is reported.
 """
 
 import os
+import resource
 import sys
 import time
 import warnings
@@ -26,7 +28,7 @@ import torch
 import data
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from configurator import CHOICES, ConfigError, check_device, configure, script_settings
-from model import MPNet, MPNetConfig
+from model import MPNet, MPNetConfig, layout
 from permute import n_pred, permute_batch
 
 # -----------------------------------------------------------------------------------------------
@@ -199,7 +201,21 @@ dt_perm, _ = timed(lambda: permute(get_tokens()), max(cfg.steps, 20))
 seqs = cfg.batch_size * cfg.gradient_accumulation_steps
 device_name = torch.cuda.get_device_name(cfg.device) if device_type == 'cuda' else 'cpu'
 mfu = model.estimate_mfu(cfg.block_size, P, seqs / dt, device_name)
-peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device_type == 'cuda' else None
+# CPU: the process's peak resident memory (Linux reports KiB), the step's and everything before it
+peak_mem = (torch.cuda.max_memory_allocated() if device_type == 'cuda' else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+# the FLOPs MFU counts against torch's own count of one forward (x3 for the backward), on one sequence, through
+# the manual attention (torch's counter sees its matmuls; fused sdpa and flex kernels are not all counted):
+# attention's share grows with T, and the two must agree at every T
+from torch.utils.flop_counter import FlopCounterMode
+for m in (model.config, *(block.attn for block in model.blocks)):
+    setattr(m, 'attn_impl' if m is model.config else 'impl', 'manual')
+with torch.no_grad(), autocast, FlopCounterMode(display=False) as counter:
+    input_ids, positions, targets, docs = permute(get_tokens()[:1])
+    model(input_ids, positions, P, docs=docs)
+for m in (model.config, *(block.attn for block in model.blocks)):
+    setattr(m, 'attn_impl' if m is model.config else 'impl', cfg.attn_impl)
+counted = 3 * counter.get_total_flops()
 print(f'device: {device_name}, torch {torch.__version__}, {cfg.dtype}, compile={cfg.compile and device_type == "cuda"}, '
       f'attn_impl={cfg.attn_impl}, grad_checkpoint={cfg.grad_checkpoint}, objective={cfg.objective}, doc_mask={cfg.doc_mask}')
 rotary = ' (rotary positions)' if mconfig.rope else ''
@@ -209,7 +225,12 @@ print(f'model: {model.get_num_params() / 1e6:.1f}M parameters, {mconfig.n_layer}
 print(f'step: {dt * 1000:.2f} ms, {seqs * cfg.block_size / dt:,.0f} tokens/s, '
       f'{model.estimate_flops(cfg.block_size, P) * seqs / dt / 1e12:.2f} TFLOP/s, '
       f'MFU {"n/a (unknown device peak)" if mfu is None else f"{mfu * 100:.1f}%"}, '
-      f'peak memory {"n/a" if peak_mem is None else f"{peak_mem:.2f} GiB"}, loss {loss.item():.3f}')
+      f'peak memory {peak_mem:.2f} GiB{" (process RSS)" if device_type == "cpu" else ""}, loss {loss.item():.3f}')
+L, S = layout(mconfig.objective, cfg.block_size, P)
+attention = 3 * mconfig.n_layer * 2 * L * S * mconfig.n_embd * 2
+print(f'FLOPs per sequence: {model.estimate_flops(cfg.block_size, P):.4g} (attention scores and sums '
+      f'{attention / model.estimate_flops(cfg.block_size, P) * 100:.0f}%); torch.utils.flop_counter: {counted:.4g}' +
+      ('' if counted == model.estimate_flops(cfg.block_size, P) else ' (differs: estimate_flops is wrong here)'))
 print(f'permutation sampler: {dt_perm * 1000:.3f} ms per batch, '
       f'{dt_perm * cfg.gradient_accumulation_steps / dt * 100:.2f}% of the step')
 if device_type == 'cuda':  # a host sync stalls the CPU until the GPU drains; train.py has them at log steps only

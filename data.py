@@ -819,6 +819,16 @@ def eval_blocks(data_dir, split, n_blocks, block_size, seed=0):
     """A fixed random set of n_blocks blocks [n_blocks, block_size] (the same on every call), on the CPU."""
     return Batches(data_dir, split, n_blocks, block_size, seed=seed).next()
 
+def longest_document_run(blocks, eos_id):
+    """Per block of [n, T] (<s> + packed text, a tensor): the most consecutive tokens of one document it holds.
+    At a longer context this says whether long documents are really seen whole (doc_mask keeps them apart)."""
+    text = blocks[:, 1:]
+    is_eos = text == eos_id
+    segment = is_eos.long().cumsum(1)  # (n, T-1): which document of the block each token belongs to
+    counts = torch.zeros(text.size(0), text.size(1) + 1, dtype=torch.long).scatter_add_(1, segment, (~is_eos).long())
+    return counts.max(1).values
+
+
 def probe_pairs(rows, bos_id, eos_id, pad_id, n_pairs, max_len=128, min_len=16):
     """The embedding probe's inputs. rows: token sequences whose documents end with </s> (a prefix of
     val.bin, or validation blocks without their <s>); the text between two </s> is a document (or, at a

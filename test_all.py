@@ -336,6 +336,14 @@ def test_flop_count_matches_flop_counter():
     assert model.estimate_mfu(37, 6, 1.0, 'Some Unknown Accelerator') is None
     assert model.estimate_mfu(37, 6, 1e6, 'NVIDIA H200 NVL') == pytest.approx(3 * counter.get_total_flops() * 1e6 / 835e12)
     assert model.estimate_mfu(37, 6, 1e6, 'NVIDIA H100 80GB HBM3') == pytest.approx(3 * counter.get_total_flops() * 1e6 / 989e12)
+    # at long contexts too, where attention's share grows with T (bench.py prints both counts)
+    long = tiny_model(seed=0, attn_impl='manual', max_positions=2048)
+    for T in (512, 1024, 2048):
+        P = n_pred(T)
+        input_ids, positions, _ = two_stream_batch(B=1, T=T, P=P)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            long(input_ids, positions, P)
+        assert long.estimate_flops(T, P) == 3 * counter.get_total_flops(), T
 
 
 def test_optimizer_groups_skip_decay_on_biases_and_norms():
@@ -680,6 +688,22 @@ def test_extended_positions_leave_outputs_up_to_the_old_length_unchanged():
         assert torch.equal(model(*batch[:2], 4)[0], longer(*batch[:2], 4)[0])
 
 
+def test_longest_document_run_matches_a_loop():
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(3, 9, (6, 41), generator=g)
+    blocks[:, 0] = 0  # <s>
+    blocks[3, 1:] = 2  # nothing but separators
+    blocks[4, 1:] = 5  # one document throughout
+    expected = []
+    for row in blocks.tolist():
+        best = run = 0
+        for t in row[1:]:
+            run = 0 if t == 2 else run + 1
+            best = max(best, run)
+        expected.append(best)
+    assert data.longest_document_run(blocks, eos_id=2).tolist() == expected and expected[3:5] == [0, 40]
+
+
 def test_continued_pretraining_at_a_longer_context(tmp_path, small_run):
     # small_run: 128 positions, trained at 64; continued at 256 from its best.pt
     common = [*SMALL, '--eval_interval=2', '--lr_decay_iters=40', f'--init_from={small_run / "best.pt"}']
@@ -687,6 +711,7 @@ def test_continued_pretraining_at_a_longer_context(tmp_path, small_run):
                  '--batch_size=2')
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'positions: 128 -> 256, the new rows copied from the 128 learned ones' in proc.stdout
+    assert re.search(r'long documents: \d+ of 4 validation blocks hold more than 128 consecutive tokens', proc.stdout)
     ckpt = load_ckpt(tmp_path / 'long' / 'best.pt')
     assert ckpt['model_args']['max_positions'] == 256 and ckpt['positions_extended'] == [[128, 256]]
     # the export reads all 256 positions: config, tokenizer, and parity on a row of every position

@@ -327,6 +327,11 @@ if block_size > model_args['max_positions']:
     die(f"block_size {block_size} exceeds the model's max_positions {model_args['max_positions']}" +
         (f": --max_positions={block_size} extends the checkpoint's table (continued pretraining at a longer context)"
          if ckpt is not None and init_from != 'resume' else ''))
+short = (ckpt or {}).get('positions_extended', [[512]])[0][0]  # the length the model was pretrained at
+if block_size > short and master:  # a longer context teaches only what the blocks hold of long documents
+    runs = data.longest_document_run(val_tokens, meta['eos_id'])
+    print(f'long documents: {int((runs > short).sum()):,} of {len(runs):,} validation blocks hold more than {short} '
+          f'consecutive tokens of one document (median run {int(runs.median()):,} of {block_size - 1:,})')
 try:
     raw_model = (MPNet(MPNetConfig(**model_args)) if ckpt is None else
                  model_from_checkpoint(ckpt, ckpt_path if init_from == 'resume' else init_from, **model_args))
