@@ -712,6 +712,11 @@ def test_continued_pretraining_at_a_longer_context(tmp_path, small_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'positions: 128 -> 256, the new rows copied from the 128 learned ones' in proc.stdout
     assert re.search(r'long documents: \d+ of 4 validation blocks hold more than 128 consecutive tokens', proc.stdout)
+    evals = [json.loads(l) for l in open(tmp_path / 'long' / 'metrics.jsonl') if 'val_loss' in l]
+    for e in evals:  # the loss of the tokens read at the new positions, and of the others: they add up to the whole
+        assert e['val_loss_near'] > 0 and e['val_loss_far'] > 0 and min(e['val_loss_near'], e['val_loss_far']) <= \
+            e['val_loss'] + 1e-6 <= max(e['val_loss_near'], e['val_loss_far']) + 2e-6
+    assert re.search(r'iter 0: val loss [\d.]+ \(positions < 128: [\d.]+, >= 128: [\d.]+\)', proc.stdout)
     ckpt = load_ckpt(tmp_path / 'long' / 'best.pt')
     assert ckpt['model_args']['max_positions'] == 256 and ckpt['positions_extended'] == [[128, 256]]
     # the export reads all 256 positions: config, tokenizer, and parity on a row of every position

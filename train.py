@@ -434,21 +434,27 @@ def permute(tokens, generator):
 @torch.no_grad()
 def evaluate():
     """Loss and accuracy on fixed blocks with fixed permutations (batch k always uses seed k), so
-    validation numbers are comparable across runs and world sizes."""
+    validation numbers are comparable across runs and world sizes; past the length the model was pretrained
+    at (short), also the loss of the tokens read at positions >= short: does the longer context catch up?"""
     model.eval()
-    sums = torch.zeros(3, device=device)  # loss * tokens, correct, tokens
+    sums = torch.zeros(5, device=device)  # loss * tokens, correct, tokens, loss at positions >= short, their tokens
     g = torch.Generator(device)
     for k in range(rank, eval_iters, world_size):
         x = val_tokens[k * batch_size:(k + 1) * batch_size].to(device)
         input_ids, positions, targets, docs = permute(x, g.manual_seed(k))
         with autocast:
             logits, loss = model(input_ids, positions, P, targets, docs=docs)
+        far = positions[:, -P:] >= short  # every layout ends with the predicted tokens' positions
+        far_loss = (torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction='none')
+                    * far).sum() if block_size > short else torch.zeros((), device=device)
         sums += torch.stack([loss.float() * targets.numel(), (logits.argmax(-1) == targets).sum().float(),
-                             torch.tensor(float(targets.numel()), device=device)])
+                             torch.tensor(float(targets.numel()), device=device), far_loss, far.sum().float()])
     if ddp:
         dist.all_reduce(sums)
     model.train()
-    return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+    split = {} if block_size <= short or not sums[4] else dict(
+        val_loss_near=((sums[0] - sums[3]) / (sums[2] - sums[4])).item(), val_loss_far=(sums[3] / sums[4]).item())
+    return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item(), split
 
 
 def embedding_probe():
@@ -591,7 +597,7 @@ while True:
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         train_time += now() - t_last
         t_eval = time.time()
-        val_loss, val_acc = evaluate()  # all-reduced: every rank decides alike below
+        val_loss, val_acc, by_position = evaluate()  # all-reduced: every rank decides alike below
         if not math.isfinite(val_loss):
             die(f'validation loss is {val_loss} at iter {iter_num}: nothing saved; {kept()} '
                 f'(lower learning_rate, raise warmup_iters, or check the data)')
@@ -599,12 +605,14 @@ while True:
         if iter_num > start_iter or init_from != 'resume':  # a new run's starting model is the first to beat
             best_val_loss = min(best_val_loss, val_loss)
         best_iter = iter_num if improved else best_iter
-        record = dict(iter=iter_num, val_loss=val_loss, val_acc=val_acc, objective=objective)  # plot.py compares runs
+        record = dict(iter=iter_num, val_loss=val_loss, val_acc=val_acc, objective=objective, **by_position)  # plot.py compares runs
         if probe:
             scores = embedding_probe()
             record.update(probe_found=scores['acc1'], probe_mrr=scores['mrr'], probe_cos=scores['unrelated_cos'])
         if master:
-            print(f'iter {iter_num}: val loss {val_loss:.4f}, val acc {val_acc:.4f}, best {best_val_loss:.4f}' +
+            print(f'iter {iter_num}: val loss {val_loss:.4f}' + (f" (positions < {short}: {by_position['val_loss_near']:.4f}, "
+                  f">= {short}: {by_position['val_loss_far']:.4f})" if by_position else '') +
+                  f', val acc {val_acc:.4f}, best {best_val_loss:.4f}' +
                   (f", probe: {record['probe_found']:.3f} of halves find their other half (MRR "
                    f"{record['probe_mrr']:.3f}, {probe_ids.size(1)} pairs), unrelated cosine {record['probe_cos']:.3f}"
                    if probe else ''))
