@@ -26,9 +26,18 @@ class PlotError(Exception):
 
 
 def valid_record(record):
-    """The rule for a usable line of metrics.jsonl: a JSON object whose 'iter' is an int >= 0. Its other values
-    are not checked here: a log window with a skipped step honestly logs loss NaN and grad_norm Infinity."""
-    return isinstance(record, dict) and type(record.get('iter')) is int and record['iter'] >= 0  # bool is no iter
+    """The rule for a usable line of metrics.jsonl: a JSON object whose 'iter' is an int >= 0 (and below 2**63, as
+    any iteration count is). Its other values are not checked here: a log window with a skipped step honestly logs
+    loss NaN and grad_norm Infinity."""
+    return isinstance(record, dict) and type(record.get('iter')) is int and 0 <= record['iter'] < 2**63  # bool is no iter
+
+
+def finite(value):
+    """Whether value is a finite number (not a bool, not NaN or Infinity; an integer too large for a float is not)."""
+    try:
+        return type(value) in (int, float) and math.isfinite(value)
+    except OverflowError:  # a 400-digit integer in the JSON
+        return False
 
 
 def parse_record(line):
@@ -40,10 +49,11 @@ def parse_record(line):
     return record if valid_record(record) else None
 
 
-def read_metrics(path_or_dir, warn=True):
-    """The valid records (valid_record) of a metrics.jsonl (or of a run folder's), in file order. A line that is
-    not one (cut short by a crash, undecodable bytes, not an object, no integer 'iter') is skipped, and with
-    warn, one line on stderr says how many and where the first is. OSError if the file cannot be read."""
+def read_metrics(path_or_dir, warn=True, numbered=False):
+    """The valid records (valid_record) of a metrics.jsonl (or of a run folder's), in file order; with numbered,
+    (line number, record) pairs. A line that is not one (cut short by a crash, undecodable bytes, not an object,
+    no integer 'iter') is skipped, and with warn, one line on stderr says how many and where the first is.
+    OSError if the file cannot be read."""
     path = os.path.join(path_or_dir, 'metrics.jsonl') if os.path.isdir(path_or_dir) else path_or_dir
     records, bad, first_bad = [], 0, None
     with open(path, 'rb') as f:  # bytes: an undecodable line is one bad line, not an error for the whole file
@@ -52,7 +62,7 @@ def read_metrics(path_or_dir, warn=True):
                 continue
             record = parse_record(line)
             if record is not None:
-                records.append(record)
+                records.append((n, record) if numbered else record)
             else:
                 bad, first_bad = bad + 1, first_bad or n
     if bad and warn:
@@ -72,34 +82,88 @@ def curves_of(records):
 
 def series(records, key):
     """(iterations, values) of key where it is a finite number: NaN, Infinity and anything else is a gap."""
-    points = [(r['iter'], r[key]) for r in records if type(r.get(key)) in (int, float) and math.isfinite(r[key])]
+    points = [(r['iter'], r[key]) for r in records if finite(r.get(key))]
     return [i for i, _ in points], [v for _, v in points]
+
+
+# the recipe keys a score depends on, by kind of task (finetune.py's RECIPE holds them all): retrieval and STS
+# embed with the pretrained encoder and train nothing, so the training recipe (epochs, learning rate, ...) must not
+# split their identical scores into separate lines; classification and regression use neither eval_data nor max_pairs
+EMBEDDING_RECIPE = {'retrieval': ('max_len', 'max_pairs', 'eval_data'), 'sts': ('max_len', 'eval_data', 'max_eval')}
+EMBEDDING_ONLY = ('max_pairs', 'eval_data')
+
+
+def recipe_of(record):
+    """The recorded recipe keys that the record's kind of task uses: a key missing is not recorded (records older than
+    the key), never a value."""
+    recipe = record.get('recipe') if isinstance(record.get('recipe'), dict) else {}
+    used = EMBEDDING_RECIPE.get(record['task'])
+    return {k: v for k, v in recipe.items() if (k in used if used else k not in EMBEDDING_ONLY)}
+
+
+def short(value, width=24):
+    """A recipe value for a legend: a long one (a path) keeps its end, where the file name is."""
+    text = str(value) if value != '' else "''"  # eval_data='' (the default) reads as a value
+    return text if len(text) <= width else '...' + text[-(width - 3):]
 
 
 def read_scores(run_dir):
     """finetune.py's downstream scores of a run's checkpoints (run_dir/scores.jsonl, one record per checkpoint
     and task: iter, task, metric, mean, std, seeds, recipe) as {'task metric': [(iter, mean, std)]}, the last
     per iter. Scores of one task under different recipes (a quick --max_train=50 check beside the real one) are
-    different lines, each named by the settings in which it differs: one curve never mixes them."""
+    different lines, each named by the settings in which it differs: one curve never mixes them. A record that is
+    no score (no task, a mean that is not a finite number, a negative or non-finite std) is skipped with one line
+    naming its line; an undefined metric (mean null) with a note: never drawn as a value."""
     path = os.path.join(run_dir, 'scores.jsonl')
     if not os.path.isfile(path):
         return {}
+    try:
+        numbered = read_metrics(path, numbered=True)
+    except OSError as e:
+        print(f'warning: cannot read {path} ({e.strerror or e}): no scores drawn', file=sys.stderr)
+        return {}
     out, recipes = {}, {}
-    for r in read_metrics(path):
-        if isinstance(r.get('task'), str) and type(r.get('mean')) in (int, float) and math.isfinite(r['mean']):
-            std = r.get('std') if type(r.get('std')) in (int, float) and math.isfinite(r['std']) else 0.0
-            recipe = r.get('recipe') if isinstance(r.get('recipe'), dict) else {}
-            task = f"{r['task']} {r.get('metric') or ''}".strip()
-            key = (task, json.dumps(recipe, sort_keys=True))
-            recipes[key] = recipe
-            out.setdefault(key, {})[r['iter']] = (r['mean'], std)
+    for n, r in numbered:
+        where = f"{path}: line {n}"
+        task = r.get('task')
+        if not isinstance(task, str) or not task.strip():
+            print(f"warning: {where}: no task named: skipped", file=sys.stderr)
+            continue
+        name = f"{task} {r['metric'] if isinstance(r.get('metric'), str) else ''}".strip()
+        std = 0.0 if r.get('std') is None else r['std']  # not recorded: no spread to draw
+        if r.get('mean') is None:
+            print(f"note: {where}: {name} at iter {r['iter']} is undefined (mean null): not drawn", file=sys.stderr)
+            continue
+        if not finite(r['mean']):
+            print(f"warning: {where}: {name} at iter {r['iter']} has mean {r['mean']!r}, not a finite number: skipped",
+                  file=sys.stderr)
+            continue
+        if not finite(std) or std < 0:
+            print(f"warning: {where}: {name} at iter {r['iter']} has std {std!r}, not a finite number >= 0: skipped",
+                  file=sys.stderr)
+            continue
+        recipe = recipe_of(r)
+        key = (name, json.dumps(recipe, sort_keys=True, default=str))
+        recipes[key] = recipe
+        out.setdefault(key, {})[r['iter']] = (r['mean'], std)
     named = {}
-    for task, key in out:
-        others = [recipes[k] for k in out if k[0] == task]
-        differ = sorted({name for rec in others for name in set(rec) | set(recipes[task, key])
-                         if rec.get(name) != recipes[task, key].get(name)})
-        label = task + (f" ({', '.join(f'{n}={recipes[task, key].get(n)}' for n in differ)})" if differ else '')
-        named[label] = [(i, *out[task, key][i]) for i in sorted(out[task, key])]
+    for name, key in out:
+        mine = recipes[name, key]
+        others = [recipes[k] for k in out if k[0] == name and k[1] != key]
+        if not mine:  # a record older than recipes
+            label = name + (' (recipe not recorded)' if others else '')
+        else:
+            # the keys both record with different values; a line that agrees with another on every key both
+            # record is told apart by the keys only it records. A key one of them lacks is never shown as None.
+            differ = {k for o in others for k in mine if k in o and o[k] != mine[k]}
+            for o in others:
+                if o and not any(k in o and o[k] != mine[k] for k in mine):
+                    differ |= set(mine) - set(o)
+            label = name + (f" ({', '.join(f'{k}={short(mine[k])}' for k in sorted(differ))})" if differ else '')
+        base, copy = label, 2
+        while label in named:  # shortened values that collide: still two lines
+            label, copy = f'{base} #{copy}', copy + 1
+        named[label] = [(i, *out[name, key][i]) for i in sorted(out[name, key])]
     return named
 
 
@@ -160,6 +224,7 @@ def plot(run_dirs, out_path):
     ncols = 2 + probed + any(scores.values())
     fig, axes = plt.subplots(2, ncols, figsize=(4 + 3.7 * ncols, 7.5), squeeze=False)
     (loss_ax, acc_ax, *rest), (lr_ax, speed_ax, *rest2) = axes
+    n_score = 0  # every score line (run, task, recipe) gets a colour and marker of its own
     for i, (name, _, train, evals, _) in enumerate(runs):
         color, run_scores = f'C{i}', scores[name]
         name = f'{name} ({objectives[name] or "objective unknown"})' if mixed else name
@@ -172,10 +237,12 @@ def plot(run_dirs, out_path):
         if probed:
             rest[0].plot(*series(evals, 'probe_found'), 'o-', color=color, label=f'{name} found')
             rest2[0].plot(*series(evals, 'probe_cos'), 'o-', color=color, label=f'{name} unrelated cos')
-        for j, (task, points) in enumerate(run_scores.items()):
+        for task, points in run_scores.items():
             it, mean, std = zip(*points)
-            rest[-1].errorbar(it, mean, yerr=std, fmt='o-' if j == 0 else 's--', color=color, capsize=3,
-                              label=f'{name} {task}')
+            # 10 colours x 7 markers: no two of the first 70 lines look alike
+            rest[-1].errorbar(it, mean, yerr=std, fmt='osD^vP*'[n_score % 7] + ('-', '--', ':')[i % 3],
+                              color=f'C{n_score % 10}', capsize=3, label=f'{name} {task}')
+            n_score += 1
     loss_title = 'loss (dots: validation)' + ('\ndifferent objectives: losses of different tasks, not comparable'
                                               if mixed else '')
     titles = [(loss_ax, loss_title), (acc_ax, 'accuracy on predicted tokens'), (lr_ax, 'learning rate'),
@@ -185,13 +252,18 @@ def plot(run_dirs, out_path):
                    (rest2[0], 'probe: cosine of unrelated halves')]
     if any(scores.values()):
         titles.append((rest[-1], 'fine-tuned score (finetune.py; bars: spread over seeds)'))
-        rest2[-1].axis('off')  # the score panel has no second row
+        rest2[-1].axis('off')  # the score panel has no second row: its legend goes there, off the scores
     for ax, title in titles:
         ax.set_title(title, color='C3' if mixed and ax is loss_ax else 'black')
         ax.set_xlabel('iteration')
         ax.grid(alpha=0.3)
-        if ax.lines:
+        if ax.lines and not (any(scores.values()) and ax is rest[-1]):
             ax.legend(fontsize=8)
+    if any(scores.values()):
+        handles, labels = rest[-1].get_legend_handles_labels()
+        labels = [l if len(l) <= 90 else l[:87] + '...' for l in labels]  # the colour and marker tell lines apart
+        rest2[-1].legend(handles, labels, loc='upper left', fontsize=7, ncol=1 + (len(labels) > 14),
+                         title='scores', title_fontsize=8, borderaxespad=0)
     fig.tight_layout()
     # a viewer never sees half a file: a temp file of our own (the pattern checkpoint.py's writers use, which
     # train.py removes when a killed run's folder is taken over), then os.replace; any failure (a full disk)

@@ -8,7 +8,8 @@ PASS | FAIL | SKIP, the number or the reason), so that a run cut off by its time
     python .ci/gpu_check.py e2e   --device=cuda --compile=True --data_dir=DIR --work=DIR --deadline=EPOCH
     python .ci/gpu_check.py pytest LOG RC                       # 2: the CUDA tests' pytest output -> a row
     python .ci/gpu_check.py bench LOG IMPL BATCH RC             # 4: one bench.py output -> a row of the speed table
-    python .ci/gpu_check.py table --elapsed=SECONDS             # the verdict table (REPORT/summary.txt)
+    python .ci/gpu_check.py table --elapsed=SECONDS             # the verdict table (REPORT/summary.txt); its exit
+                                                                # status is the run's: 0 PASS, 1 FAIL, 2 not checked
 
 REPORT is $GPU_CHECK_REPORT (.ci/gpu sets it). Torch is imported only by the steps that need it.
 """
@@ -28,6 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 REPORT = os.environ.get('GPU_CHECK_REPORT', os.path.join(ROOT, 'out-gpu-check'))
 STEPS = {'1': '1 environment', '2': '2 correctness', '3': '3 end to end', '4': '4 speed'}
+MIN_BOX = 10  # seconds: a check with less time left is a SKIP (as .ci/gpu's steps), not a time box it must overrun
+NO_TIME = 'no time left'  # how a SKIP for lack of time begins: table() counts such a check as not checked
 
 
 def row(step, check, verdict, number):
@@ -60,6 +63,11 @@ def env(a):
     if cuda and not torch.cuda.is_available():
         row('1', 'device', 'FAIL', f'torch {torch.__version__} sees no CUDA device (CUDA runtime {torch.version.cuda})')
         return 3  # .ci/gpu stops: nothing else can run on this machine
+    n = torch.cuda.device_count() if cuda else 0
+    if cuda and (torch.device(a.device).index or 0) >= n:  # else every later step fails on the same missing device
+        row('1', 'device', 'FAIL', f'--device={a.device} is not on this machine: it has {n} CUDA device{"s" if n > 1 else ""} '
+            f'(cuda:0{f" to cuda:{n - 1}" if n > 1 else ""})')
+        return 4  # .ci/gpu stops, with this row as its error
     if cuda:
         p = torch.cuda.get_device_properties(a.device)
         try:
@@ -269,7 +277,7 @@ def run_script(cmd, limit, on_line=None, env=None):
             except subprocess.TimeoutExpired:
                 pass
         proc.kill()
-    timer = threading.Timer(max(limit, 1), stop)
+    timer = threading.Timer(limit, stop)
     timer.start()
     lines = []
     print(f"  $ {' '.join(cmd)}", flush=True)
@@ -292,11 +300,22 @@ def failure(rc, out, limit):
     return f"exit {rc}: {(errors or lines or ['no output'])[-1][:300]}"
 
 
-def loss_records(run_dir):
+def loss_records(run_dir, key='loss'):
+    """The records of a run's metrics.jsonl that log key, read as plot.py and train.py's resume read it: a line cut
+    short by a killed run (SIGKILL after the second SIGTERM) is skipped, not a traceback."""
+    from plot import read_metrics
     path = os.path.join(run_dir, 'metrics.jsonl')
-    if not os.path.exists(path):
-        return []
-    return [r for r in map(json.loads, open(path)) if 'loss' in r]
+    return [r for r in read_metrics(path, warn=False) if key in r] if os.path.exists(path) else []
+
+
+def loss_problem(records):
+    """Why a run's logged training loss shows it did not train (no loss logged, or the last one not finite), or None."""
+    if not records:
+        return 'no training loss in its metrics.jsonl'
+    last = records[-1]['loss']
+    if type(last) not in (int, float) or not math.isfinite(last):
+        return f"its loss is {last} at iter {records[-1]['iter']}: training diverged"
+    return None
 
 
 def e2e(a):
@@ -309,7 +328,14 @@ def e2e(a):
             row('3', check, 'SKIP', why)
 
     def limit(cap):  # a sub-step's time box: its cap, or what the step's own box has left
-        return max(1.0, min(cap, a.deadline - time.time() - 5))
+        return min(cap, a.deadline - time.time() - 5)
+
+    def no_time(check, box):  # under MIN_BOX left: this check and the rest are SKIPs, not sure FAILs "timed out"
+        if box >= MIN_BOX:
+            return False
+        for c in checks[checks.index(check):]:
+            row('3', c, 'SKIP', f"{NO_TIME}: {max(box, 0):.0f} s of this step's time box")
+        return True
 
     prepare = ('prepare it on a machine with `datasets` (python data.py --dataset=pydocs --tokenizer=train '
                '--vocab_size=8192 --out_dir=DIR), copy DIR here and pass --data_dir=DIR')
@@ -360,15 +386,17 @@ def e2e(a):
             proc.terminate()
     t0 = time.time()
     box = limit(180)
+    if no_time('train + SIGTERM', box):
+        return 0
     rc, out = run_script([*common, f'--out_dir={run_dir}', f'--max_iters={far}'], box, signal_when_due)
     m = re.search(r'stopped by SIGTERM at iter (\d+)', out)
-    if rc != 0 or not m:
+    before = loss_records(run_dir)
+    if rc != 0 or not m or loss_problem(before):
         row('3', 'train + SIGTERM', 'FAIL', failure(rc, out, box) if rc != 0 else
-            f'no "stopped by SIGTERM" line (signal sent: {bool(signalled)})')
+            f'no "stopped by SIGTERM" line (signal sent: {bool(signalled)})' if not m else loss_problem(before))
         skip_rest('train + SIGTERM', 'needs the stopped run')
         return 1
     stopped = int(m.group(1))
-    before = loss_records(run_dir)
     row('3', 'train + SIGTERM', 'PASS', f'SIGTERM after iter {signalled[0]}: saved and stopped at iter {stopped} '
         f'in {time.time() - t0:.0f} s; loss {before[0]["loss"]:.3f} at iter {before[0]["iter"]} -> '
         f'{before[-1]["loss"]:.3f} at iter {before[-1]["iter"]}')
@@ -376,6 +404,8 @@ def e2e(a):
     # resume: the curve continues where it stopped (a lost optimizer state or model jumps back up)
     t0 = time.time()
     box = limit(120)
+    if no_time('resume', box):
+        return 0
     rc, out = run_script([*common, f'--out_dir={run_dir}', '--init_from=resume', f'--max_iters={stopped + more}'], box)
     records = loss_records(run_dir)
     after = [r for r in records if r['iter'] > stopped]
@@ -387,17 +417,20 @@ def e2e(a):
     iters = [r['iter'] for r in records]
     start, last, first = before[0]['loss'], [r for r in records if r['iter'] <= stopped][-1], after[0]
     tol = max(0.3, 0.25 * (start - last['loss']))  # well below a restart from scratch once the loss has fallen
-    ok = first['loss'] <= last['loss'] + tol and iters == sorted(set(iters))
-    vals = [json.loads(line) for line in open(os.path.join(run_dir, 'metrics.jsonl')) if 'val_loss' in line]
+    ok = first['loss'] <= last['loss'] + tol and iters == sorted(set(iters))  # a NaN loss is never <=: a FAIL
+    vals = loss_records(run_dir, 'val_loss')
     row('3', 'resume', 'PASS' if ok else 'FAIL',
         f"loss {last['loss']:.3f} at iter {last['iter']} before the stop, {first['loss']:.3f} at iter {first['iter']} "
-        f"after it (allowed: up to +{tol:.2f}; started at {start:.3f}); val loss {vals[0]['val_loss']:.3f} -> "
-        f"{vals[-1]['val_loss']:.3f} at iter {vals[-1]['iter']}; {time.time() - t0:.0f} s" +
+        f"after it (allowed: up to +{tol:.2f}; started at {start:.3f}); " +
+        (f"val loss {vals[0]['val_loss']:.3f} -> {vals[-1]['val_loss']:.3f} at iter {vals[-1]['iter']}; " if vals else
+         'no val loss logged; ') + f'{time.time() - t0:.0f} s' +
         ('' if iters == sorted(set(iters)) else '; metrics.jsonl repeats iterations'))
 
     # export, with convert_hf.py's own parity check against transformers
     best = os.path.join(run_dir, 'best.pt' if os.path.exists(os.path.join(run_dir, 'best.pt')) else 'ckpt.pt')
     box = limit(90)
+    if no_time('export', box):
+        return 0
     rc, out = run_script([sys.executable, 'convert_hf.py', best, hf_dir], box)
     m = re.search(r'(max \|[\w ]+ diff\|) vs transformers: (\S+)', out)
     if rc != 0 or not m:
@@ -405,6 +438,8 @@ def e2e(a):
         row('3', 'fill-mask', 'SKIP', 'needs the export')
     else:
         row('3', 'export', 'PASS', f'{os.path.basename(best)} -> {hf_dir}: {m.group(1)} vs transformers {m.group(2).rstrip(",")}')
+        if no_time('fill-mask', limit(60)):  # it has no box of its own: the step's box would stop it as a FAIL
+            return 0
         try:
             fill_mask(hf_dir, best, d, meta, a.device)
         except Exception as e:
@@ -412,6 +447,8 @@ def e2e(a):
 
     # torchrun with one process: DDP's nccl (gloo on a CPU); eager, to keep within the time budget
     box = limit(120)
+    if no_time('torchrun', box):
+        return 0
     rc, out = run_script([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1',
                           *common[1:], f'--out_dir={ddp_dir}', '--max_iters=20', '--compile=False'],
                          box, env={'NCCL_DEBUG': 'INFO'} if cuda else None)
@@ -483,8 +520,13 @@ def bench_row(a):
     n_syncs = int(syncs.group(1)) if syncs else None
     said = (f'{ms} ms/step, {tps} tokens/s, {tflops} TFLOP/s, MFU {mfu}, peak {mem}, '
             f'{"n/a" if n_syncs is None else n_syncs} host syncs, sampler {sampler.group(2) if sampler else "?"}% of the step')
-    ok = a.rc == 0 and math.isfinite(float(loss)) and not n_syncs
-    row('4', name, 'PASS' if ok else 'FAIL', said + ('' if math.isfinite(float(loss)) else f'; loss {loss}'))
+    try:
+        finite = math.isfinite(float(loss.rstrip(',;')))
+    except ValueError:  # not a number at all
+        finite = False
+    ok = a.rc == 0 and finite and not n_syncs
+    row('4', name, 'PASS' if ok else 'FAIL', said + ('' if finite else f'; loss {loss}') +
+        (f'; bench.py exit {a.rc}' if a.rc else ''))
     path = os.path.join(REPORT, 'speed.md')
     if not os.path.exists(path):
         with open(path, 'w') as f:
@@ -496,10 +538,31 @@ def bench_row(a):
     return 0
 
 
+def verdict(rows, interrupted=False):
+    """(the run's verdict line, its exit status): 1 if a check FAILed; 2 if a check had no time left or none ran to
+    a verdict, since a run that checked nothing must not pass; else 0, SKIPs that cannot run here being no failure."""
+    fails = sum(r[2] == 'FAIL' for r in rows)
+    no_time = sum(r[2] == 'SKIP' and r[3].startswith(NO_TIME) for r in rows)
+    skips = sum(r[2] == 'SKIP' for r in rows) - no_time
+    if interrupted:
+        return 'verdict: STOPPED: the run was interrupted before it finished', 130
+    if fails:
+        return f"verdict: FAIL: {fails} check{'s' if fails > 1 else ''} failed", 1
+    if not any(r[2] == 'PASS' for r in rows):
+        return 'verdict: NOTHING CHECKED: no check ran to a PASS or a FAIL', 2
+    if no_time:
+        return (f"verdict: INCOMPLETE: {no_time} check{'s' if no_time > 1 else ''} had no time left, and a SKIP for "
+                f"lack of time is not a PASS: give a larger --budget"), 2
+    return 'verdict: PASS' + (f" ({skips} SKIP: checks that cannot run here, each row says why)" if skips else ''), 0
+
+
 def table(a):
-    """The verdict table so far (REPORT/summary.txt, rewritten after every step), then the speed table."""
+    """The verdict table so far (REPORT/summary.txt, rewritten after every step), then the speed table; the final
+    one (not --quiet) ends with the verdict, and its exit status is the run's."""
     path = os.path.join(REPORT, 'verdicts.tsv')
-    rows = [line.rstrip('\n').split('\t') for line in open(path)] if os.path.exists(path) else []
+    # four fields a row, whatever a cut-off writer left
+    rows = [(line.rstrip('\n').split('\t', 3) + [''] * 4)[:4] for line in open(path, errors='replace') if line.strip()] \
+        if os.path.exists(path) else []
     counts = {v: sum(r[2] == v for r in rows) for v in ('PASS', 'FAIL', 'SKIP')}
     w0, w1 = (max([len(r[i]) for r in rows] + [5]) for i in (0, 1))
     lines = [f"== .ci/gpu verdict{f' after {a.elapsed} s' if a.elapsed is not None else ''}: "
@@ -509,12 +572,15 @@ def table(a):
     speed = os.path.join(REPORT, 'speed.md')
     if os.path.exists(speed):
         lines += ['', 'speed (bench.py, timed after the compile, alone on the device):', open(speed).read().rstrip()]
+    said, rc = verdict(rows, a.interrupted)
+    if not a.quiet:  # the table so far has no verdict yet
+        lines += ['', said]
     text = '\n'.join(lines) + '\n'
     with open(os.path.join(REPORT, 'summary.txt'), 'w') as f:
         f.write(text)
     if not a.quiet:
         print(text, end='')
-    return 1 if counts['FAIL'] else 0
+    return rc
 
 
 if __name__ == '__main__':
@@ -538,6 +604,7 @@ if __name__ == '__main__':
     p = sub.add_parser('table')
     p.add_argument('--elapsed', type=int, default=None)
     p.add_argument('--quiet', action='store_true')
+    p.add_argument('--interrupted', action='store_true')
     args = parser.parse_args()
     if hasattr(args, 'compile'):
         args.compile = args.compile == 'True'
