@@ -37,7 +37,8 @@ LIMITS = dict(
     warmup_iters='>= 0', lr_decay_iters='>= 0', weight_decay='>= 0', beta1='[0, 1)', beta2='[0, 1)', eps='> 0',
     grad_clip='>= 0', max_bad_steps='>= 1', pred_frac='(0, 1)', mask_prob='[0, 1]', rand_prob='[0, 1]',
     vocab_size='>= 6', val_frac='(0, 1)', seed='>= 0', burn_in='>= 0', steps='>= 1', num_proc='>= 1',
-    head_warmup_iters='>= 0', head_warmup_lr='> 0', probe_docs='>= 2', snapshot_interval='>= 0', snapshot_keep='>= 1')
+    head_warmup_iters='>= 0', head_warmup_lr='> 0', probe_docs='>= 2', snapshot_interval='>= 0', snapshot_keep='>= 1',
+    long_from='>= 0')
 
 
 def _within(value, limit):

@@ -54,6 +54,7 @@ snapshot_keep: int = 5                  # ... the newest this many of them
 curves: bool = True                     # redraw out_dir/curves.png after each eval (plot.py, in the background)
 probe: bool = False                     # with each eval, a label-free embedding probe (see embedding_probe)
 probe_docs: int = 1000                  # validation documents the probe splits into halves and compares
+long_from: int = 0                      # eval also reports the loss at positions >= this apart (0: an extended model's old length)
 wandb_log: bool = False                 # also log to wandb (WANDB_MODE=offline works); a resumed run continues its wandb run
 wandb_project: str = 'nano-mpnet'       # wandb project ...
 wandb_run_name: str = 'run'             # ... and run name
@@ -327,7 +328,7 @@ if block_size > model_args['max_positions']:
     die(f"block_size {block_size} exceeds the model's max_positions {model_args['max_positions']}" +
         (f": --max_positions={block_size} extends the checkpoint's table (continued pretraining at a longer context)"
          if ckpt is not None and init_from != 'resume' else ''))
-short = (ckpt or {}).get('positions_extended', [[512]])[0][0]  # the length the model was pretrained at
+short = long_from or (ckpt or {}).get('positions_extended', [[512]])[0][0]  # the length the model was pretrained at
 if block_size > short and master:  # a longer context teaches only what the blocks hold of long documents
     runs = data.longest_document_run(val_tokens, meta['eos_id'])
     print(f'long documents: {int((runs > short).sum()):,} of {len(runs):,} validation blocks hold more than {short} '
