@@ -12,6 +12,7 @@ CHOICES, LIMITS and check_device hold the value, range and machine checks both s
 
 import ast
 import difflib
+import math
 import os
 import sys
 
@@ -169,6 +170,9 @@ def configure(defaults, argv, choices=None, script=None, also=None, limits=None,
 def check_limits(config, limits=None):
     """ConfigError for the first value of config outside its LIMITS (and a script's own limits), or an empty
     name or path."""
+    for key, value in config.items():  # inf passes every '> 0'; nan fails silently later
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f'{key} must be a finite number; got {value}')
     for key, limit in {**LIMITS, **(limits or {})}.items():
         if config.get(key) is not None and not _within(config[key], limit):
             raise ConfigError(f"{key} must be {'in ' * (limit[0] in '[(')}{limit}; got {config[key]!r}")

@@ -609,8 +609,8 @@ def hf_to_checkpoint(name_or_dir):
             if any('pooler.dense' in k for k in info['unexpected_keys']):  # a trained pooler, which MaskedLM drops
                 pooled = MPNetModel.from_pretrained(**where).state_dict()
                 extra = {ours: pooled[hf_name.removeprefix('mpnet.')].clone() for ours, hf_name in HF_EXTRA_NAMES.items()}
-    except OSError as e:  # config.json without weights, or weights that cannot be read: transformers' OSError
-        raise ConvertError(f"cannot load the weights of HF model '{name_or_dir}' ({str(e).strip().splitlines()[0][:160]}): "
+    except Exception as e:  # config.json without weights (transformers' OSError), or damaged ones (SafetensorError)
+        raise ConvertError(f"cannot load the weights of HF model '{name_or_dir}' ({(str(e).strip() or type(e).__name__).splitlines()[0][:160]}): "
                            f"it needs model.safetensors (or pytorch_model.bin) beside its config.json") from None
     model = MPNet(MPNetConfig(**model_args))
     hf_sd = {k: v for k, v in hf.state_dict().items() if k not in info['missing_keys']}

@@ -9,16 +9,20 @@ Downstream fine-tuning and evaluation of an MPNet: does the pretrained model und
     python finetune.py out/best.pt --task=data/reviews.csv --text_field=review   # your own labelled file
     python finetune.py sentence-transformers/all-mpnet-base-v2 --task=retrieval --eval_data=docs.jsonl  # no training
     python finetune.py sentence-transformers/all-mpnet-base-v2 --task=sts --eval_data=sts-dev.tsv       # no training
+    python finetune.py sentence-transformers/all-mpnet-base-v2 --task=beir --eval_data=scifact --max_len=384  # a BEIR folder
 
 Models are given first: checkpoints of this project (ckpt.pt, best.pt, snapshots), HF MPNet names or
 folders, sentence-transformers folders. The head is HF's MPNetForSequenceClassification head on <s>;
 classification is trained with cross-entropy, a single score (num_labels 1) with squared error, as HF
 does. Each run prints one line and appends a JSON record to out_file (config, versions, command:
-everything needed to run it again); several seeds end with their mean and standard deviation.
+everything needed to run it again); several seeds end with their mean and standard deviation. A metric
+that a run leaves undefined (a model that gives every example the same answer) is printed 'undefined' and
+recorded as null, never as a number; inputs that would make one undefined for every model are refused.
 """
 
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -45,12 +49,13 @@ from model import MPNet, MPNetConfig
 model: str = ''                         # checkpoint (.pt) or HF name/folder; usually given first, several allowed
 tokenizer: str = 'model'                # 'model' = the one the model carries; another must have its vocabulary
 scratch: bool = False                   # re-initialise the weights (same architecture): the baseline to beat
-task: str = 'pydocs'                    # 'pydocs' (built in), a GLUE name, a .csv/.tsv/.jsonl file or folder, 'retrieval', 'sts'
+task: str = 'pydocs'                    # 'pydocs' (built in), a GLUE name, a .csv/.tsv/.jsonl file or folder, 'retrieval', 'sts', 'beir'
 problem: str = 'auto'                   # a local file's labels: 'classification', 'regression' or 'auto' (numbers that are not all whole)
 text_field: str = ''                    # a local file's first text column ('' = sentence1, text or sentence)
 pair_field: str = ''                    # ... its second text column, for pairs ('' = sentence2 if present)
 label_field: str = ''                   # ... its label or score column ('' = label, else score)
-eval_data: str = ''                     # retrieval: documents (.txt/.jsonl; '' = the checkpoint's validation text); sts: scored pairs
+eval_data: str = ''                     # retrieval: documents (.txt/.jsonl; '' = the checkpoint's validation text); sts: scored pairs; beir: its folder
+beir_split: str = 'test'                # beir: the judgments scored, qrels/{beir_split}.tsv (BEIR's sets: test; MS MARCO: dev)
 max_len: int = 128                      # tokens per example (pairs: both texts together), cut beyond
 max_train: int = 0                      # use only a fixed random subset of this many training examples (0 = all)
 max_eval: int = 0                       # ... and this many of each evaluation split
@@ -79,7 +84,7 @@ LIMITS = dict(max_len='>= 8', max_train='>= 0', max_eval='>= 0', max_pairs='>= 0
 
 # what a score depends on besides the model and task: plot.py draws scores of different recipes as different lines
 RECIPE = ('max_len', 'max_train', 'max_eval', 'epochs', 'batch_size', 'learning_rate', 'warmup_frac', 'weight_decay',
-          'grad_clip', 'dropout', 'max_pairs', 'eval_data')
+          'grad_clip', 'dropout', 'max_pairs', 'eval_data', 'beir_split')
 
 
 class TaskError(Exception):
@@ -107,31 +112,33 @@ class ClassificationHead(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------
-# metrics, written out (numpy only): each is checked against scipy / scikit-learn in the tests
+# metrics, written out (numpy only): each is checked against scipy / scikit-learn in the tests. A metric whose
+# denominator is 0 (a constant prediction or gold) is undefined: NaN here, 'undefined' when printed, null in a
+# record; never 0.0, which would be a number nobody measured (scikit-learn's 0 for these cases is a convention)
 
 def accuracy(pred, gold):
     return float(np.mean(np.asarray(pred) == np.asarray(gold)))
 
 
-def f1(pred, gold):  # of the positive class 1, as GLUE's MRPC and QQP
+def f1(pred, gold):  # of the positive class 1, as GLUE's MRPC and QQP; undefined when neither side has a 1
     pred, gold = np.asarray(pred) == 1, np.asarray(gold) == 1
-    tp = np.sum(pred & gold)
-    return float(2 * tp / (np.sum(pred) + np.sum(gold))) if tp else 0.0
+    den = np.sum(pred) + np.sum(gold)
+    return float(2 * np.sum(pred & gold) / den) if den else math.nan
 
 
-def matthews(pred, gold):  # binary Matthews correlation (CoLA); 0 when a row or column of the table is empty
+def matthews(pred, gold):  # binary Matthews correlation (CoLA); undefined when a row or column of the table is empty
     pred, gold = np.asarray(pred) == 1, np.asarray(gold) == 1
     tp, tn = np.sum(pred & gold), np.sum(~pred & ~gold)
     fp, fn = np.sum(pred & ~gold), np.sum(~pred & gold)
     den = math.sqrt(float((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
-    return float((tp * tn - fp * fn) / den) if den else 0.0
+    return float((tp * tn - fp * fn) / den) if den else math.nan
 
 
-def pearson(x, y):
+def pearson(x, y):  # undefined when either side is constant
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     x, y = x - x.mean(), y - y.mean()
     den = math.sqrt(float(np.sum(x * x) * np.sum(y * y)))
-    return float(np.sum(x * y) / den) if den else 0.0
+    return float(np.sum(x * y) / den) if den else math.nan
 
 
 def ranks(x):  # average ranks of ties, as Spearman's rho needs
@@ -147,6 +154,20 @@ def spearman(x, y):
     return pearson(ranks(x), ranks(y))
 
 
+def shown(v):
+    """A metric as printed: 4 decimals, or 'undefined'."""
+    return f'{v:.4f}' if v is not None and math.isfinite(v) else 'undefined'
+
+
+def defined(x):
+    """x with every NaN metric (also inside dicts and lists) as None, which JSON writes as null."""
+    if isinstance(x, dict):
+        return {k: defined(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [defined(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
 METRICS = dict(accuracy=accuracy, f1=f1, matthews=matthews, pearson=pearson, spearman=spearman)
 
 # GLUE: text columns, number of labels (1 = a score), official metrics (the first few averaged into the
@@ -160,9 +181,14 @@ GLUE = dict(
 
 
 def scores(metrics, pred, gold):
-    """{metric: value} and 'score', their mean (the number a best epoch is chosen by)."""
+    """{metric: value} and 'score', their mean (the number a best epoch is chosen by; NaN if one is undefined)."""
     out = {m: METRICS[m](pred, gold) for m in metrics}
     return dict(out, score=float(np.mean(list(out.values()))))
+
+
+def score_name(metrics):
+    """What a task's 'score' is: its one metric, or the mean of several (GLUE's MRPC: 'f1/accuracy mean')."""
+    return metrics[0] if len(metrics) == 1 else '/'.join(metrics) + ' mean'
 
 
 # -----------------------------------------------------------------------------------------------
@@ -209,7 +235,7 @@ def pydocs_task():
     path = os.path.join(data.DATA_ROOT, f'pydocs-packages-py{sys.version_info[0]}.{sys.version_info[1]}.jsonl')
     if not os.path.exists(path):
         build_pydocs_task(path)
-    rows = read_rows(path)
+    rows = [r for _, r in read_rows(path)]
     names = list(PYDOCS_PACKAGES)
     splits = {s: [(r['text'], None, names.index(r['label'])) for r in rows if r['split'] == s] for s in ('train', 'dev', 'test')}
     return dict(name='pydocs', splits=splits, num_labels=len(names), labels=names, metrics=('accuracy',))
@@ -240,80 +266,175 @@ def subset(examples, keep):
     return [examples[i] for i in sorted(np.random.default_rng(0).permutation(len(examples))[:keep])]
 
 
+TABLES = ('.csv', '.tsv', '.jsonl')
+csv.field_size_limit(2**31 - 1)  # a long document in one field is data (csv's default refuses fields over 131,072 characters)
+
+
+def read_text(path):
+    """The text of a file: UTF-8 (a byte-order mark, as Excel writes one, dropped), or UTF-16 with its mark;
+    TaskError for a path that is no file, or bytes that are neither (a cp1252/Latin-1 export), and how to convert."""
+    if not os.path.isfile(path):
+        raise TaskError(f"'{path}': " + ('a folder, not a file' if os.path.isdir(path) else 'file not found'))
+    with open(path, 'rb') as f:
+        raw = f.read()
+    utf16 = raw[:2] in (b'\xff\xfe', b'\xfe\xff')
+    try:
+        return raw.decode('utf-16' if utf16 else 'utf-8-sig')
+    except UnicodeDecodeError as e:
+        where = '' if utf16 else f', line {raw[:e.start].count(10) + 1}'  # 10: a line break's byte
+        raise TaskError(f"'{path}'{where}: not {'UTF-16' if utf16 else 'UTF-8'} text (byte {raw[e.start]:#04x}): convert "
+                        f"it, e.g. iconv -f cp1252 -t utf-8 '{path}' > utf8{os.path.splitext(path)[1]}") from None
+
+
+def parse_table(text, **fmt):
+    """[(line, row dict)] of a csv text with a header, line the file line a row starts on (a quoted text may
+    span lines); or (line, problem) for the first row that is not one."""
+    reader = csv.reader(io.StringIO(text, newline=''), **fmt)
+    rows, header, start = [], None, 1
+    try:
+        for fields in reader:
+            if not fields:  # a blank line is no row (as csv.DictReader)
+                pass
+            elif header is None:
+                header = fields
+                twice = next((c for c in header if header.count(c) > 1), None)
+                if twice is not None:
+                    return start, f"the header names column '{twice}' twice"
+            elif len(fields) != len(header):
+                return start, (f"{len(fields)} field{'s' * (len(fields) > 1)} where the header has {len(header)} ({', '.join(header)})" +
+                               ('; quote a text that holds the delimiter' if len(fields) > len(header) else ''))
+            else:
+                rows.append((start, dict(zip(header, fields))))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        return reader.line_num, str(e)
+    return rows
+
+
 def read_rows(path):
-    """The rows (dicts) of a .csv, .tsv or .jsonl file; TaskError for a line that cannot be read."""
+    """[(line, row dict)] of a .csv, .tsv or .jsonl file, line the file line a row starts on; TaskError for a
+    file or a line that cannot be read."""
     ext = os.path.splitext(path)[1]
-    if ext not in ('.csv', '.tsv', '.jsonl'):
+    if ext not in TABLES:
         raise TaskError(f"'{path}' is not a .csv, .tsv or .jsonl file")
-    with open(path, encoding='utf-8', newline='') as f:
-        if ext == '.jsonl':
-            rows = []
-            for i, line in enumerate(f, 1):
+    text = read_text(path)
+    if ext == '.jsonl':
+        rows = []
+        for i, line in enumerate(text.split('\n'), 1):  # not splitlines(): JSON strings may hold U+2028 unescaped
+            if line.strip():
                 try:
-                    rows.append(json.loads(line)) if line.strip() else None
+                    rows.append((i, json.loads(line)))
                 except ValueError:
-                    raise TaskError(f"{path}, line {i}: not a JSON object") from None
-                if not isinstance(rows[-1], dict):
-                    raise TaskError(f"{path}, line {i}: not a JSON object")
-            return rows
-        # tsv (GLUE's own files): quotes are text, not quoting
-        return list(csv.DictReader(f, delimiter='\t', quoting=csv.QUOTE_NONE) if ext == '.tsv' else csv.DictReader(f))
+                    rows.append((i, None))
+                if not isinstance(rows[-1][1], dict):
+                    raise TaskError(f"'{path}', line {i}: not a JSON object")
+    elif ext == '.csv':
+        rows = parse_table(text)
+    else:  # csv.writer quotes a tsv text that holds a tab, a quote or a line break; GLUE's own tsv files leave
+        # quotes bare ('a "quoted" word', or one that opens a text), which only plain splitting reads right. The
+        # quoted reading is taken when the whole file parses strictly as quoted, every row as long as the header
+        quoted = parse_table(text, delimiter='\t', strict=True)
+        plain = quoted if isinstance(quoted, list) else parse_table(text, delimiter='\t', quoting=csv.QUOTE_NONE)
+        rows = plain if isinstance(plain, list) else max(quoted, plain)  # neither: the one that read further says why
+    if isinstance(rows, tuple):
+        raise TaskError(f"'{path}', line {rows[0]}: {rows[1]}")
+    return rows
+
+
+def number(v):
+    """v as a float if it is a number or a text of one ('1', '1.0', ' 2e3'), else None (a bool is no number)."""
+    if isinstance(v, bool):
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def value(path, line, row, column, flag):
+    """The non-empty value of row[column]; TaskError naming the file line, and the column missing or empty."""
+    if column not in row:
+        sep = next((c for c in ';|' if len(row) == 1 and c in next(iter(row))), None)
+        raise TaskError(f"'{path}', line {line}: no '{column}' column (columns: {', '.join(map(str, row))}); name it with "
+                        f"--{flag}=" + (f"; the file looks '{sep}'-separated: save it comma-separated" if sep else ''))
+    v = row[column]
+    if v is None or (isinstance(v, str) and not v.strip()):
+        raise TaskError(f"'{path}', line {line}: '{column}' is empty" + (' (null)' if v is None else ''))
+    return v
+
+
+def text(path, line, row, column, flag='text_field'):
+    """A text of a row: a string (a JSON null, NaN or number is no text: it would be embedded as 'None', 'nan')."""
+    v = value(path, line, row, column, flag)
+    if not isinstance(v, str):
+        raise TaskError(f"'{path}', line {line}: '{column}' is {json.dumps(v)}, not a text")
+    return v
+
+
+def label(path, line, row, column):
+    """A label or score of a row, as read: a text or a number; TaskError for one that reads as NaN or inf
+    (a missing value written out, which would otherwise be a class or be ranked)."""
+    v = value(path, line, row, column, 'label_field')
+    if not isinstance(v, (str, int, float)) or (number(v) is not None and not math.isfinite(number(v))):
+        raise TaskError(f"'{path}', line {line}: '{column}' is {json.dumps(v)}: no score or label (a missing value?)")
+    return v
 
 
 def local_task(path):
-    """A labelled local file (split 80/10/10 by a hash of each text) or a folder of train/dev/test files."""
+    """A labelled local file (split 80/10/10 by a hash of each row) or a folder of train/dev/test files."""
     if os.path.isdir(path):
-        files = {s: [os.path.join(path, f) for f in sorted(os.listdir(path)) if os.path.splitext(f)[0] in names
-                     and os.path.splitext(f)[1] in ('.csv', '.tsv', '.jsonl')]
-                 for s, names in (('train', ('train',)), ('dev', ('dev', 'validation')), ('test', ('test',)))}
+        files = {}
+        for s, names in (('train', ('train',)), ('dev', ('dev', 'validation')), ('test', ('test',))):
+            files[s] = [os.path.join(path, f) for f in sorted(os.listdir(path))
+                        if os.path.splitext(f)[0] in names and os.path.splitext(f)[1] in TABLES]
+            if len(files[s]) > 1:
+                raise TaskError(f"folder '{path}' has {' and '.join(files[s])} for its {s} split: keep one")
         if not files['train'] or not files['dev']:
             raise TaskError(f"folder '{path}' needs a train and a dev (or validation) file (.csv, .tsv or .jsonl)")
-        rows = {s: read_rows(f[0]) if f else [] for s, f in files.items()}
-        where = {s: f[0] if f else path for s, f in files.items()}
+        rows = {s: [(f[0], line, r) for line, r in read_rows(f[0])] if f else [] for s, f in files.items()}
     else:
-        everything = read_rows(path)
-        rows, where = {'train': [], 'dev': [], 'test': []}, dict.fromkeys(('train', 'dev', 'test'), path)
-        for r in everything:
+        rows, everything = {'train': [], 'dev': [], 'test': []}, read_rows(path)
+        if not everything:
+            raise TaskError(f"'{path}' has no rows" + (' (a header alone)' if read_text(path).strip() and not path.endswith('.jsonl') else ''))
+        for line, r in everything:
             h = int(hashlib.sha1(json.dumps(r, sort_keys=True).encode()).hexdigest()[:8], 16) / 16**8
-            rows['train' if h < 0.8 else 'dev' if h < 0.9 else 'test'].append(r)
-    first = rows['train'][0] if rows['train'] else {}
+            rows['train' if h < 0.8 else 'dev' if h < 0.9 else 'test'].append((path, line, r))
+    for split, rs in rows.items():
+        if not rs and split != 'test':
+            raise TaskError(f"the {split} split of '{path}' is empty " + (f"('{files[split][0]}' has no rows)" if os.path.isdir(path)
+                            else '(a file is split 80/10/10: give more rows, or a folder with train and dev files)'))
+    first = rows['train'][0][2]
     a = text_field or next((c for c in ('sentence1', 'text', 'sentence') if c in first), 'text')
     b = pair_field or ('sentence2' if 'sentence2' in first and a == 'sentence1' else '')
     y = label_field or ('label' if 'label' in first or 'score' not in first else 'score')
-    for split, rs in rows.items():
-        if not rs and split != 'test':
-            raise TaskError(f"the {split} split of '{path}' is empty" + (' (a file is split 80/10/10: give more rows, '
-                            'or a folder with train and dev files)' if not os.path.isdir(path) else ''))
-        for column in (a, b, y) if b else (a, y):
-            missing = next((i for i, r in enumerate(rs) if r.get(column) in (None, '')), None)
-            if missing is not None:
-                raise TaskError(f"{where[split]}: row {missing + 1} of the {split} split has no '{column}' column "
-                                f"(columns: {', '.join(rs[missing])}); name it with --{'label' if column == y else 'text' if column == a else 'pair'}_field=")
-    def number(v):
-        try:
-            return float(v)
-        except (TypeError, ValueError):
-            return None
-    values = [r[y] for rs in rows.values() for r in rs]
-    numbers = [number(v) for v in values]
-    kind = problem if problem != 'auto' else ('regression' if None not in numbers and (y == 'score' or any(
-        not float(n).is_integer() for n in numbers)) else 'classification')
+    if y in (a, b):  # a model that reads its answer scores perfectly and learns nothing
+        raise TaskError(f"'{y}' is both a text and the label column: name the text with --text_field= (and --pair_field=)")
+    examples = {s: [(text(f, i, r, a), text(f, i, r, b, 'pair_field') if b else None, label(f, i, r, y), f, i)
+                    for f, i, r in rs] for s, rs in rows.items()}
+    every = [e for es in examples.values() for e in es]
+    kind = problem if problem != 'auto' else ('regression' if all(number(e[2]) is not None for e in every) and (
+        y == 'score' or any(not number(e[2]).is_integer() for e in every)) else 'classification')
     if kind == 'regression':
-        bad = next((v for v, n in zip(values, numbers) if n is None or not math.isfinite(n)), None)
-        if bad is not None:
-            raise TaskError(f"'{path}': a regression task needs numbers in '{y}', found {bad!r}: "
+        bad = next((e for e in every if number(e[2]) is None), None)
+        if bad:
+            raise TaskError(f"'{bad[3]}', line {bad[4]}: a regression task needs numbers in '{y}', found {bad[2]!r}: "
                             f"use --problem=classification for text labels")
-        labels, convert = None, float
-    else:
-        names = sorted({str(r[y]) for r in rows['train']}, key=lambda s: (number(s) is None, number(s) or 0, s))
-        if len(names) < 2:
-            raise TaskError(f"'{path}': classification needs at least 2 labels in '{y}'; the training split has {names}")
-        unseen = sorted({str(r[y]) for s in ('dev', 'test') for r in rows[s]} - set(names))
+        labels, convert = None, number
+    else:  # numbers that are equal are one label ('1' and '1.0', also across files); a name is a label of its own
+        def key(v):
+            return (0, number(v), '') if number(v) is not None else (1, 0.0, str(v))
+        spelling = {}
+        for e in examples['train']:
+            spelling.setdefault(key(e[2]), str(e[2]))
+        keys = sorted(spelling)
+        if len(keys) < 2:
+            raise TaskError(f"'{path}': classification needs at least 2 labels in '{y}'; the training split has {list(spelling.values())}")
+        unseen = next((e for s in ('dev', 'test') for e in examples[s] if key(e[2]) not in spelling), None)
         if unseen:
-            raise TaskError(f"'{path}': label {unseen[0]!r} of the dev/test split never occurs in training "
-                            f"(labels there: {', '.join(names[:10])}); a model cannot learn it")
-        labels, convert = names, lambda v: names.index(str(v))
-    splits = {s: [(str(r[a]), str(r[b]) if b else None, convert(r[y])) for r in rs] for s, rs in rows.items()}
+            raise TaskError(f"'{unseen[3]}', line {unseen[4]}: label {str(unseen[2])!r} never occurs in training "
+                            f"(labels there: {', '.join(spelling[k] for k in keys[:10])}); a model cannot learn it")
+        labels, convert = [spelling[k] for k in keys], lambda v: keys.index(key(v))
+    splits = {s: [(e[0], e[1], convert(e[2])) for e in es] for s, es in examples.items()}
     return dict(name=path, splits=splits, num_labels=1 if labels is None else len(labels), labels=labels,
                 metrics=('pearson', 'spearman') if labels is None else ('accuracy',) + (('f1',) if len(labels) == 2 else ()))
 
@@ -325,8 +446,27 @@ def load_task(name):
         return load_glue(name)
     if os.path.exists(name):
         return local_task(name)
-    raise TaskError(f"unknown task '{name}': give pydocs, retrieval, sts, a GLUE task ({', '.join(GLUE)}), "
+    if os.path.splitext(name)[1] in TABLES:
+        raise TaskError(f"--task='{name}': file not found")
+    raise TaskError(f"unknown task '{name}': give pydocs, retrieval, sts, beir, a GLUE task ({', '.join(GLUE)}), "
                     f"or a .csv/.tsv/.jsonl file or folder")
+
+
+def check_gold(spec):
+    """Refuse an evaluation split whose gold labels leave a metric undefined (or fixed) for every model: scores
+    all equal (Pearson, Spearman), one class alone (Matthews), no example of the positive class (F1)."""
+    for s, examples in spec['splits'].items():
+        gold = [e[2] for e in examples]
+        if s == 'train' or not gold:
+            continue
+        where = f"the {s} split of task '{spec['name']}'" + (f' (--max_eval={max_eval})' if max_eval else '')
+        if {'pearson', 'spearman', 'matthews'} & set(spec['metrics']) and len(set(gold)) < 2:
+            raise TaskError(f"{where} has {len(gold)} example(s), all {'scored' if spec['num_labels'] == 1 else 'labelled'} "
+                            f"{gold[0] if spec['num_labels'] == 1 else spec['labels'][gold[0]]!r}: "
+                            f"{'/'.join(spec['metrics'])} against a constant is undefined; it needs different values")
+        if 'f1' in spec['metrics'] and 1 not in gold:
+            raise TaskError(f"{where} has no example of label {spec['labels'][1]!r}: F1 of that class (half the score) "
+                            f"would be 0 or undefined whatever the model; it needs examples of both labels")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -334,7 +474,23 @@ def load_task(name):
 
 def load_model(name):
     """(checkpoint dict, tokenizer) of a checkpoint of this project or an HF MPNet (through convert_hf)."""
-    ckpt = (load_checkpoint(name) if name.endswith('.pt') or os.path.isfile(name) else hf_to_checkpoint(name))
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, 'config.json')):
+        run = next((n for n in ('best.pt', 'ckpt.pt') if os.path.isfile(os.path.join(name, n))), None)
+        if run:  # else transformers says 'Unrecognized model'
+            raise TaskError(f"'{name}' is a run folder of train.py, not a model: give its checkpoint, {os.path.join(name, run)}")
+    if name.endswith('.pt') or os.path.isfile(name):
+        ckpt = load_checkpoint(name)
+    else:
+        try:
+            ckpt = hf_to_checkpoint(name)
+        except ConvertError:
+            raise
+        except Exception as e:  # config.json without weights, a damaged weights file (SafetensorError): the libraries' own
+            raise TaskError(f"cannot load HF model '{name}' ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]})") from None
+    bad = next((k for k, v in dict(ckpt['model']).items() if torch.is_tensor(v) and v.is_floating_point()
+                and not torch.isfinite(v).all()), None) if isinstance(ckpt['model'], dict) else None
+    if bad:  # it would train to NaN, or score NaN embeddings
+        raise TaskError(f"'{name}': its weights hold NaN or inf ({bad}): it diverged; use an earlier snapshot")
     own = None
     if ckpt.get('tokenizer_files'):
         with tempfile.TemporaryDirectory() as tmp:
@@ -386,40 +542,57 @@ def pad(rows, dev):
 # -----------------------------------------------------------------------------------------------
 # embeddings with no training: retrieval of a document's other half, and similarity against human scores
 
+class NonFiniteError(TaskError):
+    """A model's outputs or loss hold NaN or inf: no score can be computed from them (train.py's probe catches it)."""
+
+
 def pool(encoder, ids, mask, pooling, autocast=nullcontext(), chunk=64):
     """L2-normalised sentence embeddings [N, C] of padded (ids, mask), in chunks: <s> ('cls') or the mean
-    over the attention mask ('mean', sentence-transformers' mean: <s> and </s> included)."""
+    over the attention mask ('mean', sentence-transformers' mean: <s> and </s> included). NonFiniteError for
+    NaN or inf: similarities of NaN rank nothing above the right answer, a perfect retrieval score."""
     out = []
     for i in range(0, ids.size(0), chunk):
         with torch.no_grad(), autocast:
             h = encoder.encode(ids[i:i + chunk], mask[i:i + chunk]).float()
         m = mask[i:i + chunk, :, None].float()
         out.append(h[:, 0] if pooling == 'cls' else (h * m).sum(1) / m.sum(1))
-    return F.normalize(torch.cat(out), dim=-1)
+    out = torch.cat(out)
+    if not torch.isfinite(out).all():
+        raise NonFiniteError('the model gives non-finite sentence embeddings (NaN or inf): its weights or activations '
+                             'overflow; nothing can be scored')
+    return F.normalize(out, dim=-1)
 
 
 def retrieval_scores(encoder, ids, mask, pooling='mean', autocast=nullcontext()):
     """ids, mask [2, n, L] (data.probe_pairs: first and second halves of n documents) -> how often a first
     half's nearest second half is its own (acc1), the mean reciprocal rank of its own (mrr), and the mean
-    cosine of unrelated halves (near 0: a spread-out space; near 1: everything looks alike)."""
+    cosine of unrelated halves (near 0: a spread-out space; near 1: everything looks alike). A tie with
+    another half counts as the expected value of breaking it at random: a model that gives every document
+    the same embedding scores chance (acc1 1/n), not a perfect 1."""
     was = encoder.training
     encoder.eval()
     n = ids.size(1)
-    first, second = pool(encoder, ids.flatten(0, 1), mask.flatten(0, 1), pooling, autocast).view(2, n, -1)
-    encoder.train(was)
-    rank, unrelated = [], 0.0
+    try:
+        first, second = pool(encoder, ids.flatten(0, 1), mask.flatten(0, 1), pooling, autocast).view(2, n, -1)
+    finally:
+        encoder.train(was)
+    acc1, mrr, unrelated = [], [], 0.0
     for i in range(0, n, 1024):  # bounded memory for many pairs
         sim = first[i:i + 1024] @ second.T  # (b, n)
         own = sim[torch.arange(sim.size(0)), torch.arange(i, i + sim.size(0))]
-        rank.append(1 + (sim > own[:, None]).sum(1))
+        above, ties = (sim > own[:, None]).sum(1).double(), (sim == own[:, None]).sum(1).double() - 1
+        # the own half's rank is 1 + above + k, k uniform in 0..ties: E[1/rank] = (H(above + ties + 1) - H(above)) / (ties + 1)
+        acc1.append((above == 0).double() / (ties + 1))
+        mrr.append(torch.where(ties == 0, 1 / (above + 1),  # exact where there is no tie, the usual case
+                               (torch.digamma(above + ties + 2) - torch.digamma(above + 1)) / (ties + 1)))
         unrelated += (sim.sum() - own.sum()).item()
-    rank = torch.cat(rank).double()
-    return dict(acc1=(rank == 1).double().mean().item(), mrr=(1 / rank).mean().item(),
+    return dict(acc1=torch.cat(acc1).mean().item(), mrr=torch.cat(mrr).mean().item(),
                 unrelated_cos=unrelated / (n * (n - 1)), pairs=n)
 
 
 def sts_scores(encoder, tok, pairs, pooling, dev, autocast=nullcontext()):
-    """Spearman (and Pearson) of the cosine of each pair's embeddings against its human score."""
+    """Spearman (and Pearson) of the cosine of each pair's embeddings against its human score (NaN: undefined,
+    the model gives every pair the same cosine)."""
     encoder.eval()
     sides = [tok([p[k] for p in pairs], truncation=True, max_length=max_len)['input_ids'] for k in (0, 1)]
     a, b = (pool(encoder, *pad(s, dev), pooling, autocast) for s in sides)
@@ -428,26 +601,246 @@ def sts_scores(encoder, tok, pairs, pooling, dev, autocast=nullcontext()):
     return dict(spearman=spearman(cos, gold), pearson=pearson(cos, gold), pairs=len(pairs))
 
 
-def retrieval_pairs(ckpt, tok):
+def prepared_dir(ckpt, name):
+    """(the folder of the checkpoint's prepared data on this machine or None, the paths tried). An older
+    train.py recorded data_dir relative to where it ran: tried from here, then from the run folder's parent
+    (where train.py is usually run) and the run folder."""
+    d = ckpt.get('data_dir')
+    if not d:
+        return None, []
+    run = os.path.dirname(os.path.abspath(name)) if os.path.isfile(name) else None
+    run = os.path.dirname(run) if run and os.path.basename(run) == 'snapshots' else run
+    tried = [d] + ([os.path.join(os.path.dirname(run), d), os.path.join(run, d)] if run and not os.path.isabs(d) else [])
+    return next((t for t in tried if os.path.isfile(os.path.join(t, 'val.bin'))), None), tried
+
+
+def retrieval_pairs(ckpt, tok, name=''):
     """[2, n, L] halves of held-out documents: the given file's, or the checkpoint's validation text."""
     if eval_data:
-        if not os.path.isfile(eval_data) or os.path.splitext(eval_data)[1] not in ('.txt', '.jsonl'):
+        if os.path.splitext(eval_data)[1] not in ('.txt', '.jsonl'):
             raise TaskError(f"--eval_data='{eval_data}' is not a .txt or .jsonl file of documents for retrieval")
-        with open(eval_data, encoding='utf-8') as f:
-            docs = ([str(r.get(text_field or 'text', '')) for r in read_rows(eval_data)] if eval_data.endswith('.jsonl') else
-                    [p for p in f.read().split('\n\n') if p.strip()])
+        if eval_data.endswith('.jsonl'):
+            rows, column = read_rows(eval_data), text_field or 'text'
+            if not any(column in r for _, r in rows):
+                raise TaskError(f"'{eval_data}': no row has a '{column}' field (keys: {', '.join(sorted({k for _, r in rows for k in r})[:10])})"
+                                f"; name the text's key with --text_field=")
+            docs = [text(eval_data, i, r, column) for i, r in rows]
+        else:
+            docs = [p for p in read_text(eval_data).split('\n\n') if p.strip()]
+        if not docs:
+            raise TaskError(f"'{eval_data}' holds no documents" + (' (paragraphs apart by a blank line)' if eval_data.endswith('.txt') else ''))
         ids = tok(docs, add_special_tokens=False)['input_ids']
         rows = [np.array([t for d in ids for t in (*d, tok.eos_token_id)])]
-    elif ckpt.get('data_dir') and os.path.isfile(os.path.join(ckpt['data_dir'], 'val.bin')):
-        rows = [data.val_prefix(ckpt['data_dir'], 2**31)]
     else:
-        raise TaskError("--task=retrieval needs documents: --eval_data=FILE (.txt paragraphs or .jsonl 'text'); this model's "
-                        "training data (its validation split) is not on this machine")
+        found, tried = prepared_dir(ckpt, name)
+        if not found:
+            raise TaskError("--task=retrieval needs documents: --eval_data=FILE (.txt paragraphs or .jsonl 'text'); this model's "
+                            "training data (its validation split) is not on this machine" +
+                            (f" (tried {', '.join(os.path.join(t, 'val.bin') for t in tried)})" if tried else ''))
+        rows = [data.val_prefix(found, 2**31)]
     ids, mask = data.probe_pairs(rows, tok.bos_token_id, tok.eos_token_id, 1, max_pairs or 2**31,
                                  max_len=max_len - 2)
     if ids.size(1) < 2:
         raise TaskError(f'retrieval needs at least 2 documents of 32 tokens or more; found {ids.size(1)}')
     return ids, mask
+
+
+def sts_pairs(path):
+    """[(text, text, score)] of a file of scored pairs (columns sentence1, sentence2 and score or label, or
+    --text_field, --pair_field, --label_field); TaskError for a row without them, and for scores all equal
+    (a correlation with a constant is undefined, whatever the model)."""
+    rows = read_rows(path)
+    a, b = text_field or 'sentence1', pair_field or 'sentence2'
+    y = label_field or ('score' if rows and 'score' in rows[0][1] else 'label')
+    pairs = []
+    for i, r in rows:
+        score = number(label(path, i, r, y))
+        if score is None:
+            raise TaskError(f"'{path}', line {i}: the score in '{y}' is {r[y]!r}, not a number")
+        pairs.append((text(path, i, r, a), text(path, i, r, b, 'pair_field'), score))
+    if len(pairs) < 2:
+        raise TaskError(f"'{path}': needs at least 2 scored pairs; found {len(pairs)}")
+    if len({p[2] for p in pairs}) == 1:
+        raise TaskError(f"'{path}': every pair has the score {pairs[0][2]:g}: Spearman and Pearson against a constant "
+                        f"are undefined; it needs pairs with different scores")
+    return pairs
+
+
+# -----------------------------------------------------------------------------------------------
+# BEIR-format retrieval (Thakur et al. 2021): a folder of corpus.jsonl, queries.jsonl and qrels/SPLIT.tsv, as BEIR and
+# MTEB ship their retrieval sets; scored as BEIR's EvaluateRetrieval scores an exact dense search (pytrec_eval)
+
+NDCG_AT, RECALL_AT, MRR_AT = 10, 100, 10
+BEIR_FILES = ('corpus.jsonl', 'queries.jsonl')
+
+
+def beir_paths(folder, split):
+    """The three files of a BEIR folder that --task=beir reads."""
+    return [os.path.join(folder, f) for f in BEIR_FILES] + [os.path.join(folder, 'qrels', f'{split}.tsv')]
+
+
+def beir_rows(path, what):
+    """{_id: (line, row)} of a BEIR .jsonl file; TaskError for an _id missing, not a text, or given twice."""
+    out = {}
+    for line, row in read_rows(path):
+        i = row.get('_id')
+        if isinstance(i, int) and not isinstance(i, bool):
+            i = str(i)  # qrels name it as text
+        if not isinstance(i, str) or not i:
+            raise TaskError(f"'{path}', line {line}: " + ("no '_id'" if '_id' not in row else f"'_id' is {json.dumps(i)}, not an id"))
+        if i in out:
+            raise TaskError(f"'{path}', line {line}: _id '{i}' again (first on line {out[i][0]}): each {what} needs an id of its own")
+        for key in ('text', 'title'):
+            v = row.get(key, '' if key == 'title' else None)
+            if not isinstance(v, str) and not (key == 'title' and v is None):
+                raise TaskError(f"'{path}', line {line}: " + (f"no '{key}'" if key not in row else f"'{key}' is {json.dumps(v)}, not a text"))
+        out[i] = (line, row)
+    if not out:
+        raise TaskError(f"'{path}' holds no {what}s")
+    return out
+
+
+def beir_data(folder, split):
+    """A BEIR folder, checked: the corpus's texts as BEIR's SentenceBERT embeds them ((title + ' ' + text).strip(): a
+    missing or null title is ''), and the queries that qrels/SPLIT.tsv gives a relevant document (score > 0) with
+    their judgments {corpus index: score}. A judged query with no relevant document scores 0 whatever the model, as
+    pytrec_eval scores it and BEIR averages it in (so that our numbers are BEIR's); they are counted. TaskError for
+    what would give a wrong number: an unknown query, a score that is no whole number (pytrec_eval's are ints), a
+    pair judged twice differently, and qrels naming many documents the corpus lacks (another dataset's)."""
+    if not os.path.isdir(folder):
+        raise TaskError(f"--eval_data='{folder}': " + ('a file; --task=beir needs a BEIR folder (corpus.jsonl, queries.jsonl, '
+                                                       f'qrels/{split}.tsv)' if os.path.isfile(folder) else 'folder not found'))
+    for path in beir_paths(folder, split):
+        if not os.path.isfile(path):
+            qrels = os.path.dirname(path)
+            there = sorted(f[:-4] for f in os.listdir(qrels) if f.endswith('.tsv')) if os.path.isdir(qrels) else []
+            raise TaskError(f"'{folder}' has no {os.path.relpath(path, folder)}" + (
+                f": unpack {os.path.basename(path)}.gz (gunzip)" if os.path.isfile(path + '.gz') else
+                f": its qrels are {', '.join(there)}: choose one with --beir_split=" if there and path.endswith('.tsv') else
+                f": a BEIR folder holds {', '.join(BEIR_FILES)} and qrels/{split}.tsv"))
+    corpus_file, query_file, qrels_file = beir_paths(folder, split)
+    docs = beir_rows(corpus_file, 'document')
+    doc_ids = list(docs)
+    texts = [(((r.get('title') or '') + ' ' + r['text']).strip()) for _, r in docs.values()]
+    index = {d: i for i, d in enumerate(doc_ids)}
+    del docs
+    queries = beir_rows(query_file, 'query')
+    rows = read_rows(qrels_file)
+    if not rows:
+        raise TaskError(f"'{qrels_file}' holds no judgments (a header 'query-id corpus-id score', then a line per judgment)")
+    if len(rows[0][1]) != 3 or number(list(rows[0][1])[2]) is not None:
+        raise TaskError(f"'{qrels_file}', line 1: " + (f'{len(rows[0][1])} columns; BEIR qrels have 3 (query-id, corpus-id, score)'
+                        if len(rows[0][1]) != 3 else "looks like a judgment, not the header 'query-id corpus-id score'"))
+    judged, unknown = {}, []  # {query id: {document id: (score, line)}}; (line, document id) of unknown documents
+    for line, r in rows:
+        q, d, score = r.values()
+        rel = number(score)
+        if rel is None or not rel.is_integer():
+            raise TaskError(f"'{qrels_file}', line {line}: the score {score!r} is not a whole number (relevance: 0 not relevant, 1, 2, ...)")
+        if q not in queries:
+            n = sum(list(x.values())[0] not in queries for _, x in rows)
+            raise TaskError(f"'{qrels_file}', line {line}: query '{q}' is not in queries.jsonl ({n:,} row{'s' * (n > 1)} name unknown "
+                            f"queries): the qrels and queries are of different datasets or versions")
+        if d not in index:
+            unknown.append((line, d))
+        seen = judged.setdefault(q, {}).get(d)
+        if seen and seen[0] != int(rel):
+            raise TaskError(f"'{qrels_file}', line {line}: query '{q}', document '{d}' judged {int(rel)}, and {seen[0]} on line {seen[1]}")
+        judged[q][d] = (int(rel), line)
+    if len(unknown) * 100 > len(rows):  # a few are the dataset's own (ArguAna's qrels name a document its corpus lacks); more: a mismatch
+        raise TaskError(f"'{qrels_file}', line {unknown[0][0]}: document '{unknown[0][1]}' is not in corpus.jsonl ({len(unknown):,} of "
+                        f"{len(rows):,} rows name documents it lacks): the qrels and corpus are of different datasets or versions")
+    kept = judged
+    if not any(s > 0 for j in judged.values() for s, _ in j.values()):
+        raise TaskError(f"'{qrels_file}': no query has a relevant document (a score above 0): nothing to score")
+    # a document the corpus lacks keeps its judgment, as in BEIR (unreachable: it counts in recall's denominator and the
+    # ideal ranking); an index past the corpus stands for it
+    missing = {d: len(doc_ids) + i for i, d in enumerate(sorted({d for _, d in unknown}))}
+    return dict(folder=folder, split=split, texts=texts, doc_ids=doc_ids, query_ids=list(kept),
+                queries=[queries[q][1]['text'] for q in kept],
+                qrels=[{index.get(d, missing.get(d)): s for d, (s, _) in kept[q].items()} for q in kept],
+                same=[index.get(q, -1) for q in kept], unanswerable=sum(not any(s > 0 for s, _ in j.values())
+                                                                      for j in judged.values()), unknown=unknown)
+
+
+def embed(encoder, tok, texts, pooling, dev, autocast=nullcontext(), size=64):
+    """pool()'s embeddings [N, C] of texts, cut at max_len tokens, batched by length (little padding), in their order."""
+    ids = tok(texts, truncation=True, max_length=max_len)['input_ids']
+    out = torch.empty(len(texts), encoder.config.n_embd, device=dev)
+    for b in batches([len(x) for x in ids], size):
+        out[torch.as_tensor(b, device=dev)] = pool(encoder, *pad([ids[i] for i in b], dev), pooling, autocast, chunk=size)
+    return out
+
+
+def stable_top_k(sim, k):
+    """(scores, column indices) [b, k] of each row's k highest: score descending, a tie by column ascending (torch.topk
+    picks among scores tied at the k-th at will; a row where it had to choose is sorted whole, stably)."""
+    k = min(k, sim.size(1))
+    val, idx = sim.topk(k, dim=1)
+    kth = val[:, -1:]
+    cut = ((sim == kth).sum(1) > (val == kth).sum(1)).nonzero()[:, 0]
+    if len(cut):
+        val[cut], idx[cut] = (t[:, :k] for t in sim[cut].sort(dim=1, descending=True, stable=True))
+    idx, order = idx.sort(dim=1)  # by column, then stably by score: ties in column order
+    val, order = val.gather(1, order).sort(dim=1, descending=True, stable=True)
+    return val, idx.gather(1, order)
+
+
+def beir_search(queries, chunks, k, same=None, block=1024):
+    """Exact search: (scores, corpus indices) [nq, k] of the k best documents of each query (rows of L2-normalised
+    embeddings: a dot product is a cosine) among corpus embeddings given as consecutive chunks, so that memory holds
+    one chunk and [block, chunk] scores. Ties rank in corpus order (trec_eval, in pytrec_eval, ranks them by document
+    id, descending: the two differ only where cosines are exactly equal, as for duplicate texts). same[q], the index
+    of a document with the query's own _id (-1: none), is never retrieved, as BEIR's search and
+    EvaluateRetrieval(ignore_identical_ids=True) leave it out; with fewer than k documents, the slots left hold -inf."""
+    nq, start, best = queries.size(0), 0, None
+    same = torch.as_tensor([-1] * nq if same is None else same, device=queries.device)
+    for chunk in chunks:
+        found = []
+        for i in range(0, nq, block):
+            sim = queries[i:i + block] @ chunk.T
+            own = same[i:i + block] - start
+            hit = ((own >= 0) & (own < chunk.size(0))).nonzero()[:, 0]
+            sim[hit, own[hit]] = -math.inf
+            found.append(stable_top_k(sim, k))
+        val, idx = torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found]) + start
+        if best is not None:  # earlier chunks first: a stable sort keeps ties in corpus order
+            val, idx = torch.cat([best[0], val], 1), torch.cat([best[1], idx], 1)
+            val, order = val.sort(dim=1, descending=True, stable=True)
+            val, idx = val[:, :k], idx.gather(1, order)[:, :k]
+        best, start = (val, idx), start + chunk.size(0)
+    return best
+
+
+def beir_metrics(ranked, qrels):
+    """Mean nDCG@10, recall@100 and MRR@10 over queries, as pytrec_eval (ndcg_cut, recall) and BEIR (mrr) compute them:
+    ranked[q] lists corpus indices best first, qrels[q] is {corpus index: graded relevance}. nDCG: gain = relevance
+    (0 below 1), discount log2(rank + 1), over the ideal order of all the query's judged documents; recall: relevant
+    documents (score > 0) in the top 100 over all relevant; MRR: 1 / rank of the first relevant in the top 10, else 0."""
+    def dcg(gains):
+        return sum(g / math.log2(r + 2) for r, g in enumerate(gains[:NDCG_AT]))
+
+    ndcg, recall, mrr = [], [], []
+    for docs, rel in zip(ranked, qrels):
+        gain = [max(rel.get(d, 0), 0) for d in docs]
+        ideal = sorted((s for s in rel.values() if s > 0), reverse=True)
+        ndcg.append(dcg(gain) / dcg(ideal) if ideal else 0.0)  # no relevant document: 0, as pytrec_eval
+        recall.append(sum(g > 0 for g in gain[:RECALL_AT]) / len(ideal) if ideal else 0.0)
+        mrr.append(next((1 / (r + 1) for r, g in enumerate(gain[:MRR_AT]) if g > 0), 0.0))
+    return {f'ndcg@{NDCG_AT}': float(np.mean(ndcg)), f'recall@{RECALL_AT}': float(np.mean(recall)),
+            f'mrr@{MRR_AT}': float(np.mean(mrr))}
+
+
+def beir_scores(encoder, tok, beir, pooling, dev, autocast=nullcontext(), chunk=16384):
+    """nDCG@10, recall@100, MRR@10 of the model's exact cosine search over a BEIR folder (beir_data), the corpus embedded
+    a chunk at a time (memory: one chunk's texts' tokens and embeddings, not the whole corpus's)."""
+    encoder.eval()
+    queries = embed(encoder, tok, beir['queries'], pooling, dev, autocast)
+    texts = beir['texts']
+    chunks = (embed(encoder, tok, texts[i:i + chunk], pooling, dev, autocast) for i in range(0, len(texts), chunk))
+    val, idx = beir_search(queries, chunks, max(NDCG_AT, RECALL_AT, MRR_AT), beir['same'])
+    ranked = [[d for d, v in zip(row, vals) if v > -math.inf] for row, vals in zip(idx.tolist(), val.tolist())]
+    return dict(beir_metrics(ranked, beir['qrels']), queries=len(ranked), documents=len(texts))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -460,12 +853,16 @@ def predict(encoder, head, ids, dev, autocast):
     for b in batches([len(r) for r in ids], 2 * batch_size):
         with torch.no_grad(), autocast:
             out[b] = head(encoder.encode(*pad([ids[i] for i in b], dev))).float().cpu().numpy()
+    if not np.isfinite(out).all():  # argmax of NaN logits is class 0: a score for a broken model
+        raise NonFiniteError('the model gives non-finite outputs (NaN or inf)')
     return out[:, 0] if out.shape[1] == 1 else out.argmax(1)
 
 
 def finetune(ckpt, name, spec, ids, seed, dev, autocast):
     """Train encoder + head on spec's train split; (per-epoch dev scores, best epoch, its dev and test scores, the
-    best epoch's weights (encoder, head) when --save asks for them, else None)."""
+    best epoch's weights (encoder, head) when --save asks for them, else None). An epoch whose dev score is
+    undefined (NaN: the model gives every example the same label) is never best over a defined one.
+    NonFiniteError when the loss or the outputs stop being finite: the run diverged, and nothing of it counts."""
     torch.manual_seed(seed)
     overrides = dict(dropout=dropout, attn_dropout=dropout, objective='mpnet')
     encoder = (MPNet(MPNetConfig(**{**ckpt['model_args'], **overrides})) if scratch else
@@ -482,7 +879,9 @@ def finetune(ckpt, name, spec, ids, seed, dev, autocast):
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: s / max(1, warmup) if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
     target_type = torch.float if spec['num_labels'] == 1 else torch.long
-    history, best = [], None
+    history, best, step = [], None, 0
+    hint = (f'lower --learning_rate (now {learning_rate:g})' +
+            (' or clip gradients (--grad_clip=1.0)' if not grad_clip else f' or --grad_clip (now {grad_clip:g})'))
     for epoch in range(epochs):
         encoder.train()
         head.train()
@@ -492,41 +891,59 @@ def finetune(ckpt, name, spec, ids, seed, dev, autocast):
             with autocast:
                 logits = head(encoder.encode(x, mask)).float()
             loss = F.mse_loss(logits[:, 0], y) if spec['num_labels'] == 1 else F.cross_entropy(logits, y)
+            step += 1
+            if not torch.isfinite(loss):  # one sync a step: a fine-tune's steps are few, and NaN weights must not be scored
+                raise NonFiniteError(f'seed {seed} diverged at step {step} (epoch {epoch + 1}): the loss is {loss.item()}; {hint}')
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             optimizer.step()
             schedule.step()
-        result = {s: scores(spec['metrics'], predict(encoder, head, ids[s], dev, autocast),
-                            [e[2] for e in spec['splits'][s]])
-                  for s in spec['splits'] if s != 'train' and spec['splits'][s]}
+        try:
+            result = {s: scores(spec['metrics'], predict(encoder, head, ids[s], dev, autocast),
+                                [e[2] for e in spec['splits'][s]])
+                      for s in spec['splits'] if s != 'train' and spec['splits'][s]}
+        except NonFiniteError as e:
+            raise NonFiniteError(f'seed {seed} diverged in epoch {epoch + 1}: {e}; {hint}') from None
         history.append(round(result['dev']['score'], 4))
-        if best is None or result['dev']['score'] > best[1]['dev']['score']:
+        if best is None or rank(result['dev']['score']) > rank(best[1]['dev']['score']):
             weights = [{k: v.detach().cpu().clone() for k, v in m.state_dict().items()} for m in (encoder, head)] if save else None
             best = (epoch + 1, result, weights)
     return history, *best
+
+
+def rank(score):
+    """A score to compare by: an undefined one (NaN) below every defined one."""
+    return score if math.isfinite(score) else -math.inf
 
 
 def save_finetuned(ckpt, weights, spec, config, result):
     """The fine-tuned model as a checkpoint of this project with its classifier: convert_hf.py exports it as HF
     MPNetForSequenceClassification (labels named), which pipeline('text-classification') loads."""
     encoder, head = weights
+    bad = next((k for part in weights for k, v in part.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad:  # train.py's rule: non-finite weights are never written over a path where a model is expected
+        raise NonFiniteError(f"the fine-tuned weights hold NaN or inf ({bad}): nothing saved to {save}")
     save_checkpoint(dict(model=encoder, model_args={**ckpt['model_args'], 'objective': 'mpnet'},
                          classifier=dict(head=head, labels=[str(n) for n in spec['labels']] if spec['labels'] else None),
                          tokenizer_files=ckpt.get('tokenizer_files') or {}, special_ids=ckpt.get('special_ids'),
                          iter_num=ckpt.get('iter_num'), config=config, finetune=dict(task=spec['name'],
-                         dev=result['dev'], test=result.get('test'))), save)
-    print(f"saved the fine-tuned model to {save} (dev {result['dev']['score']:.4f}); export it with: "
+                         dev=defined(result['dev']), test=defined(result.get('test')))), save)
+    print(f"saved the fine-tuned model to {save} (dev {shown(result['dev']['score'])}); export it with: "
           f"python convert_hf.py {save} OUT_DIR")
 
 
-def run_folder(name):
-    """The train.py run folder a checkpoint belongs to (RUN/best.pt, RUN/snapshots/iter_N.pt), else None."""
-    if not os.path.isfile(name):
+def run_folder(name, ckpt):
+    """The train.py run folder a checkpoint is one of (RUN/best.pt, RUN/ckpt.pt, RUN/snapshots/*.pt), else None:
+    a fine-tuned model saved inside a run folder (--save) is no point of that run's pretraining curve."""
+    if not os.path.isfile(name) or 'classifier' in ckpt or 'finetune' in ckpt:
         return None
-    folder = os.path.dirname(os.path.abspath(name))
-    folder = os.path.dirname(folder) if os.path.basename(folder) == 'snapshots' else folder
+    folder, base = os.path.split(os.path.abspath(name))
+    if os.path.basename(folder) == 'snapshots':
+        folder = os.path.dirname(folder)
+    elif base not in ('best.pt', 'ckpt.pt'):
+        return None
     return folder if os.path.isfile(os.path.join(folder, 'metrics.jsonl')) else None
 
 
@@ -538,13 +955,67 @@ def die(msg):
     sys.exit(1)
 
 
+def parse_seeds(text):
+    """The seeds --seeds names: a count N (seeds 0..N-1) or a list '0,5,7'; dies saying why not. Each seed is one
+    run: none would run nothing, and a repeated one would be counted twice in the spread."""
+    try:
+        got = list(range(int(text))) if text.strip().isdigit() else [int(s) for s in text.split(',')]
+    except ValueError:
+        die(f"seeds must be a count (--seeds=3) or a list (--seeds=0,5,7); got {text!r}")
+    if not got:
+        die(f"--seeds={text} runs nothing: give a count of 1 or more, or a list of seeds (--seeds=0,5,7)")
+    bad = next((s for s in got if not 0 <= s < 2**63), None)
+    if bad is not None:
+        die(f"seed {bad} is out of range: seeds are whole numbers from 0 to 2**63 - 1")
+    twice = next((s for s in got if got.count(s) > 1), None)
+    if twice is not None:
+        die(f"--seeds={text} lists seed {twice} twice: a repeated seed repeats a run, and would be counted twice in the spread")
+    return got
+
+
+def check_out_file(path, inputs):
+    """Dies unless path can be appended to, before any work (found after the first seed, that seed's record was
+    lost), and is none of the inputs (records appended to a checkpoint or a task's file would damage it); the
+    probe leaves no file behind."""
+    if path.endswith('.pt') or any(os.path.isfile(p) and os.path.isfile(path) and os.path.samefile(p, path) for p in inputs):
+        die(f"out_file '{path}' is a model or the task's data: appending records would damage it; give a .jsonl of its own")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        die(f"out_file '{path}': its folder does not exist")
+    existed = os.path.exists(path)
+    try:
+        open(path, 'a').close()
+    except OSError as e:
+        die(f"out_file '{path}' cannot be written ({e.strerror or e}): give a file in a folder you can write to")
+    if not existed:
+        os.remove(path)
+
+
+def append(path, record):
+    """One JSON line, undefined metrics as null (json would write NaN, which is no JSON)."""
+    try:
+        with open(path, 'a') as f:
+            f.write(json.dumps(defined(record), allow_nan=False) + '\n')
+    except OSError as e:
+        die(f"cannot append to '{path}' ({e.strerror or e})")
+
+
+# the settings that only some tasks read: given to another, they would be ignored without a word
+APPLIES = dict(problem=('local',), text_field=('local', 'sts', 'retrieval'), pair_field=('local', 'sts'),
+               label_field=('local', 'sts'), eval_data=('sts', 'retrieval', 'beir'), beir_split=('beir',))
+APPLIES_SAID = dict(local='a local labelled file (--task=FILE.csv or a folder)', sts='--task=sts',
+                    retrieval='--task=retrieval (a .jsonl of documents)', beir='--task=beir (a BEIR folder)')
+EMBEDDING = ('retrieval', 'sts', 'beir')  # tasks that embed with the model as it is and train nothing
+METRIC = dict(retrieval='mrr', sts='spearman', beir=f'ndcg@{NDCG_AT}')  # an embedding task's score
+
+
 def main(argv):
     files = [a for a in argv if not a.startswith('-') and a.endswith('.py')]
     models = [a for a in argv if not a.startswith('-') and not a.endswith('.py')]
     also = ('Models are given first (several for scores over a run): python finetune.py out/snapshots/*.pt '
             '--task=pydocs\nResults: one JSON record per run appended to out_file.')
+    defaults = {k: globals()[k] for k in config_keys}
     try:
-        config = configure({k: globals()[k] for k in config_keys}, files + [a for a in argv if a.startswith('-')],
+        config = configure(defaults, files + [a for a in argv if a.startswith('-')],
                            CHOICES, script=__file__, also=also, limits=LIMITS)
         check_device(config['device'], 'sdpa')
     except ConfigError as e:
@@ -556,21 +1027,27 @@ def main(argv):
     missing = next((m for m in models if m.endswith('.pt') and not os.path.isfile(m)), None)
     if missing:
         die(f"checkpoint '{missing}' not found (train one with: python train.py config/tiny.py)")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(out_file))):
-        die(f"out_file '{out_file}': its folder does not exist")
-    if save and (not save.endswith('.pt') or len(models) > 1 or task in ('retrieval', 'sts')):
-        die(f"save='{save}': give a .pt path, for one model fine-tuned on a task (not retrieval or sts)")
+    twice = next((m for m in models if models.count(m) > 1), None)
+    if twice:  # its score would be counted twice in the summary
+        die(f"model '{twice}' is given twice")
+    embedding = task in EMBEDDING
+    kind = task if embedding else 'builtin' if task == 'pydocs' or task in GLUE else 'local'
+    unused = next((k for k in APPLIES if config[k] != defaults[k] and kind not in APPLIES[k]), None)
+    if unused:
+        die(f"--{unused}={config[unused]} does not apply to --task={task}: it is for " +
+            ' or '.join(APPLIES_SAID[k] for k in APPLIES[unused]))
+    if embedding and seeds.strip() != '1':
+        die(f"--task={task} trains nothing: no score depends on a seed (leave out --seeds)")
+    if save and (not save.endswith('.pt') or len(models) > 1 or embedding):
+        die(f"save='{save}': give a .pt path, for one model fine-tuned on a task (not {', '.join(EMBEDDING)})")
     if save and (os.path.exists(save) or not os.path.isdir(os.path.dirname(os.path.abspath(save)))):
         die(f"save='{save}': " + ('it exists; choose a new path' if os.path.exists(save) else 'its folder does not exist'))
-    try:
-        seed_list = list(range(int(seeds))) if seeds.strip().isdigit() else [int(s) for s in seeds.split(',')]
-    except ValueError:
-        die(f"seeds must be a count (--seeds=3) or a list (--seeds=0,5,7); got {seeds!r}")
+    seed_list = parse_seeds(seeds)
+    check_out_file(out_file, [*models, task, eval_data, *(beir_paths(eval_data, beir_split) if task == 'beir' else ())])
     dev = device
     autocast = torch.autocast('cuda', torch.bfloat16) if dev.startswith('cuda') and dtype == 'bfloat16' else nullcontext()
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        embedding = task in ('retrieval', 'sts')
         spec = None if embedding else load_task(task)
         if spec:
             for s in ('train', 'dev'):
@@ -578,28 +1055,41 @@ def main(argv):
                     raise TaskError(f"task '{task}' has an empty {s} split")
             for s, examples in spec['splits'].items():
                 spec['splits'][s] = subset(examples, max_train if s == 'train' else max_eval)
-        if task == 'sts':
-            if not eval_data:
-                raise TaskError("--task=sts needs --eval_data=FILE: pairs with human scores (columns sentence1, sentence2, score)")
-            rows = read_rows(eval_data)
-            y = label_field or ('score' if rows and 'score' in rows[0] else 'label')
-            try:
-                pairs = [(str(r['sentence1']), str(r['sentence2']), float(r[y])) for r in rows]
-            except KeyError as e:
-                raise TaskError(f"{eval_data}: a row has no {e} column (sentence1, sentence2 and {y} are needed)") from None
-            except ValueError as e:
-                raise TaskError(f"{eval_data}: a score in '{y}' is not a number ({e})") from None
-            if len(pairs) < 2:
-                raise TaskError(f'{eval_data}: needs at least 2 scored pairs; found {len(pairs)}')
+            check_gold(spec)
+        if task == 'sts' and not eval_data:
+            raise TaskError("--task=sts needs --eval_data=FILE: pairs with human scores (columns sentence1, sentence2, score)")
+        pairs = sts_pairs(eval_data) if task == 'sts' else None
+        if task == 'beir' and not eval_data:
+            raise TaskError(f"--task=beir needs --eval_data=FOLDER: a BEIR dataset (corpus.jsonl, queries.jsonl, qrels/{beir_split}.tsv)")
+        beir = beir_data(eval_data, beir_split) if task == 'beir' else None
         first = load_model(models[0])
     except (TaskError, CheckpointError, ConvertError, data.DataError) as e:
         die(e)
+    metric = spec and score_name(spec['metrics']) or METRIC[task]
+    if beir:
+        print(f"beir {eval_data} ({beir_split}): {len(beir['texts']):,} documents, {len(beir['queries']):,} queries scored" +
+              (f" ({beir['unanswerable']:,} of them without a relevant document in qrels/{beir_split}.tsv: each scores 0, "
+               f"as in BEIR)" if beir['unanswerable'] else '') +
+              f"; exact cosine search; a document with its query's _id is never retrieved (as BEIR); metric {metric}")
+        if beir['unknown']:
+            line, doc = beir['unknown'][0]
+            print(f"note: {len(beir['unknown']):,} judgment(s) name a document corpus.jsonl lacks (line {line}: '{doc}'): "
+                  f"kept as BEIR keeps them, never retrieved")
+        said_len = json.loads(((first[0].get('st_files') or {}).get('sentence_bert_config.json')) or '{}').get('max_seq_length')
+        if said_len and said_len != max_len:
+            print(f"note: texts are cut at max_len {max_len} tokens; this sentence-transformers model (and BEIR with it) "
+                  f"cuts at {said_len}: pass --max_len={said_len} to score as BEIR does")
     if spec:
+        baseline = ''
+        if spec['num_labels'] > 1:  # on the score's own scale (accuracy/f1 mean: the mean of the two, as the score)
+            gold = [e[2] for e in spec['splits']['dev']]
+            majority = int(np.bincount(gold).argmax())
+            baseline = (f"; majority class {str(spec['labels'][majority])!r} scores "
+                        f"{shown(scores(spec['metrics'], [majority] * len(gold), gold)['score'])} on dev")
         print(f"task {spec['name']}: " + ', '.join(f'{s} {len(e):,}' for s, e in spec['splits'].items()) +
-              (f", {spec['num_labels']} labels" if spec['num_labels'] > 1 else ', a score') +
-              f"; metric {'/'.join(spec['metrics'])}" + (
-              f"; majority class {max(np.bincount([e[2] for e in spec['splits']['dev']])) / len(spec['splits']['dev']):.3f} of dev"
-              if spec['num_labels'] > 1 else ''))
+              (f", {spec['num_labels']} labels" if spec['num_labels'] > 1 else ', a score') + f"; metric {metric}" + baseline)
+    same = ' (the model gives every {} the same {})'.format(
+        'pair' if embedding else 'example', 'label' if spec and spec['num_labels'] > 1 else 'score')
     summary = []
     for name in models:
         try:
@@ -610,7 +1100,8 @@ def main(argv):
             ids = {s: encode_split(tok, e) for s, e in spec['splits'].items()} if spec else None
         except (TaskError, CheckpointError, ConvertError, data.DataError) as e:
             die(e)
-        iter_num = ckpt.get('iter_num')
+        iter_num = ckpt.get('iter_num') if os.path.isfile(name) else None  # an HF model has no iteration of ours
+        said = name if iter_num is None else f'{name} (iter {iter_num})'
         base = dict(model=name, iter_num=iter_num, task=task, scratch=scratch, config=config, command=' '.join(sys.argv),
                     python=platform.python_version(), torch=torch.__version__)
         if embedding:
@@ -620,54 +1111,74 @@ def main(argv):
             pooling = sentence_pooling(ckpt.get('st_files'))
             try:
                 result = (sts_scores(encoder, tok, pairs, pooling, dev, autocast) if task == 'sts' else
-                          retrieval_scores(encoder, *(t.to(dev) for t in retrieval_pairs(ckpt, tok)), pooling, autocast))
+                          beir_scores(encoder, tok, beir, pooling, dev, autocast) if task == 'beir' else
+                          retrieval_scores(encoder, *(t.to(dev) for t in retrieval_pairs(ckpt, tok, name)), pooling, autocast))
             except TaskError as e:
                 die(e)
-            record = dict(base, pooling=pooling, **result, score=result['spearman' if task == 'sts' else 'mrr'])
-            print(f'{name} (iter {iter_num}), {pooling} pooling: ' + ', '.join(
-                f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in result.items()))
+            record = dict(base, pooling=pooling, **result, score=result[metric], score_metric=metric)
+            print(f'{said}, {pooling} pooling: ' + ', '.join(
+                f'{k} {shown(v)}' + ('' if math.isfinite(v) else same) if isinstance(v, float) else f'{k} {v}'
+                for k, v in result.items()))
             runs = [record]
-            with open(out_file, 'a') as f:
-                f.write(json.dumps(record) + '\n')
+            append(out_file, record)
         else:
-            runs = []
+            runs, saved = [], False
             for seed in seed_list:
                 t0 = time.time()
-                history, best_epoch, result, weights = finetune(ckpt, name, spec, ids, seed, dev, autocast)
-                if weights and (not runs or result['dev']['score'] > max(r['score'] for r in runs)):
-                    try:
-                        save_finetuned(ckpt, weights, spec, config, result)
-                    except CheckpointError as e:
-                        die(e)
+                try:  # a diverged seed stops the whole: nothing of it is recorded or saved; earlier seeds' records stay
+                    history, best_epoch, result, weights = finetune(ckpt, name, spec, ids, seed, dev, autocast)
+                except TaskError as e:
+                    die(e)
                 record = dict(base, seed=seed, epochs_dev=history, best_epoch=best_epoch, score=result['dev']['score'],
-                              metrics=list(spec['metrics']), **result, seconds=round(time.time() - t0, 1),
-                              sizes={s: len(e) for s, e in spec['splits'].items()})
-                print(f"{name} (iter {iter_num}) seed {seed}: dev {result['dev']['score']:.4f} at epoch {best_epoch} "
-                      f"(by epoch {history})" + (f", test {result['test']['score']:.4f}" if 'test' in result else '') +
-                      ''.join(f", {s} {result[s]['score']:.4f}" for s in result if s not in ('dev', 'test')) +
+                              score_metric=metric, metrics=list(spec['metrics']), **result,
+                              seconds=round(time.time() - t0, 1), sizes={s: len(e) for s, e in spec['splits'].items()})
+                print(f"{said} seed {seed}: dev {shown(result['dev']['score'])}" +
+                      ('' if math.isfinite(result['dev']['score']) else same) +
+                      f" at epoch {best_epoch} (by epoch {defined(history)})" +
+                      ''.join(f", {s} {shown(result[s]['score'])}" for s in result if s != 'dev') +
                       f", {record['seconds']:.0f} s")
                 runs.append(record)
-                with open(out_file, 'a') as f:
-                    f.write(json.dumps(record) + '\n')
-        summary.append((name, iter_num, [r['score'] for r in runs], [r.get('test', {}).get('score') for r in runs]))
-        run_dir = run_folder(name)
+                append(out_file, record)
+                if weights and math.isfinite(record['score']) and all(rank(record['score']) > rank(r['score']) for r in runs[:-1]):
+                    if os.path.exists(save) and not saved:  # it was not there at the start: another run wrote it since
+                        die(f"save='{save}' appeared while this ran (another run?): it is kept, and nothing is saved over it")
+                    try:
+                        save_finetuned(ckpt, weights, spec, config, result)
+                    except (TaskError, CheckpointError) as e:
+                        die(e)
+                    saved = True
+            if save and not any(math.isfinite(r['score']) for r in runs):
+                print(f'nothing saved to {save}: no seed has a defined dev score')
+        dev_s = [r['score'] for r in runs]
+        summary.append((name, iter_num, dev_s))
+        undefined = [r.get('seed', 0) for r in runs if not math.isfinite(r['score'])]
+        run_dir = run_folder(name, ckpt)
         if run_dir and not scratch and iter_num is not None:  # the run's score against its iteration, for plot.py
-            with open(os.path.join(run_dir, 'scores.jsonl'), 'a') as f:
-                f.write(json.dumps(dict(iter=iter_num, task=task, metric=(spec['metrics'][0] if spec else
-                                        'spearman' if task == 'sts' else 'mrr'), mean=float(np.mean(summary[-1][2])),
-                                        std=float(np.std(summary[-1][2], ddof=1)) if len(runs) > 1 else 0.0,
-                                        seeds=len(runs), model=name, recipe={k: config[k] for k in RECIPE})) + '\n')
+            if undefined:
+                print(f"not added to {os.path.join(run_dir, 'scores.jsonl')}: the score is undefined" +
+                      (f" for seed(s) {', '.join(map(str, undefined))}" if not embedding else ''))
+            else:
+                append(os.path.join(run_dir, 'scores.jsonl'), dict(
+                    iter=iter_num, task=task, metric=metric, mean=float(np.mean(dev_s)),
+                    std=float(np.std(dev_s, ddof=1)) if len(runs) > 1 else 0.0, seeds=len(runs), model=name,
+                    recipe={k: config[k] for k in RECIPE}))
         if len(runs) > 1:
-            dev_s, test_s = np.array(summary[-1][2]), [t for t in summary[-1][3] if t is not None]
-            print(f'{name}: dev {dev_s.mean():.4f} +- {dev_s.std(ddof=1):.4f} over {len(runs)} seeds' +
-                  (f', test {np.mean(test_s):.4f} +- {np.std(test_s, ddof=1):.4f}' if len(test_s) > 1 else ''))
+            test_s = [r['test']['score'] for r in runs if 'test' in r]
+            print(f'{name}: dev ' + (f'{np.mean(dev_s):.4f} +- {np.std(dev_s, ddof=1):.4f}' if not undefined else
+                                     f"undefined for seed(s) {', '.join(map(str, undefined))}") + f' over {len(runs)} seeds' +
+                  (f', test {np.mean(test_s):.4f} +- {np.std(test_s, ddof=1):.4f}' if len(test_s) > 1 and
+                   all(map(math.isfinite, test_s)) else ''))
     if len(models) > 1:
-        print('iter  score (dev, mean over seeds)')
-        for name, it, dev_s, _ in summary:
-            print(f'{it!s:>6}  {np.mean(dev_s):.4f}  {name}')
+        print(f"iter  score ({'dev ' + metric + ', mean over seeds' if spec else metric})")
+        for name, it, dev_s in summary:
+            print(f"{'-' if it is None else it!s:>6}  {shown(float(np.mean(dev_s)))}  {name}")
     print(f'records appended to {out_file}')
 
 
 if __name__ == '__main__':
-    with quiet_transformers():
-        main(sys.argv[1:])
+    try:
+        with quiet_transformers():
+            main(sys.argv[1:])
+    except KeyboardInterrupt:  # the records already appended are whole lines, and stay
+        print(f'error: interrupted; the records of finished runs are in {out_file}', file=sys.stderr)
+        sys.exit(130)

@@ -86,11 +86,12 @@ def series(records, key):
     return [i for i, _ in points], [v for _, v in points]
 
 
-# the recipe keys a score depends on, by kind of task (finetune.py's RECIPE holds them all): retrieval and STS
+# the recipe keys a score depends on, by kind of task (finetune.py's RECIPE holds them all): retrieval, STS and BEIR
 # embed with the pretrained encoder and train nothing, so the training recipe (epochs, learning rate, ...) must not
-# split their identical scores into separate lines; classification and regression use neither eval_data nor max_pairs
-EMBEDDING_RECIPE = {'retrieval': ('max_len', 'max_pairs', 'eval_data'), 'sts': ('max_len', 'eval_data', 'max_eval')}
-EMBEDDING_ONLY = ('max_pairs', 'eval_data')
+# split their identical scores into separate lines; classification and regression use none of EMBEDDING_ONLY
+EMBEDDING_RECIPE = {'retrieval': ('max_len', 'max_pairs', 'eval_data'), 'sts': ('max_len', 'eval_data'),
+                    'beir': ('max_len', 'eval_data', 'beir_split')}
+EMBEDDING_ONLY = ('max_pairs', 'eval_data', 'beir_split')
 
 
 def recipe_of(record):

@@ -10,6 +10,7 @@ corpora are built in the tests; the hubs are never contacted.
 
 import argparse
 import contextlib
+import csv
 import functools
 import gc
 import importlib.util
@@ -49,6 +50,7 @@ from permute import n_pred, permute_batch, vocab_tables
 from model import MPNet, MPNetConfig, empty_rows, layout, relative_position_bucket, two_stream_mask
 import checkpoint
 import configurator
+import contrastive
 import convert_hf
 import finetune
 import plot
@@ -868,7 +870,8 @@ def test_nonsense_settings_are_refused_in_one_line(tmp_path, args, words):
 @pytest.mark.parametrize('config_file', sorted(os.listdir(os.path.join(HERE, 'config'))))
 def test_shipped_config_files_are_accepted(tmp_path, config_file):
     # every key known and of the right type: the run gets as far as the range check of the value given here
-    script = 'finetune.py' if config_file.startswith('finetune') else 'train.py'  # finetune_*.py are finetune.py's
+    script = ('finetune.py' if config_file.startswith('finetune') else  # finetune_*.py are finetune.py's, and so on
+              'contrastive.py' if config_file.startswith('contrastive') else 'train.py')
     out = f'--out_file={tmp_path / "r.jsonl"}' if script == 'finetune.py' else f'--out_dir={tmp_path}'
     proc = run_here(script, f'config/{config_file}', out, '--batch_size=0')
     assert_clean_error(proc, 'batch_size must be >= 1')
@@ -1019,6 +1022,13 @@ def test_hf_folders_that_cannot_be_imported_are_one_line(tmp_path):
     assert_clean_error(run_here('convert_hf.py', f'--from_hf={run}', str(tmp_path / 'c.pt')),
                        'a run folder of this project', str(run / 'best.pt'))
     assert not (tmp_path / 'c.pt').exists()
+    shutil.copytree(tmp_path / 'no_weights', tmp_path / 'damaged')  # weights that are not safetensors
+    (tmp_path / 'damaged' / 'model.safetensors').write_bytes(b'not a safetensors file')
+    assert_clean_error(run_here('convert_hf.py', f'--from_hf={tmp_path / "damaged"}', str(tmp_path / 'c.pt')),
+                       'cannot load the weights')
+    # a setting that is not a finite number passes every range ('> 0') and fails far later: refused up front
+    assert_clean_error(run_here('train.py', 'config/tiny.py', '--learning_rate=1e999'), 'learning_rate', 'finite')
+    assert_clean_error(run_here('finetune.py', 'x.pt', '--weight_decay=-1e999'), 'weight_decay', 'finite')
 
 
 def test_export_of_non_finite_weights_is_refused_in_one_line(tmp_path):
@@ -1358,7 +1368,7 @@ def test_bench_runs_on_cpu(tmp_path):
 
 @pytest.mark.parametrize('script, words', [('train.py', '--batch_size=32'), ('bench.py', '--burn_in=10'),
                                            ('data.py', '--val_frac'), ('convert_hf.py', '--from_hf'),
-                                           ('plot.py', 'run_dirs')])
+                                           ('plot.py', 'run_dirs'), ('contrastive.py', '--mini_batch_size')])
 def test_every_script_has_help(script, words):
     proc = run_here(script, '--help')
     assert proc.returncode == 0 and words in proc.stdout, proc.stdout + proc.stderr
@@ -3360,7 +3370,7 @@ def test_metrics_on_hand_computed_examples():
     assert finetune.accuracy(pred, gold) == pytest.approx(4 / 6)
     assert finetune.f1(pred, gold) == pytest.approx(2 * 2 / (3 + 3))
     assert finetune.matthews(pred, gold) == pytest.approx((2 * 2 - 1 * 1) / 9)  # sqrt(3*3*3*3)
-    assert finetune.matthews([1, 1, 1], [1, 0, 1]) == 0.0  # one predicted class: defined as 0, as sklearn
+    assert math.isnan(finetune.matthews([1, 1, 1], [1, 0, 1]))  # one predicted class: undefined, never a 0 (issue 26)
     assert finetune.pearson([1, 2, 3], [2, 4, 6.5]) == pytest.approx(4.5 / math.sqrt(2 * 61 / 6))  # centred: -1 0 1; -13/6 -1/6 14/6
     # ranks with ties: x -> 1, 2.5, 2.5, 4; y -> 1, 2, 3, 4; rho = 4.5 / sqrt(4.5 * 5)
     assert list(finetune.ranks([1, 5, 5, 9])) == [1, 2.5, 2.5, 4]
@@ -3557,3 +3567,1186 @@ def test_a_fine_tuned_model_exports_for_pipeline_and_a_runs_scores_are_plotted(t
         theirs = pipeline('text-classification', model=str(tmp_path / 'hf'), device='cpu')(
             texts, truncation=True, max_length=32)
     assert [t['label'] for t in theirs] == [ckpt['classifier']['labels'][i] for i in ours]
+
+
+# ==============================================================================================
+# issue 26: finetune.py never reports a wrong number silently: undefined is not zero, non-finite in is refused,
+# a diverged run is said, what ran is what is said, and bad files are one line
+def write(path, text, encoding='utf-8'):
+    path.write_bytes(text.encode(encoding))
+    return str(path)
+
+
+def binary_folder(path, n_train=40, n_dev=12, labels=('neg', 'pos'), dev_labels=None):
+    """A folder task: train.csv and dev.csv of short texts, labels alternating."""
+    path.mkdir()
+    rows = [f'some text number {i} about cats and dogs' for i in range(n_train)]
+    write(path / 'train.csv', 'text,label\n' + ''.join(f'{t},{labels[i % 2]}\n' for i, t in enumerate(rows)))
+    dev = dev_labels or labels
+    write(path / 'dev.csv', 'text,label\n' + ''.join(f'{t},{dev[i % 2]}\n' for i, t in enumerate(rows[:n_dev])))
+    return str(path)
+
+
+def sts_file(path, scores, header='sentence1\tsentence2\tscore'):
+    texts = [f'some text number {i}' for i in range(len(scores))]
+    return write(path, header + '\n' + ''.join(f'{t}\t{t} again\t{s}\n' for t, s in zip(texts, scores)))
+
+
+def save_model(path, state, tiny, **extra):
+    torch.save(dict(model=state, model_args=dict(vocab_size=len(tiny.tok), **TINY), iter_num=7, config={},
+                    tokenizer_files=torch.load(tiny.ckpts[0], weights_only=True)['tokenizer_files'], **extra), path)
+    return str(path)
+
+
+def constant_model(tiny, seed=0):
+    """A model whose every token's output is 0 (the last LayerNorm's weight and bias are): every text gets the
+    same embedding, exactly (a constant vector would be pooled to slightly different ones by mean pooling)."""
+    torch.manual_seed(seed)
+    model = MPNet(MPNetConfig(vocab_size=len(tiny.tok), **TINY)).eval()
+    with torch.no_grad():
+        model.blocks[-1].ln_2.weight.zero_()
+        model.blocks[-1].ln_2.bias.zero_()
+    return model
+
+
+def records(path):
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+FAST = ('--epochs=1', '--max_len=32', '--batch_size=8')
+
+
+# -----------------------------------------------------------------------------------------------
+# 1. undefined is not zero
+
+def test_undefined_metrics_are_nan_and_defined_ones_match_scipy_and_sklearn():
+    stats = pytest.importorskip('scipy.stats')
+    metrics = pytest.importorskip('sklearn.metrics')
+    assert math.isnan(finetune.pearson([1, 2, 3], [2, 2, 2]))  # a constant side: no correlation to speak of
+    assert math.isnan(finetune.spearman([3, 3, 3], [1, 2, 3]))
+    assert math.isnan(finetune.matthews([1, 1, 1], [1, 0, 1]))  # one predicted class (sklearn's convention: 0)
+    assert math.isnan(finetune.f1([0, 0, 0], [0, 0, 0]))  # no positive on either side
+    assert math.isnan(finetune.scores(('accuracy', 'f1'), [0, 0], [0, 0])['score'])  # a mean with an undefined part
+    assert finetune.f1([1, 0, 0], [0, 1, 0]) == 0.0 == metrics.f1_score([0, 1, 0], [1, 0, 0])  # defined: 0
+    rng = np.random.default_rng(1)
+    for _ in range(5):  # where defined, still scipy's and sklearn's numbers
+        gold, pred = rng.integers(0, 2, 41), rng.integers(0, 2, 41)
+        assert finetune.f1(pred, gold) == pytest.approx(metrics.f1_score(gold, pred))
+        assert finetune.matthews(pred, gold) == pytest.approx(metrics.matthews_corrcoef(gold, pred))
+        x, y = rng.normal(size=41), rng.integers(0, 5, 41)
+        assert finetune.pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0])
+        assert finetune.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0])
+    assert finetune.defined({'a': math.nan, 'b': [1.0, math.nan]}) == {'a': None, 'b': [1.0, None]}
+    assert finetune.shown(math.nan) == finetune.shown(None) == 'undefined'
+
+
+def test_sts_scores_all_equal_are_refused_before_any_model_work(tiny, tmp_path):
+    gold = sts_file(tmp_path / 'sts.tsv', [3.0] * 12)
+    broken = tmp_path / 'hf'  # a model that cannot load: the task's refusal must come first
+    broken.mkdir()
+    (broken / 'config.json').write_text('{}')
+    out = tmp_path / 'r.jsonl'
+    proc = run_here('finetune.py', str(broken), '--task=sts', f'--eval_data={gold}', f'--out_file={out}')
+    assert_clean_error(proc, 'sts.tsv', 'every pair has the score 3', 'undefined')
+    assert not out.exists()
+
+
+def test_a_constant_regression_dev_split_is_refused_at_load(tiny, tmp_path):
+    task = tmp_path / 'reg'
+    task.mkdir()
+    write(task / 'train.csv', 'text,score\n' + ''.join(f'text {i},{i / 10}\n' for i in range(20)))
+    write(task / 'dev.csv', 'text,score\n' + ''.join(f'text {i},0.5\n' for i in range(6)))
+    out = tmp_path / 'r.jsonl'
+    assert_clean_error(run_here('finetune.py', tiny.ckpts[0], f'--task={task}', f'--out_file={out}'),
+                       'dev split', 'all scored 0.5', 'undefined')
+    assert not out.exists()
+
+
+def test_a_binary_dev_split_without_the_positive_class_is_refused(tiny, tmp_path):
+    task = binary_folder(tmp_path / 'bin', dev_labels=('neg', 'neg'))  # F1 of 'pos' would be 0 or undefined
+    assert_clean_error(run_here('finetune.py', tiny.ckpts[0], f'--task={task}', f'--out_file={tmp_path / "r.jsonl"}'),
+                       "no example of label 'pos'", 'F1')
+
+
+def test_a_model_that_gives_every_pair_the_same_score_is_undefined_and_never_a_mean(tiny, tmp_path):
+    run = tmp_path / 'run'  # a run folder: its scores.jsonl must not get a 0.0
+    run.mkdir()
+    (run / 'metrics.jsonl').write_text('{"iter": 7, "val_loss": 6.5}\n')
+    path = save_model(run / 'best.pt', constant_model(tiny).state_dict(), tiny)
+    gold = sts_file(tmp_path / 'sts.tsv', [i % 5 for i in range(12)])
+    out = tmp_path / 'r.jsonl'
+    proc = run_here('finetune.py', path, '--task=sts', f'--eval_data={gold}', f'--out_file={out}', '--max_len=32')
+    assert proc.returncode == 0, proc.stderr
+    assert 'spearman undefined (the model gives every pair the same score)' in proc.stdout
+    assert 'not added to' in proc.stdout and not (run / 'scores.jsonl').exists()
+    record, = records(out)
+    assert record['spearman'] is None and record['score'] is None and record['pearson'] is None
+    assert 'NaN' not in out.read_text()  # json would write NaN, which is no JSON
+
+
+def test_retrieval_ties_count_as_chance_not_as_a_win(tiny):
+    """A model that embeds every document alike used to find each one's other half first: acc1 1.0."""
+    ids = torch.randint(5, len(tiny.tok), (2, 9, 20))
+    got = finetune.retrieval_scores(constant_model(tiny), ids, torch.ones_like(ids))
+    assert got['acc1'] == pytest.approx(1 / 9)  # the expected value of breaking the 9-way tie at random
+    assert got['mrr'] == pytest.approx(sum(1 / r for r in range(1, 10)) / 9)
+
+
+# -----------------------------------------------------------------------------------------------
+# 2. NaN or inf read from a file is refused, naming the file and its line
+
+@pytest.mark.parametrize('bad', ['nan', 'inf', '-Infinity'])
+def test_non_finite_sts_scores_are_refused_with_file_and_line(tiny, tmp_path, bad):
+    gold = sts_file(tmp_path / 'sts.tsv', [1, 2, bad, 4, 5])
+    proc = run_here('finetune.py', tiny.ckpts[0], '--task=sts', f'--eval_data={gold}', f'--out_file={tmp_path / "r.jsonl"}')
+    assert_clean_error(proc, 'sts.tsv', 'line 4', 'score')
+
+
+def test_non_finite_labels_are_refused_in_every_problem(tiny, tmp_path):
+    task = binary_folder(tmp_path / 'bin')
+    with open(os.path.join(task, 'train.csv'), 'a') as f:
+        f.write('one more text,nan\n')
+    for problem in ('auto', 'classification'):
+        proc = run_here('finetune.py', tiny.ckpts[0], f'--task={task}', f'--problem={problem}',
+                        f'--out_file={tmp_path / "r.jsonl"}')
+        assert_clean_error(proc, 'train.csv', 'line 42', '"nan"')
+    jsonl = write(tmp_path / 't.jsonl', ''.join(json.dumps(dict(text=f'text {i}', label=i % 2)) + '\n' for i in range(30)) +
+                  '{"text": "a text", "label": NaN}\n')
+    with pytest.raises(finetune.TaskError, match='line 31'):
+        finetune.local_task(jsonl)
+
+
+# -----------------------------------------------------------------------------------------------
+# 3. a model whose outputs are not finite is an error, not a perfect score
+
+def test_non_finite_embeddings_are_an_error_in_retrieval_and_sts(tiny):
+    model = constant_model(tiny)
+    with torch.no_grad():
+        model.blocks[0].ln_1.bias[0] = float('nan')
+    ids = torch.randint(5, len(tiny.tok), (2, 6, 20))
+    error = getattr(finetune, 'NonFiniteError', ())  # train.py's probe catches it (a TaskError)
+    with pytest.raises(finetune.TaskError, match='non-finite') as e:
+        finetune.retrieval_scores(model.train(), ids, torch.ones_like(ids))
+    assert isinstance(e.value, error) and model.training  # the caller's mode is restored
+    with pytest.raises(error, match='non-finite'):
+        finetune.sts_scores(model, tiny.tok, [('a cat', 'a dog', 1.0), ('a car', 'a bus', 2.0)], 'mean', 'cpu')
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_at_load(tiny, tmp_path):
+    state = torch.load(tiny.ckpts[0], weights_only=True)['model']
+    state['blocks.0.ln_1.bias'][0] = float('nan')
+    path = save_model(tmp_path / 'nan.pt', state, tiny)
+    docs = write(tmp_path / 'docs.txt', '\n\n'.join(e[0] for e in tiny.task['splits']['test'][:20]))
+    proc = run_here('finetune.py', path, '--task=retrieval', f'--eval_data={docs}', f'--out_file={tmp_path / "r.jsonl"}')
+    assert_clean_error(proc, 'NaN or inf', 'blocks.0.ln_1.bias')
+    assert not (tmp_path / 'r.jsonl').exists()
+
+
+# -----------------------------------------------------------------------------------------------
+# 4. a diverged fine-tune stops, records nothing for that seed and saves nothing
+
+def test_a_diverged_fine_tune_stops_in_one_line_and_saves_nothing(tiny, tmp_path):
+    task, out, save = binary_folder(tmp_path / 'bin'), tmp_path / 'r.jsonl', tmp_path / 'ft.pt'
+    proc = run_here('finetune.py', tiny.ckpts[0], f'--task={task}', '--learning_rate=1e4', '--grad_clip=0', *FAST,
+                    f'--out_file={out}', f'--save={save}')
+    assert_clean_error(proc, 'seed 0 diverged at step', '--learning_rate', '--grad_clip')
+    assert not out.exists() and not save.exists()
+
+
+def test_non_finite_weights_are_never_saved(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(finetune, 'save', str(tmp_path / 'ft.pt'))
+    state = torch.load(tiny.ckpts[0], weights_only=True)['model']
+    state['blocks.0.ln_1.bias'][0] = float('inf')
+    head = finetune.ClassificationHead(64, 2, 0.0).state_dict()
+    spec = dict(name='t', labels=['a', 'b'])
+    with pytest.raises(finetune.TaskError, match='NaN or inf'):
+        finetune.save_finetuned({'model_args': {}}, (state, head), spec, {}, {'dev': {'score': 0.5}})
+    assert not (tmp_path / 'ft.pt').exists()
+
+
+# -----------------------------------------------------------------------------------------------
+# 5. numbers that are equal are one label
+
+def test_equal_numbers_are_one_label_in_a_file_and_across_files(tmp_path):
+    one = write(tmp_path / 'one.csv', 'text,label\n' + ''.join(f'text {i},{["1", "1.0", "0", "0.0"][i % 4]}\n' for i in range(80)))
+    spec = finetune.local_task(one)
+    assert spec['num_labels'] == 2 and spec['labels'] in (['0', '1'], ['0.0', '1'], ['0', '1.0'], ['0.0', '1.0'])
+    assert all(y == (int(t.split()[1]) % 4 < 2) for split in spec['splits'].values() for t, _, y in split)
+    folder = tmp_path / 'f'
+    folder.mkdir()
+    write(folder / 'train.csv', 'text,label\n' + ''.join(f'text {i},{i % 2}\n' for i in range(20)))
+    write(folder / 'dev.csv', 'text,label\n' + ''.join(f'text {i},{i % 2}.0\n' for i in range(6)))
+    spec = finetune.local_task(str(folder))
+    assert [e[2] for e in spec['splits']['dev']] == [i % 2 for i in range(6)]
+
+
+# -----------------------------------------------------------------------------------------------
+# 6. a malformed csv row is an error naming the file and line
+
+@pytest.mark.parametrize('row, words', [('a text, with a comma,1', ['3 fields', 'header has 2', 'quote']),
+                                        ('a text with no label', ['1 field where', 'header has 2'])])
+def test_a_row_with_more_or_fewer_fields_than_the_header_names_file_and_line(tiny, tmp_path, row, words):
+    task = binary_folder(tmp_path / 'bin')
+    with open(os.path.join(task, 'train.csv'), 'a') as f:
+        f.write(row + '\n')
+    proc = run_here('finetune.py', tiny.ckpts[0], f'--task={task}', f'--out_file={tmp_path / "r.jsonl"}')
+    assert_clean_error(proc, 'train.csv', 'line 42', *words)
+    single = write(tmp_path / 'one.csv', f'text,label\n{row}\n' + ''.join(f'text {i},{i % 2}\n' for i in range(40)))
+    with pytest.raises(finetune.TaskError, match=r"one.csv', line 2: "):
+        finetune.local_task(single)
+
+
+# -----------------------------------------------------------------------------------------------
+# 8. the score says what it is, and the baseline is on its scale
+
+def test_the_score_is_named_and_the_majority_baseline_is_on_its_scale(tiny, tmp_path):
+    run = tmp_path / 'run'  # a snapshot of a run: its scores.jsonl names the metric too
+    (run / 'snapshots').mkdir(parents=True)
+    (run / 'metrics.jsonl').write_text('{"iter": 7, "val_loss": 6.5}\n')
+    snapshot = run / 'snapshots' / 'iter_0000007.pt'
+    os.link(tiny.ckpts[0], snapshot)
+    task = binary_folder(tmp_path / 'bin', n_dev=9)  # dev: 5 neg, 4 pos; always 'neg': accuracy 5/9, F1 0
+    out = tmp_path / 'r.jsonl'
+    proc = run_here('finetune.py', str(snapshot), f'--task={task}', *FAST, f'--out_file={out}')
+    assert proc.returncode == 0, proc.stderr
+    assert f"metric accuracy/f1 mean; majority class 'neg' scores {(5 / 9 + 0) / 2:.4f} on dev" in proc.stdout
+    record, = records(out)
+    assert record['score_metric'] == 'accuracy/f1 mean' and record['metrics'] == ['accuracy', 'f1']
+    assert record['score'] == pytest.approx((record['dev']['accuracy'] + record['dev']['f1']) / 2)
+    score, = records(run / 'scores.jsonl')
+    assert score['metric'] == 'accuracy/f1 mean'
+    assert finetune.score_name(('pearson', 'spearman')) == 'pearson/spearman mean'
+    assert finetune.score_name(('accuracy',)) == 'accuracy'
+
+
+# -----------------------------------------------------------------------------------------------
+# 9. what ran is what is said
+
+@pytest.mark.parametrize('seeds, words', [('0', ['runs nothing']), ('0,0', ['seed 0 twice']), ('-1', ['seed -1', 'range']),
+                                          ('3,-2', ['seed -2'])])
+def test_seeds_that_run_nothing_twice_or_negative_are_refused(tiny, tmp_path, seeds, words):
+    out = tmp_path / 'r.jsonl'
+    proc = run_here('finetune.py', tiny.ckpts[0], f'--task={binary_folder(tmp_path / "bin")}', f'--seeds={seeds}',
+                    *FAST, f'--out_file={out}')
+    assert_clean_error(proc, *words)
+    assert not out.exists()
+
+
+def test_a_fine_tuned_model_saved_in_a_run_folder_is_no_snapshot_of_it(tiny, tmp_path):
+    run = tmp_path / 'run'
+    (run / 'snapshots').mkdir(parents=True)
+    (run / 'metrics.jsonl').write_text('{"iter": 7, "val_loss": 6.5}\n')
+    ckpt = torch.load(tiny.ckpts[0], weights_only=True)
+    ft = save_model(run / 'ft.pt', ckpt['model'], tiny, finetune=dict(task='t'))
+    also = save_model(run / 'snapshots' / 'ft.pt', ckpt['model'], tiny, classifier=dict(head={}, labels=None))
+    docs = write(tmp_path / 'docs.txt', '\n\n'.join(e[0] for e in tiny.task['splits']['test'][:20]))
+    for path in (ft, also):
+        proc = run_here('finetune.py', path, '--task=retrieval', f'--eval_data={docs}', '--max_len=64',
+                        f'--out_file={tmp_path / "r.jsonl"}')
+        assert proc.returncode == 0, proc.stderr
+    assert not (run / 'scores.jsonl').exists()
+    os.link(tiny.ckpts[0], run / 'best.pt')
+    assert finetune.run_folder(str(run / 'best.pt'), ckpt) == str(run)  # the run's own checkpoints still count
+    assert finetune.run_folder(str(run / 'other.pt'), ckpt) is None
+
+
+@pytest.mark.parametrize('line', ['{"text": null, "label": 1}', '{"text": NaN, "label": 1}', '{"text": 5, "label": 1}'])
+def test_a_json_text_that_is_null_nan_or_a_number_is_refused(tmp_path, line):
+    path = write(tmp_path / 't.jsonl', ''.join(json.dumps(dict(text=f'text {i}', label=i % 2)) + '\n' for i in range(30)) + line + '\n')
+    with pytest.raises(finetune.TaskError, match=r"t.jsonl', line 31: 'text' is"):
+        finetune.local_task(path)
+    sts = write(tmp_path / 's.jsonl', json.dumps(dict(sentence1='a', sentence2='b', score=1)) + '\n' +
+                json.dumps(dict(sentence1='a', sentence2=None, score=2)) + '\n')
+    with pytest.raises(finetune.TaskError, match=r"s.jsonl', line 2: 'sentence2' is empty \(null\)"):
+        finetune.sts_pairs(sts)
+
+
+def test_the_summary_of_several_models_says_what_its_score_is(tiny, tmp_path):
+    gold = sts_file(tmp_path / 'sts.tsv', [i % 5 for i in range(12)])
+    proc = run_here('finetune.py', *tiny.ckpts, '--task=sts', f'--eval_data={gold}', f'--out_file={tmp_path / "r.jsonl"}',
+                    '--max_len=32')
+    assert proc.returncode == 0, proc.stderr
+    assert 'iter  score (spearman)' in proc.stdout and 'mean over seeds' not in proc.stdout
+
+
+# -----------------------------------------------------------------------------------------------
+# tracebacks that are one line now
+
+def test_a_cp1252_csv_says_it_is_not_utf8_and_how_to_convert(tiny, tmp_path):
+    path = write(tmp_path / 't.csv', 'text,label\n' + ''.join(f'caf\u00e9 number {i},{i % 2}\n' for i in range(40)), 'cp1252')
+    proc = run_here('finetune.py', tiny.ckpts[0], f'--task={path}', f'--out_file={tmp_path / "r.jsonl"}')
+    assert_clean_error(proc, 't.csv', 'line 2', 'not UTF-8', 'iconv')
+
+
+def test_a_field_over_csv_s_default_limit_is_read(tmp_path):
+    long = 'word ' * 30_000  # 150,000 characters: over csv's default 131,072
+    path = write(tmp_path / 't.csv', 'text,label\n' + f'{long},1\n' + ''.join(f'text {i},{i % 2}\n' for i in range(40)))
+    rows = finetune.read_rows(path)
+    assert rows[0] == (2, {'text': long, 'label': '1'}) and len(rows) == 41
+
+
+@pytest.mark.parametrize('weights', [None, b'not a safetensors file'])
+def test_a_model_folder_without_weights_or_with_damaged_ones_is_one_line(tiny, tmp_path, weights):
+    folder = tmp_path / 'hf'
+    folder.mkdir()
+    (folder / 'config.json').write_text(json.dumps(convert_hf_config(tiny)))
+    if weights:
+        (folder / 'model.safetensors').write_bytes(weights)
+    proc = run_here('finetune.py', str(folder), '--task=sts', f'--eval_data={sts_file(tmp_path / "s.tsv", [1, 2, 3])}',
+                    f'--out_file={tmp_path / "r.jsonl"}')
+    assert_clean_error(proc, str(folder))
+
+
+def convert_hf_config(tiny):
+    import convert_hf
+    return convert_hf.hf_config(tiny_config(vocab_size=len(tiny.tok))).to_dict()
+
+
+def test_an_out_file_that_cannot_be_written_is_refused_before_any_work(tiny, tmp_path):
+    folder = tmp_path / 'out'
+    folder.mkdir()
+    proc = run_here('finetune.py', tiny.ckpts[0], '--task=nosuch', f'--out_file={folder}')  # the task would fail later
+    assert_clean_error(proc, 'out_file', str(folder), 'cannot be written')
+    proc = run_here('finetune.py', tiny.ckpts[0], '--task=nosuch', f'--out_file={tmp_path / "new.jsonl"}')
+    assert_clean_error(proc, 'unknown task')
+    assert not (tmp_path / 'new.jsonl').exists()  # the check leaves no file behind
+
+
+def test_a_missing_sts_file_is_one_line(tiny, tmp_path):
+    proc = run_here('finetune.py', tiny.ckpts[0], '--task=sts', f'--eval_data={tmp_path / "nosuch.tsv"}',
+                    f'--out_file={tmp_path / "r.jsonl"}')
+    assert_clean_error(proc, 'nosuch.tsv', 'file not found')
+
+
+def test_ctrl_c_is_one_line_exit_130_and_keeps_finished_records(tiny, tmp_path):
+    task, out = binary_folder(tmp_path / 'bin', n_train=200), tmp_path / 'r.jsonl'
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'finetune.py'), tiny.ckpts[0], f'--task={task}',
+                             '--epochs=1000', '--max_len=32', '--batch_size=8', f'--out_file={out}'],
+                            cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()  # 'task ...': the fine-tune has started
+    assert line.startswith('task '), line + proc.stderr.read() if proc.poll() is not None else line
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip() == f'error: interrupted; the records of finished runs are in {out}'
+
+
+# -----------------------------------------------------------------------------------------------
+# misleading messages
+
+def test_a_utf8_bom_is_not_part_of_the_first_column(tmp_path):
+    body = 'text,label\n' + ''.join(f'text {i},{i % 2}\n' for i in range(40))
+    assert finetune.read_rows(write(tmp_path / 't.csv', '\ufeff' + body))[0] == (2, {'text': 'text 0', 'label': '0'})
+    jsonl = write(tmp_path / 't.jsonl', '\ufeff' + json.dumps(dict(text='a', label=1)) + '\n')
+    assert finetune.read_rows(jsonl) == [(1, {'text': 'a', 'label': 1})]
+
+
+def test_an_empty_value_is_said_to_be_empty_not_a_missing_column(tmp_path):
+    path = write(tmp_path / 't.csv', 'text,label\n' + ''.join(f'text {i},{i % 2}\n' for i in range(40)) + 'a text,\n')
+    with pytest.raises(finetune.TaskError, match=r"t.csv', line 42: 'label' is empty"):
+        finetune.local_task(path)
+
+
+def test_row_numbers_are_file_lines_also_after_multi_line_quoted_texts(tmp_path):
+    with open(tmp_path / 't.csv', 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['text', 'label'])
+        w.writerows([(f'a text\nover\nthree lines {i}', i % 2) for i in range(30)])  # lines 2-4, 5-7, ...
+        w.writerow(['the last text', ''])  # line 92
+    with pytest.raises(finetune.TaskError, match=r"line 92: 'label' is empty"):
+        finetune.local_task(str(tmp_path / 't.csv'))
+
+
+def test_a_quoted_tsv_and_a_glue_tsv_with_bare_quotes_both_read_right(tmp_path):
+    texts = [f'a "quoted" text\twith a tab {i}\nand a second line' for i in range(20)]
+    with open(tmp_path / 'quoted.tsv', 'w', newline='') as f:  # csv.writer's tsv: quotes what needs it
+        w = csv.writer(f, delimiter='\t')
+        w.writerow(['text', 'label'])
+        w.writerows((t, i % 2) for i, t in enumerate(texts))
+    rows = finetune.read_rows(str(tmp_path / 'quoted.tsv'))
+    assert [r['text'] for _, r in rows] == texts and [line for line, _ in rows][:2] == [2, 4]
+    glue = ['"the movie" is good', 'a "so-called" hit', '" an opening quote alone', 'it\'s fine']  # GLUE: quotes are text
+    path = write(tmp_path / 'glue.tsv', 'sentence\tlabel\n' + ''.join(f'{t}\t{i % 2}\n' for i, t in enumerate(glue)))
+    assert [r['sentence'] for _, r in finetune.read_rows(path)] == glue
+
+
+def test_sts_honours_the_field_names(tiny, tmp_path):
+    path = write(tmp_path / 's.csv', 'a,b,human\n' + ''.join(f'text {i},other {i},{i % 4}\n' for i in range(8)))
+    out = tmp_path / 'r.jsonl'
+    proc = run_here('finetune.py', tiny.ckpts[0], '--task=sts', f'--eval_data={path}', '--text_field=a', '--pair_field=b',
+                    '--label_field=human', f'--out_file={out}', '--max_len=32')
+    assert proc.returncode == 0, proc.stderr
+    assert records(out)[0]['pairs'] == 8
+
+
+def test_retrieval_on_another_key_names_text_field_and_the_keys(tiny, tmp_path):
+    docs = write(tmp_path / 'd.jsonl', ''.join(json.dumps(dict(body=e[0], id=i)) + '\n' for i, e in enumerate(tiny.task['splits']['test'][:20])))
+    proc = run_here('finetune.py', tiny.ckpts[0], '--task=retrieval', f'--eval_data={docs}', '--max_len=64',
+                    f'--out_file={tmp_path / "r.jsonl"}')
+    assert_clean_error(proc, "no row has a 'text' field", 'body, id', '--text_field')
+
+
+def test_a_relative_data_dir_is_found_beside_the_run_and_the_tried_paths_are_said(tiny, tmp_path, monkeypatch):
+    root = tmp_path / 'project'  # train.py ran in project/: data/x and out/best.pt
+    (root / 'data' / 'x').mkdir(parents=True)
+    (root / 'data' / 'x' / 'val.bin').write_bytes(b'')
+    (root / 'out').mkdir()
+    (root / 'out' / 'best.pt').write_bytes(b'')
+    monkeypatch.chdir(tmp_path)  # run from elsewhere
+    found, tried = finetune.prepared_dir({'data_dir': 'data/x'}, str(root / 'out' / 'best.pt'))
+    assert found == str(root / 'data' / 'x') and tried[0] == 'data/x'
+    monkeypatch.setattr(finetune, 'eval_data', '')
+    with pytest.raises(finetune.TaskError, match=f"tried data/y/val.bin, {root / 'data' / 'y' / 'val.bin'}, "):
+        finetune.retrieval_pairs({'data_dir': 'data/y'}, tiny.tok, str(root / 'out' / 'best.pt'))
+
+
+def test_a_run_folder_given_as_the_model_says_give_its_checkpoint(tiny, tmp_path):
+    run = tmp_path / 'run'
+    run.mkdir()
+    os.link(tiny.ckpts[0], run / 'best.pt')
+    proc = run_here('finetune.py', str(run), '--task=sts', f'--eval_data={sts_file(tmp_path / "s.tsv", [1, 2, 3])}',
+                    f'--out_file={tmp_path / "r.jsonl"}')
+    assert_clean_error(proc, 'run folder', str(run / 'best.pt'))
+
+
+def test_a_missing_table_is_file_not_found_not_an_unknown_task(tiny, tmp_path):
+    for name in ('nosuch.csv', 'nosuch.tsv', 'nosuch.jsonl'):
+        proc = run_here('finetune.py', tiny.ckpts[0], f'--task={tmp_path / name}', f'--out_file={tmp_path / "r.jsonl"}')
+        assert_clean_error(proc, name, 'file not found')
+
+
+def test_an_hf_model_is_named_without_an_iteration(tiny, tmp_path):
+    from transformers import MPNetForMaskedLM
+    import convert_hf
+    folder = tmp_path / 'hf'
+    torch.manual_seed(0)
+    MPNetForMaskedLM(convert_hf.hf_config(tiny_config(vocab_size=len(tiny.tok)))).save_pretrained(folder)
+    tiny.tok.save_pretrained(folder)
+    out = tmp_path / 'r.jsonl'
+    proc = run_here('finetune.py', str(folder), '--task=sts', f'--eval_data={sts_file(tmp_path / "s.tsv", [1, 2, 3])}',
+                    f'--out_file={out}', '--max_len=32')
+    assert proc.returncode == 0, proc.stderr
+    assert f'{folder}, mean pooling: spearman' in proc.stdout and '(iter' not in proc.stdout
+    assert records(out)[0]['iter_num'] is None
+
+
+@pytest.mark.parametrize('args', [['--task=pydocs', '--problem=regression'], ['--task=rte', '--problem=classification'],
+                                  ['--task=pydocs', '--text_field=body'], ['--task=retrieval', '--label_field=y'],
+                                  ['--task=pydocs', '--eval_data=x.tsv'], ['--task=sts', '--eval_data=x.tsv', '--seeds=3']])
+def test_a_setting_the_task_does_not_read_is_refused(tiny, tmp_path, args):
+    proc = run_here('finetune.py', tiny.ckpts[0], *args, f'--out_file={tmp_path / "r.jsonl"}')
+    assert_clean_error(proc, args[-1].split('=')[0])
+
+
+# -----------------------------------------------------------------------------------------------
+# a hostile pass of our own: other encodings, delimiters, empty and odd files
+
+def test_a_utf16_file_is_read(tmp_path):
+    body = 'text,label\n' + ''.join(f'caf\u00e9 {i},{i % 2}\n' for i in range(10))
+    assert finetune.read_rows(write(tmp_path / 't.csv', body, 'utf-16'))[0] == (2, {'text': 'caf\u00e9 0', 'label': '0'})
+
+
+@pytest.mark.parametrize('content, words', [
+    ('', ['has no rows']),
+    ('text,label\n', ['has no rows', 'a header alone']),
+    ('text,text,label\n' + 'a,b,1\n' * 5, ["column 'text' twice"]),
+    ('text;label\n' + ''.join(f'text {i};{i % 2}\n' for i in range(20)), ["no 'text' column", "';'-separated"]),
+])
+def test_empty_header_only_duplicate_columns_and_other_delimiters_are_one_line(tiny, tmp_path, content, words):
+    path = write(tmp_path / 't.csv', content)
+    proc = run_here('finetune.py', tiny.ckpts[0], f'--task={path}', f'--out_file={tmp_path / "r.jsonl"}')
+    assert_clean_error(proc, 't.csv', *words)
+
+
+def test_a_folder_with_two_files_for_a_split_is_refused(tiny, tmp_path):
+    task = binary_folder(tmp_path / 'bin')
+    write(tmp_path / 'bin' / 'train.jsonl', json.dumps(dict(text='a', label='pos')) + '\n')
+    proc = run_here('finetune.py', tiny.ckpts[0], f'--task={task}', f'--out_file={tmp_path / "r.jsonl"}')
+    assert_clean_error(proc, 'train.csv', 'train.jsonl', 'keep one')
+
+
+def test_an_undefined_epoch_is_never_the_best_one():
+    assert finetune.rank(math.nan) < finetune.rank(0.0) and finetune.rank(0.3) == 0.3
+
+
+def test_an_out_file_that_is_a_model_or_the_task_s_data_is_refused_and_left_as_it_was(tiny, tmp_path):
+    task = binary_folder(tmp_path / 'bin')
+    table = write(tmp_path / 't.csv', 'text,label\n' + ''.join(f'text {i},{i % 2}\n' for i in range(40)))
+    before = [open(p, 'rb').read() for p in (tiny.ckpts[0], table)]
+    for args in ([f'--task={task}', f'--out_file={tiny.ckpts[0]}'], [f'--task={table}', f'--out_file={table}'],
+                 [f'--task={task}', f'--out_file={tmp_path / "new.pt"}']):
+        assert_clean_error(run_here('finetune.py', tiny.ckpts[0], *args, *FAST), 'out_file', 'damage')
+    assert [open(p, 'rb').read() for p in (tiny.ckpts[0], table)] == before
+    assert not (tmp_path / 'new.pt').exists()
+
+
+def test_a_model_given_twice_is_refused(tiny, tmp_path):
+    proc = run_here('finetune.py', tiny.ckpts[0], tiny.ckpts[0], f'--task={binary_folder(tmp_path / "bin")}', *FAST,
+                    f'--out_file={tmp_path / "r.jsonl"}')
+    assert_clean_error(proc, 'given twice')
+
+
+def test_an_empty_document_file_and_a_label_read_as_text_are_one_line(tiny, tmp_path):
+    empty = write(tmp_path / 'docs.txt', '\n\n')
+    proc = run_here('finetune.py', tiny.ckpts[0], '--task=retrieval', f'--eval_data={empty}', '--max_len=64',
+                    f'--out_file={tmp_path / "r.jsonl"}')
+    assert_clean_error(proc, 'docs.txt', 'no documents')
+    proc = run_here('finetune.py', tiny.ckpts[0], f'--task={binary_folder(tmp_path / "bin")}', '--text_field=label', *FAST,
+                    f'--out_file={tmp_path / "r.jsonl"}')
+    assert_clean_error(proc, "'label' is both a text and the label column")
+
+
+def test_a_save_path_another_run_wrote_meanwhile_is_kept(tiny, tmp_path, monkeypatch):
+    import data
+    save, other = tmp_path / 'ft.pt', b'another run\'s model'
+    load = data.load_tokenizer
+    def load_and_meanwhile(*args, **kw):  # after the start's checks, before the fine-tune ends
+        save.write_bytes(other)
+        return load(*args, **kw)
+    monkeypatch.setattr(data, 'load_tokenizer', load_and_meanwhile)
+    out = tmp_path / 'r.jsonl'
+    proc = run_here('finetune.py', tiny.ckpts[0], f'--task={binary_folder(tmp_path / "bin")}', *FAST, f'--save={save}',
+                    f'--out_file={out}')
+    assert_clean_error(proc, 'appeared while this ran')
+    assert save.read_bytes() == other and len(records(out)) == 1  # the seed's record stays: its numbers are true
+
+
+# ==============================================================================================
+# issue 27: contrastive.py: the loss against sentence-transformers' formula as a loop, gradient caching and gathered
+# negatives against the plain computation, a whole run (learns, keeps its best, resumes, exports), bad input
+SPECIAL = (0, 2)  # <s>, </s> of the test tokenizer (MPNet's layout)
+
+
+# ---- the loss
+
+def reference_mnrl(texts, emb, scale=20.0, symmetric=False):
+    """sentence-transformers' MultipleNegativesRankingLoss as a loop over anchors, in float64: -log of the softmax
+    of scale x cosine of the anchor's own positive among the positives and negatives of the batch; a candidate that
+    is the same text as the anchor or its positive, or the positive of another copy of the anchor, is skipped.
+    texts: K lists of N strings (anchor, positive, negative); emb [K, N, C]."""
+    e = F.normalize(emb.double(), dim=-1)
+    K, N = len(texts), len(texts[0])
+    cos = lambda u, v: float((u * v).sum())
+    total = 0.0
+    for i in range(N):
+        terms = []
+        for k in range(1, K):
+            for j in range(N):
+                right = (k, j) == (1, i)
+                same = texts[k][j] in (texts[0][i], texts[1][i]) or (k == 1 and texts[0][j] == texts[0][i])
+                if right or not same:
+                    terms.append((right, scale * cos(e[0, i], e[k, j])))
+        total += -next(s for r, s in terms if r) + math.log(sum(math.exp(s) for _, s in terms))
+    forward = total / N
+    if not symmetric:
+        return forward
+    total = 0.0
+    for i in range(N):
+        terms = [(j == i, scale * cos(e[1, i], e[0, j])) for j in range(N)
+                 if j == i or texts[0][j] not in (texts[0][i], texts[1][i]) and texts[1][j] != texts[1][i]]
+        total += -next(s for r, s in terms if r) + math.log(sum(math.exp(s) for _, s in terms))
+    return (forward + total / N) / 2
+
+
+def ids_of(texts):
+    return torch.tensor([[hash(t) for t in column] for column in texts])
+
+
+@pytest.mark.parametrize('symmetric', [False, True])
+def test_info_nce_equals_a_loop_reference_and_masks_duplicates(symmetric):
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    # duplicates of every kind: an anchor twice (with other positives), a positive twice, a negative equal to another
+    # row's positive, a positive equal to another row's anchor
+    texts = [[f'q{rng.randint(0, 7)}' for _ in range(13)], [f'd{rng.randint(0, 9)}' for _ in range(13)],
+             [f'd{rng.randint(5, 14)}' for _ in range(13)]]
+    texts[1][3] = texts[0][5]
+    emb = torch.randn(3, 13, 24)
+    for K in (2, 3):
+        ours = contrastive.info_nce(emb[:K], ids_of(texts[:K]), symmetric=symmetric).item()
+        assert abs(ours - reference_mnrl(texts[:K], emb[:K], symmetric=symmetric)) < 1e-5
+    # without duplicates, sentence-transformers' own loss on the same embeddings
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    unique = [[f'{c}{i}' for i in range(13)] for c in 'qdn']
+    st = (MultipleNegativesRankingLoss(None, directions=('query_to_doc', 'doc_to_query'), partition_mode='per_direction')
+          if symmetric else MultipleNegativesRankingLoss(None))
+    for K in ((2,) if symmetric else (2, 3)):
+        theirs = st.compute_loss_from_embeddings(list(emb[:K]), None).item()
+        assert abs(contrastive.info_nce(emb[:K], ids_of(unique[:K]), symmetric=symmetric).item() - theirs) < 1e-5
+        assert abs(reference_mnrl(unique[:K], emb[:K], symmetric=symmetric) - theirs) < 1e-5
+
+
+# ---- gradient caching and gathered negatives: the same loss and gradients as the plain computation
+
+def dropout_model(p, seed=0):
+    torch.manual_seed(seed)
+    model = MPNet(tiny_config(vocab_size=101, dropout=p, attn_dropout=p)).train()
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(torch.randn_like(q) * 0.05)
+    return model
+
+
+def random_batch(n_pairs=64, K=2, seed=0):
+    """K*n token arrays of odd lengths (column by column), some texts repeated, and the ids of the texts."""
+    rng = np.random.default_rng(seed)
+    seqs = [rng.integers(5, 101, rng.integers(3, 30)) for _ in range(K * n_pairs)]
+    seqs[7] = seqs[3]  # a duplicate anchor
+    return seqs, torch.tensor([[hash(s.tobytes()) for s in seqs[k * n_pairs:(k + 1) * n_pairs]] for k in range(K)])
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize('p', [0.0, 0.1])
+def test_gradient_caching_is_exact(p):
+    seqs, ids = random_batch(K=3)
+    model = dropout_model(p)
+    torch.manual_seed(5)
+    cached = contrastive.contrastive_step(model, seqs, ids, SPECIAL, mini_batch_size=8, symmetric=True)
+    cached_grads = grads(model)
+    model.zero_grad(set_to_none=True)
+    # the reference: each mini-batch of 8 embedded with autograd, in the same order from the same RNG state (the
+    # same dropout), all kept in memory, one loss, one backward
+    torch.manual_seed(5)
+    emb = torch.cat([contrastive.embed(model, seqs[i:i + 8], SPECIAL, 'mean') for i in range(0, len(seqs), 8)])
+    loss = contrastive.info_nce(emb.view(3, 64, -1), ids, symmetric=True)
+    loss.backward()
+    assert abs(cached.item() - loss.item()) < 1e-6
+    reference = grads(model)
+    assert set(reference) == set(cached_grads) and len(reference) > 20  # every encoder parameter
+    for n in reference:
+        torch.testing.assert_close(cached_grads[n], reference[n], atol=1e-6, rtol=1e-5, msg=n)
+    if p == 0:  # without dropout, also the whole batch at once (each text padded to the batch's longest): in fp32 that
+        # sums in another order (a LayerNorm bias's gradient adds ~3000 tokens: 1e-5 apart), so compared in fp64
+        model.double().zero_grad(set_to_none=True)
+        cached = contrastive.contrastive_step(model, seqs, ids, SPECIAL, mini_batch_size=8, symmetric=True)
+        cached_grads = grads(model)
+        model.zero_grad(set_to_none=True)
+        whole = contrastive.contrastive_step(model, seqs, ids, SPECIAL, mini_batch_size=0, symmetric=True)
+        assert whole.dtype == torch.float64 and abs(whole.item() - cached.item()) < 1e-12
+        for n, g in grads(model).items():
+            torch.testing.assert_close(cached_grads[n], g, atol=1e-12, rtol=1e-10, msg=n)
+
+
+GLOO_WORKER = r'''
+import importlib, os, sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import contrastive
+t = importlib.import_module(sys.argv[3])  # the test module: its random_batch, dropout_model and grads
+dist.init_process_group('gloo')
+rank, world = dist.get_rank(), dist.get_world_size()
+seqs, ids = t.random_batch(K=3)
+B = 64 // world
+mine = [s for k in range(3) for s in seqs[k * 64 + rank * B:k * 64 + (rank + 1) * B]]
+model = t.dropout_model(0.0).double()  # fp64: fp32 would differ in summation order only
+params = list(model.parameters())
+loss = contrastive.contrastive_step(model, mine, ids, t.SPECIAL, mini_batch_size=8)
+contrastive.sum_gradients(params)
+if rank == 0:
+    torch.save(dict(loss=loss, grads=t.grads(model)), sys.argv[2])
+dist.destroy_process_group()
+'''
+
+
+def test_gathered_negatives_on_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path):
+    (tmp_path / 'worker.py').write_text(GLOO_WORKER)
+    proc = run_cli('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(tmp_path / 'worker.py'),
+                   HERE, str(tmp_path / 'out.pt'), __name__, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = torch.load(tmp_path / 'out.pt', weights_only=True)
+    seqs, ids = random_batch(K=3)
+    model = dropout_model(0.0).double()
+    one = contrastive.contrastive_step(model, seqs, ids, SPECIAL, mini_batch_size=0)  # no caching, all 64 pairs at once
+    assert two['loss'].dtype == torch.float64 and abs(two['loss'].item() - one.item()) < 1e-12
+    assert set(two['grads']) == set(grads(model))
+    for n, g in grads(model).items():
+        torch.testing.assert_close(two['grads'][n], g, atol=1e-12, rtol=1e-10, msg=n)
+
+
+# ---- a whole run on a tiny corpus
+
+def topic_docs(n, seed=0):
+    """Documents of made-up words, each drawing 40% of its words from 8 words of its own: the two halves of a
+    document share words that other documents rarely use, so that finding a document's other half can be learned."""
+    rng = random.Random(seed)
+    syllables = 'ka ri to men sa lo ver un der stand ing tion al pre fix ed ly ness ful re'.split()
+    words = sorted({''.join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(300)})
+    docs = []
+    for _ in range(n):
+        topic = rng.sample(words, 8)
+        docs.append(' '.join(' '.join(rng.choice(topic) if rng.random() < 0.4 else rng.choice(words)
+                                      for _ in range(rng.randint(6, 10))).capitalize() + '.' for _ in range(rng.randint(4, 6))))
+    return docs
+
+
+def write_rows(path, rows):
+    with open(path, 'w', encoding='utf-8') as f:
+        f.writelines(json.dumps(r) + '\n' for r in rows)
+    return str(path)
+
+
+CONTRASTIVE_RUN = ['--pairs=halves', '--max_iters=40', '--log_interval=10', '--batch_size=16', '--learning_rate=1e-3',
+       '--warmup_iters=5', '--max_len=64', '--val_frac=0.25', '--device=cpu', '--dtype=float32', '--curves=False']
+
+
+def contrastive_here(*args):
+    """contrastive.py run in this process (test_all.run_here), then its signal handlers and the finetune.py settings
+    it sets (its readers' and scores' max_len, text_field, ...) put back as they were."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    settings = {k: getattr(finetune, k) for k in ('tokenizer', 'max_len', 'eval_data', 'text_field', 'max_pairs')}
+    try:
+        return run_here('contrastive.py', *args)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        for k, v in settings.items():
+            setattr(finetune, k, v)
+
+
+def contrastive_cli(folder, *args, popen=False):
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1', 'PYTHONUNBUFFERED': '1',
+           'HF_DATASETS_CACHE': str(folder / 'hf_cache')}
+    command = [sys.executable, 'contrastive.py', str(folder / 'start.pt'), f'--dataset={folder / "corpus.jsonl"}', *args]
+    if popen:
+        return subprocess.Popen(command, cwd=HERE, env=env, stdout=open(folder / 'stdout.txt', 'w'),
+                                stderr=open(folder / 'stderr.txt', 'w'), text=True)
+    return subprocess.run(command, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope='module')
+def contrastive_run(tmp_path_factory):
+    """A checkpoint of this project (a random tiny MPNet with its tokenizer), a corpus, and a run of 40 steps on the
+    halves of its documents, evaluated every 20."""
+    folder = tmp_path_factory.mktemp('contrastive')
+    write_rows(folder / 'corpus.jsonl', [{'text': d} for d in topic_docs(600)])
+    small_checkpoint(folder / 'start.pt')
+    proc = contrastive_cli(folder, *CONTRASTIVE_RUN, f'--out_dir={folder / "out"}', '--eval_interval=20')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (folder / 'run.stdout').write_text(proc.stdout)
+    return folder
+
+
+def contrastive_records(out):
+    lines = [json.loads(line) for line in open(out / 'metrics.jsonl')]
+    return [r for r in lines if 'loss' in r], [r for r in lines if 'val_loss' in r]
+
+
+def test_a_run_learns_keeps_its_best_and_exports_what_sentence_transformers_loads(contrastive_run, tmp_path, capfd):
+    out = contrastive_run / 'out'
+    train, evals = contrastive_records(out)
+    assert [e['iter'] for e in evals] == [0, 20, 40] and [r['iter'] for r in train] == [10, 20, 30, 40]
+    assert train[-1]['loss'] < train[0]['loss'] - 0.2, train  # the loss goes down
+    assert evals[-1]['probe_mrr'] > evals[0]['probe_mrr'] + 0.03, evals  # held-out retrieval goes up
+    assert all(e['objective'] == 'contrastive' and e['val_loss'] > 0 for e in evals)
+    best = checkpoint.load_checkpoint(str(out / 'best.pt'))
+    assert best['val_mrr'] == max(e['probe_mrr'] for e in evals[1:]) == best['best_mrr']
+    last = (contrastive_run / 'run.stdout').read_text().strip().splitlines()[-1]
+    assert last.startswith('done: the best model is') and f'python convert_hf.py {out}/best.pt {out}/st' in last
+    # plot.py draws the run: the loss, and the held-out retrieval in the probe's panels
+    assert run_here('plot.py', str(out)).returncode == 0 and (out / 'curves.png').stat().st_size > 10_000
+    # the export: a sentence-transformers folder, loaded without a report, that embeds as this project does
+    proc = run_cli('convert_hf.py', str(out / 'best.pt'), str(tmp_path / 'st'))
+    assert proc.returncode == 0 and 'SentenceTransformer loads it: Transformer -> Pooling -> Normalize' in proc.stdout, proc.stderr
+    from sentence_transformers import SentenceTransformer
+    capfd.readouterr()
+    st = SentenceTransformer(str(tmp_path / 'st'), device='cpu')
+    assert 'LOAD REPORT' not in capfd.readouterr().err and st.max_seq_length == 64
+    texts = [json.loads(line)['text'] for line in open(contrastive_run / 'corpus.jsonl')][:12]
+    finetune.tokenizer = 'model'
+    ckpt, tok = finetune.load_model(str(out / 'best.pt'))
+    model = checkpoint.model_from_checkpoint(ckpt, 'best.pt').eval()
+    ours = finetune.pool(model, *finetune.pad(tok(texts, truncation=True, max_length=64)['input_ids'], 'cpu'), 'mean')
+    assert (ours - st.encode(texts, convert_to_tensor=True)).abs().max() < 1e-5
+
+
+def test_ctrl_c_keeps_the_last_checkpoint_and_resuming_gives_the_uninterrupted_run(contrastive_run):
+    split = contrastive_run / 'split'
+    proc = contrastive_cli(contrastive_run, *CONTRASTIVE_RUN, f'--out_dir={split}', '--eval_interval=5', popen=True)
+    for _ in range(600):  # the first checkpoint, at step 5
+        if 'saved' in (contrastive_run / 'stdout.txt').read_text() or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0
+    said, err = (contrastive_run / 'stdout.txt').read_text(), (contrastive_run / 'stderr.txt').read_text()
+    assert 'SIGINT: stopping after this step, saving first' in said and 'Traceback' not in err, err
+    stopped = checkpoint.load_checkpoint(str(split / 'ckpt.pt'))  # intact, and where the run stopped
+    assert 5 <= stopped['iter_num'] < 40 and f"saved {split}/ckpt.pt at step {stopped['iter_num']}" in said
+    assert said.strip().splitlines()[-1].startswith('stopped by SIGINT')
+    proc = contrastive_cli(contrastive_run, *CONTRASTIVE_RUN, f'--out_dir={split}', '--eval_interval=5', '--init_from=resume')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming from step {stopped['iter_num']}" in proc.stdout
+    a, b = (checkpoint.load_checkpoint(str(f / 'ckpt.pt')) for f in (contrastive_run / 'out', split))
+    assert a['iter_num'] == b['iter_num'] == 40
+    for k in a['model']:  # dropout, data order and optimizer continue exactly
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    iters = [r['iter'] for r in contrastive_records(split)[0]]
+    assert iters == sorted(set(iters)) and iters[-1] == 40  # each step logged once
+    # a finished run is never started over by accident
+    proc = contrastive_here(str(contrastive_run / 'start.pt'), f'--dataset={contrastive_run / "corpus.jsonl"}', *CONTRASTIVE_RUN, f'--out_dir={split}')
+    assert_clean_error(proc, 'already holds a run', '--init_from=resume', '--overwrite=True')
+    assert torch.equal(checkpoint.load_checkpoint(str(split / 'ckpt.pt'))['model']['wte.weight'], b['model']['wte.weight'])
+
+
+def test_torchrun_two_processes_share_their_negatives(contrastive_run):
+    out = contrastive_run / 'ddp'
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1', 'HF_DATASETS_CACHE': str(contrastive_run / 'hf_cache')}
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           'contrastive.py', str(contrastive_run / 'start.pt'), f'--dataset={contrastive_run / "corpus.jsonl"}', *CONTRASTIVE_RUN,
+                           f'--out_dir={out}', '--max_iters=4', '--eval_interval=2', '--batch_size=8',
+                           '--mini_batch_size=4'], cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '16 a step (8 x 2 processes, embedded 4 texts at a time)' in proc.stdout, proc.stdout
+    assert proc.stdout.count('done: ') == 1  # rank 0 speaks
+    ckpt = checkpoint.load_checkpoint(str(out / 'ckpt.pt'))
+    assert ckpt['iter_num'] == 4 and ckpt['data_pos'] == 64 and len(ckpt['rank_states']) == 2
+
+
+# ---- bad input: one line, nothing written
+
+def test_bad_input_is_one_line_and_writes_nothing(contrastive_run, tmp_path, monkeypatch):
+    import datasets
+    monkeypatch.setattr(datasets.config, 'HF_DATASETS_CACHE', tmp_path / 'hf_cache')
+    start, out = str(contrastive_run / 'start.pt'), tmp_path / 'out'
+    pairs = [{'anchor': d[:60], 'positive': d[60:120]} for d in topic_docs(40)]  # words of the test vocabulary
+    files = dict(
+        one=write_rows(tmp_path / 'one.jsonl', [{'text': p['anchor']} for p in pairs]),
+        empty=write_rows(tmp_path / 'empty.jsonl', pairs[:5] + [{'anchor': 'a question', 'positive': ' '}] + pairs[5:]),
+        same=write_rows(tmp_path / 'same.jsonl', [{'anchor': pairs[0]['anchor'], 'positive': p['positive']} for p in pairs]),
+        short=write_rows(tmp_path / 'short.jsonl', [{'text': 'a few words only'} for _ in range(40)]),
+        good=write_rows(tmp_path / 'good.jsonl', pairs))
+    no_tokenizer = small_checkpoint(tmp_path / 'no_tok.pt', tokenizer_files={})
+    cases = [
+        ([f'--dataset={files["one"]}'], ['1 text column (text)', 'a pair needs two', '--pairs=halves']),
+        ([f'--dataset={files["empty"]}'], ["line 6: 'positive' is empty"]),
+        ([f'--dataset={files["good"]}', '--batch_size=1'], ['a batch of one pair has no negatives']),
+        ([f'--dataset={files["same"]}'], ['every anchor text', 'is the same']),
+        ([f'--dataset={files["short"]}', '--pairs=halves'], ['32 tokens or more to split into halves', '--pairs=simcse']),
+        ([f'--dataset={files["good"]}', '--batch_size=8', '--mini_batch_size=16'], ['mini_batch_size (16) is larger']),
+        ([f'--dataset={files["good"]}', f'--init_from={no_tokenizer}'], ['carries no tokenizer', '--tokenizer=']),
+        ([f'--dataset={files["good"]}', '--max_len=500'], ["exceeds the model's max_positions 64"]),
+        ([f'--dataset={files["good"]}', '--lr=0.1'], ["unknown config key 'lr'", 'learning_rate']),
+    ]
+    for args, words in cases:
+        model = [] if any(a.startswith('--init_from') for a in args) else [start]
+        proc = contrastive_here(*model, f'--out_dir={out}', '--batch_size=4', '--device=cpu', '--dtype=float32',
+                                '--max_len=64', '--pairs=labelled', *args)
+        assert_clean_error(proc, *words)
+        assert not out.exists(), args
+
+
+def test_labelled_triplets_simcse_prepared_data_and_evaluation_files(contrastive_run, tmp_path, monkeypatch):
+    import datasets
+    monkeypatch.setattr(datasets.config, 'HF_DATASETS_CACHE', tmp_path / 'hf_cache')
+    docs = topic_docs(300, seed=1)
+    triplets = write_rows(tmp_path / 'triplets.jsonl', [dict(query=d[:50], document=d[50:150], negative=e[50:150], label=1)
+                                                         for d, e in zip(docs, docs[1:] + docs[:1])])
+    write_rows(tmp_path / 'sts.jsonl', [dict(sentence1=d[:40], sentence2=d[40:80], score=i % 5) for i, d in enumerate(docs[:30])])
+    common = [str(contrastive_run / 'start.pt'), *CONTRASTIVE_RUN, '--max_iters=3', '--eval_interval=3', '--batch_size=8',
+              f'--sts_data={tmp_path / "sts.jsonl"}']
+    proc = contrastive_here(*common, '--pairs=labelled', f'--dataset={triplets}', '--symmetric=True', '--mini_batch_size=5',
+                            f'--out_dir={tmp_path / "a"}')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'triplets (query / document / negative)' in proc.stdout and 'embedded 5 texts at a time' in proc.stdout
+    evals = contrastive_records(tmp_path / 'a')[1]
+    assert evals[0]['iter'] == 0 and all(-1 <= e['sts_spearman'] <= 1 for e in evals)
+    # SimCSE on raw text, evaluated on the halves of another file's documents (finetune.py's reader)
+    held = write_rows(tmp_path / 'held.jsonl', [{'text': d} for d in docs])
+    proc = contrastive_here(*common, '--pairs=simcse', f'--dataset={contrastive_run / "corpus.jsonl"}', f'--eval_data={held}',
+                            f'--out_dir={tmp_path / "b"}')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '600 training pairs (simcse)' in proc.stdout and 'evaluation: 300 held-out pairs' in proc.stdout
+    # a prepared folder (data.py): train.bin's documents train, val.bin's are held out
+    hf_wordpiece().save_pretrained(tmp_path / 'tok')
+    prepared = data.prepare(str(contrastive_run / 'corpus.jsonl'), tokenizer=str(tmp_path / 'tok'), out_dir=str(tmp_path / 'prep'),
+                            val_frac=0.2)
+    proc = contrastive_here(*common, '--pairs=halves', f'--data_dir={prepared}', f'--out_dir={tmp_path / "c"}')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n_val = json.load(open(tmp_path / 'prep' / 'meta.json'))['n_docs']['val']
+    assert f'evaluation: {n_val} held-out pairs' in proc.stdout and 'training pairs (halves)' in proc.stdout
+
+
+def test_a_sentence_transformers_model_keeps_its_pooling_through_training_and_export(contrastive_run, tmp_path, monkeypatch):
+    import datasets
+    from test_all import st_embeddings, st_folder
+    monkeypatch.setattr(datasets.config, 'HF_DATASETS_CACHE', tmp_path / 'hf_cache')
+    hf_wordpiece().save_pretrained(tmp_path / 'tok')
+    folder = st_folder(tmp_path / 'st', str(tmp_path / 'tok'), pooling='cls', legacy=True)  # all-mpnet-base-v2's layout
+    proc = contrastive_here(str(folder), f'--dataset={contrastive_run / "corpus.jsonl"}', *CONTRASTIVE_RUN, '--max_iters=4', '--eval_interval=2',
+                            f'--out_dir={tmp_path / "out"}')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'cls pooling' in proc.stdout and 'sentence-transformers modules Transformer -> Pooling -> Normalize' in proc.stdout
+    trained = tmp_path / 'out' / ('best.pt' if (tmp_path / 'out' / 'best.pt').exists() else 'ckpt.pt')
+    convert_hf.export(str(trained), str(tmp_path / 'export'))
+    texts = topic_docs(8, seed=2)
+    (_, before), (after, theirs) = st_embeddings(folder, texts), st_embeddings(tmp_path / 'export', texts)
+    assert [type(m).__name__ for m in after] == ['Transformer', 'Pooling', 'Normalize'] and after.max_seq_length == 40
+    assert after[1].get_config_dict()['pooling_mode'] == 'cls' and (before - theirs).abs().max() > 1e-3  # trained
+    finetune.tokenizer = 'model'
+    ckpt, tok = finetune.load_model(str(trained))
+    model = checkpoint.model_from_checkpoint(ckpt, str(trained)).eval()
+    ours = finetune.pool(model, *finetune.pad(tok(texts, truncation=True, max_length=40)['input_ids'], 'cpu'), 'cls')
+    assert (ours - theirs).abs().max() < 1e-5
+
+
+def test_shipped_config_files_and_help():
+    import configurator
+    defaults = {k: getattr(contrastive, k) for k in contrastive.config_keys}
+    for name in ('contrastive_raw.py', 'contrastive_pairs.py'):
+        config = configurator.configure(defaults, [os.path.join(HERE, 'config', name)], contrastive.CHOICES,
+                                        limits=contrastive.LIMITS)
+        assert config['pairs'] == ('halves' if 'raw' in name else 'labelled')
+    proc = contrastive_here('--help')
+    assert proc.returncode == 0 and '--mini_batch_size=0' in proc.stdout and 'gradient caching' in proc.stdout
+
+
+# ==============================================================================================
+# issue 27: finetune.py --task=beir: a BEIR folder scored as BEIR scores it (pytrec_eval's nDCG@10 and recall@100, BEIR's
+# MRR@10), an exact search that keeps memory bounded and ties in corpus order, and bad folders refused in one line
+def reference_metrics(ranked, qrels):
+    """nDCG@10, recall@100, MRR@10 of each query, written out from the definitions (trec_eval's ndcg_cut: gain = the
+    judged relevance, none below 1; BEIR's mrr: relevant = score above 0)."""
+    out = []
+    for docs, rel in zip(ranked, qrels):
+        dcg = 0.0
+        for rank in range(1, min(10, len(docs)) + 1):
+            if rel.get(docs[rank - 1], 0) > 0:
+                dcg += rel[docs[rank - 1]] / math.log2(rank + 1)
+        ideal, idcg = sorted([s for s in rel.values() if s > 0], reverse=True), 0.0
+        for rank in range(1, min(10, len(ideal)) + 1):
+            idcg += ideal[rank - 1] / math.log2(rank + 1)
+        found = 0
+        for d in docs[:100]:
+            if rel.get(d, 0) > 0:
+                found += 1
+        mrr = 0.0
+        for rank in range(1, min(10, len(docs)) + 1):
+            if rel.get(docs[rank - 1], 0) > 0:
+                mrr = 1 / rank
+                break
+        out.append((dcg / idcg, found / len(ideal), mrr) if ideal else (0.0, 0.0, 0.0))  # nothing relevant: 0, as trec_eval
+    return out
+
+
+def random_judgments(seed, n_queries=40, n_docs=300):
+    """Rankings of 120 documents (some relevant ones never retrieved) and graded judgments with 0s and a -1."""
+    rng = random.Random(seed)
+    ranked, qrels = [], []
+    for _ in range(n_queries):
+        ranked.append(rng.sample(range(n_docs), 120))
+        judged = rng.sample(range(n_docs), rng.randrange(1, 25))
+        qrels.append({d: rng.choice([0, 0, 1, 1, 2, 3, -1]) for d in judged})
+        qrels[-1][judged[0]] = rng.choice([1, 2, 3])  # a relevant document ...
+    qrels[-1] = {d: 0 for d in qrels[-1]}  # ... but for the last query: it scores 0 in BEIR, and so here
+    return ranked, qrels
+
+
+def test_beir_metrics_match_hand_computed_values_and_a_loop_reference():
+    # ranks 1..4 judged 0, 1, -, 2: DCG = 1/log2(3) + 2/log2(5); ideal 2, 1: 2 + 1/log2(3)
+    got = finetune.beir_metrics([[3, 2, 5, 1]], [{1: 2, 2: 1, 3: 0}])
+    assert got['ndcg@10'] == pytest.approx((1 / math.log2(3) + 2 / math.log2(5)) / (2 + 1 / math.log2(3)))
+    assert got['ndcg@10'] == pytest.approx(0.5672074169568709)  # pytrec_eval's ndcg_cut_10, run once by hand
+    assert got['recall@100'] == 1.0 and got['mrr@10'] == 0.5
+    # a -1 is no gain (trec_eval), a relevant document past 10 is no reciprocal rank but is recalled up to 100
+    got = finetune.beir_metrics([[4, 9, *range(10, 20), 7]], [{4: -1, 7: 1, 8: 1}])
+    assert got == {'ndcg@10': 0.0, 'recall@100': 0.5, 'mrr@10': 0.0}
+    ranked, qrels = random_judgments(0)
+    got = finetune.beir_metrics(ranked, qrels)
+    ref = reference_metrics(ranked, qrels)
+    for i, name in enumerate(('ndcg@10', 'recall@100', 'mrr@10')):
+        assert got[name] == pytest.approx(sum(r[i] for r in ref) / len(ref), abs=1e-12), name
+
+
+def test_beir_metrics_match_pytrec_eval():
+    pytrec_eval = pytest.importorskip('pytrec_eval')
+    ranked, qrels = random_judgments(1)
+    got = finetune.beir_metrics(ranked, qrels)
+    run = {f'q{q}': {f'd{d}': float(len(docs) - r) for r, d in enumerate(docs)} for q, docs in enumerate(ranked)}
+    judged = {f'q{q}': {f'd{d}': s for d, s in rel.items()} for q, rel in enumerate(qrels)}
+    theirs = pytrec_eval.RelevanceEvaluator(judged, {'ndcg_cut.10', 'recall.100'}).evaluate(run)
+    cut = {q: {d: s for d, s in docs.items() if s > len(ranked[0]) - 10} for q, docs in run.items()}  # the top 10
+    mrr10 = pytrec_eval.RelevanceEvaluator(judged, {'recip_rank'}).evaluate(cut)
+    assert len(theirs) == len(ranked)
+    assert got['ndcg@10'] == pytest.approx(sum(s['ndcg_cut_10'] for s in theirs.values()) / len(theirs), abs=1e-12)
+    assert got['recall@100'] == pytest.approx(sum(s['recall_100'] for s in theirs.values()) / len(theirs), abs=1e-12)
+    assert got['mrr@10'] == pytest.approx(sum(s['recip_rank'] for s in mrr10.values()) / len(mrr10), abs=1e-12)
+
+
+def reference_search(sim, k, same):
+    """Each row's k best columns by (score descending, column ascending), its own column left out: a Python sort."""
+    out = []
+    for q, row in enumerate(sim.tolist()):
+        order = sorted((c for c in range(len(row)) if c != same[q]), key=lambda c: (-row[c], c))
+        out.append(order[:k])
+    return out
+
+
+@pytest.mark.parametrize('k', [5, 100])
+def test_chunked_search_equals_a_whole_stable_sort_also_with_ties(k):
+    gen = torch.Generator().manual_seed(0)
+    queries = torch.randint(-2, 3, (23, 4), generator=gen).float()  # few distinct dot products: ties everywhere
+    corpus = torch.randint(-2, 3, (61, 4), generator=gen).float()
+    same = [int(x) for x in torch.randint(-1, 61, (23,), generator=gen)]
+    want = reference_search(queries @ corpus.T, k, same)
+    for chunk, block in ((61, 1024), (7, 5), (1, 2)):
+        val, idx = finetune.beir_search(queries, (corpus[i:i + chunk] for i in range(0, 61, chunk)), k, same, block=block)
+        got = [[c for c, v in zip(r, vs) if v > -math.inf] for r, vs in zip(idx.tolist(), val.tolist())]
+        assert got == want, (chunk, block)
+        if k > 61:  # one slot per query left for the document left out
+            assert val.shape == (23, 61) and all((v == -math.inf).sum() == (s >= 0) for v, s in zip(val, same))
+
+
+def write_beir(folder, docs, queries, qrels, split='test', header='query-id\tcorpus-id\tscore'):
+    """A BEIR folder: docs [(id, title or None, text)], queries [(id, text)], qrels [(query id, doc id, score)]."""
+    os.makedirs(os.path.join(folder, 'qrels'), exist_ok=True)
+    with open(os.path.join(folder, 'corpus.jsonl'), 'w') as f:
+        for i, title, text in docs:
+            f.write(json.dumps({'_id': i, **({} if title is None else {'title': title}), 'text': text}) + '\n')
+    with open(os.path.join(folder, 'queries.jsonl'), 'w') as f:
+        f.write(''.join(json.dumps({'_id': i, 'text': t}) + '\n' for i, t in queries))
+    with open(os.path.join(folder, 'qrels', f'{split}.tsv'), 'w') as f:
+        f.write(header + '\n' + ''.join(f'{q}\t{d}\t{s}\n' for q, d, s in qrels))
+    return str(folder)
+
+
+def tiny_beir(tiny, folder, n_docs=40, n_queries=12):
+    """Documents from the built-in task's dev texts (some with a title), queries cut from some of them, each judged
+    relevant to its source (2) and another (1), a 0 judgment, and a query 'd4' that is also a document's _id (and text)."""
+    texts = [e[0][:200] for e in tiny.task['splits']['dev'][:n_docs]]
+    docs = [(f'd{i}', f'title {i}' if i % 3 == 0 else None, t) for i, t in enumerate(texts)]
+    queries = [(f'q{i}', texts[3 * i][:60]) for i in range(n_queries)] + [('d4', texts[4]), ('q-none', 'nothing relevant')]
+    qrels = [(f'q{i}', f'd{3 * i}', 2) for i in range(n_queries)] + [(f'q{i}', f'd{(5 * i + 1) % n_docs}', 1) for i in range(n_queries)]
+    qrels += [('q0', 'd7', 0), ('d4', 'd5', 1), ('q-none', 'd1', 0)]
+    return write_beir(folder, docs, queries, qrels), docs, queries, qrels
+
+
+def test_beir_scores_equal_a_whole_corpus_reference(tiny, tmp_path, monkeypatch):
+    folder, docs, queries, qrels = tiny_beir(tiny, tmp_path / 'b')
+    monkeypatch.setattr(finetune, 'max_len', 64)
+    beir = finetune.beir_data(folder, 'test')
+    assert beir['texts'][0] == 'title 0 ' + docs[0][2] and beir['texts'][1] == docs[1][2]  # (title + ' ' + text).strip()
+    assert beir['query_ids'] == [f'q{i}' for i in range(12)] + ['d4', 'q-none'] and beir['unanswerable'] == 1
+    torch.manual_seed(0)
+    model = MPNet(MPNetConfig(vocab_size=len(tiny.tok), **TINY)).eval()
+    got = finetune.beir_scores(model, tiny.tok, beir, 'mean', 'cpu', chunk=7)  # 6 chunks: merging across them
+    # reference: every text embedded alone (no padding), the whole similarity matrix sorted in Python
+    emb = [finetune.pool(model, torch.tensor([tiny.tok(t, truncation=True, max_length=64)['input_ids']]),
+                         torch.ones(1, len(tiny.tok(t, truncation=True, max_length=64)['input_ids']), dtype=torch.long), 'mean')[0]
+           for t in beir['queries'] + beir['texts']]
+    sim = torch.stack(emb[:14]) @ torch.stack(emb[14:]).T
+    ids = [d[0] for d in docs]
+    same = [ids.index(q) if q in ids else -1 for q in beir['query_ids']]
+    ranked = reference_search(sim, 100, same)
+    assert 4 not in ranked[-2] and sim[-2, 4] == sim[-2].max()  # query 'd4' is document d4's text: left out, as BEIR
+    rel = [{ids.index(d): s for q2, d, s in qrels if q2 == q} for q in beir['query_ids']]
+    ref = reference_metrics(ranked, rel)
+    assert got['queries'] == 14 and got['documents'] == 40 and ref[-1] == (0.0, 0.0, 0.0)  # q-none: 0, as in BEIR
+    for i, name in enumerate(('ndcg@10', 'recall@100', 'mrr@10')):
+        assert got[name] == pytest.approx(sum(r[i] for r in ref) / 14, abs=1e-5), name
+
+
+def test_beir_from_the_command_line_prints_records_and_adds_a_runs_score(tiny, tmp_path):
+    folder = tiny_beir(tiny, tmp_path / 'b')[0]
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'metrics.jsonl').write_text('{"iter": 7, "val_loss": 6.5}\n')
+    os.link(tiny.ckpts[0], run / 'best.pt')
+    out = tmp_path / 'r.jsonl'
+    proc = run_here('finetune.py', str(run / 'best.pt'), '--task=beir', f'--eval_data={folder}', '--max_len=64', f'--out_file={out}')
+    assert proc.returncode == 0, proc.stderr
+    assert f'beir {folder} (test): 40 documents, 14 queries scored (1 of them without a relevant document in qrels/test.tsv: each scores 0, as in BEIR)' in proc.stdout
+    record = records(out)[0]
+    assert f"{run / 'best.pt'} (iter 7), mean pooling: ndcg@10 {record['ndcg@10']:.4f}, recall@100 {record['recall@100']:.4f}, " \
+           f"mrr@10 {record['mrr@10']:.4f}, queries 14, documents 40" in proc.stdout
+    assert record['score'] == record['ndcg@10'] and record['score_metric'] == 'ndcg@10' and record['task'] == 'beir'
+    assert record['config']['beir_split'] == 'test' and record['iter_num'] == 7
+    score = records(run / 'scores.jsonl')[0]
+    assert score['metric'] == 'ndcg@10' and score['mean'] == record['score'] and score['recipe']['beir_split'] == 'test'
+    # another split by name; a model run twice scores the same
+    os.rename(os.path.join(folder, 'qrels', 'test.tsv'), os.path.join(folder, 'qrels', 'dev.tsv'))
+    proc = run_here('finetune.py', str(run / 'best.pt'), '--task=beir', f'--eval_data={folder}', '--beir_split=dev',
+                    '--max_len=64', f'--out_file={out}')
+    assert proc.returncode == 0, proc.stderr
+    assert records(out)[1]['ndcg@10'] == record['ndcg@10']
+
+
+def test_a_few_judged_documents_the_corpus_lacks_are_kept_as_beir_keeps_them(tiny, tmp_path):
+    docs = [(f'd{i}', None, f'text number {i}') for i in range(200)]
+    queries = [(f'q{i}', f'text number {i}') for i in range(150)]
+    qrels = [(f'q{i}', f'd{i}', 1) for i in range(149)] + [('q149', 'gone', 1)]  # 1 of 150 rows: ArguAna has such
+    folder = write_beir(tmp_path / 'b', docs, queries, qrels)
+    beir = finetune.beir_data(folder, 'test')
+    assert beir['unknown'] == [(151, 'gone')] and len(beir['queries']) == 150  # its query stays, unreachable
+    assert finetune.beir_metrics([[0]] * 150, beir['qrels'])['recall@100'] == pytest.approx(1 / 150)
+    out = tmp_path / 'r.jsonl'
+    proc = run_here('finetune.py', tiny.ckpts[0], '--task=beir', f'--eval_data={folder}', '--max_len=64', f'--out_file={out}')
+    assert proc.returncode == 0, proc.stderr
+    assert "note: 1 judgment(s) name a document corpus.jsonl lacks (line 151: 'gone')" in proc.stdout
+
+
+def test_bad_beir_folders_are_one_line_and_write_nothing(tiny, tmp_path):
+    good = dict(docs=[('d1', 't', 'one'), ('d2', None, 'two')], queries=[('q1', 'one?'), ('q2', 'two?')],
+                qrels=[('q1', 'd1', 1), ('q2', 'd2', 2)])
+
+    def folder(name, **change):
+        return write_beir(tmp_path / name, **{**good, **change})
+
+    no_corpus = folder('no_corpus')
+    os.remove(os.path.join(no_corpus, 'corpus.jsonl'))
+    gz = folder('gz')
+    os.rename(os.path.join(gz, 'corpus.jsonl'), os.path.join(gz, 'corpus.jsonl.gz'))
+    dup = folder('dup')
+    with open(os.path.join(dup, 'corpus.jsonl'), 'a') as f:
+        f.write(json.dumps({'_id': 'd1', 'text': 'again'}) + '\n')
+    cases = [
+        ([f'--eval_data={tmp_path / "nosuch"}'], ['nosuch', 'folder not found']),
+        ([f'--eval_data={folder("f") + "/corpus.jsonl"}'], ['a file', 'BEIR folder']),
+        ([f'--eval_data={no_corpus}'], ['no corpus.jsonl', 'queries.jsonl']),
+        ([f'--eval_data={gz}'], ['corpus.jsonl.gz', 'gunzip']),
+        ([f'--eval_data={folder("split")}', '--beir_split=dev'], ['qrels/dev.tsv', 'test', '--beir_split=']),
+        ([f'--eval_data={folder("empty", docs=[])}'], ['corpus.jsonl', 'no documents']),
+        ([f'--eval_data={dup}'], ['corpus.jsonl', 'line 3', "'d1' again", 'line 1']),
+        ([f'--eval_data={folder("qdup", queries=[("q1", "a"), ("q1", "b")])}'], ['queries.jsonl', 'line 2', "'q1' again"]),
+        ([f'--eval_data={folder("noid", docs=[(None, None, "x")])}'], ['corpus.jsonl', 'line 1', "'_id' is null"]),
+        ([f'--eval_data={folder("notext", docs=[("d1", None, 5)])}'], ['corpus.jsonl', 'line 1', "'text' is 5, not a text"]),
+        ([f'--eval_data={folder("word", qrels=[("q1", "d1", "high")])}'], ['test.tsv', 'line 2', "'high'", 'whole number']),
+        ([f'--eval_data={folder("half", qrels=[("q1", "d1", "1.5")])}'], ['test.tsv', 'line 2', "'1.5'", 'whole number']),
+        ([f'--eval_data={folder("uq", qrels=[("q1", "d1", 1), ("q9", "d1", 1)])}'], ['test.tsv', 'line 3', "query 'q9'", '1 row']),
+        ([f'--eval_data={folder("ud", qrels=[("q1", "d1", 1), ("q2", "d9", 1)])}'], ['test.tsv', 'line 3', "document 'd9'", 'different datasets']),
+        ([f'--eval_data={folder("zero", qrels=[("q1", "d1", 0), ("q2", "d2", -1)])}'], ['test.tsv', 'no query has a relevant document']),
+        ([f'--eval_data={folder("twice", qrels=[("q1", "d1", 1), ("q1", "d1", 2)])}'], ['line 3', 'judged 2', 'and 1 on line 2']),
+        ([f'--eval_data={write_beir(tmp_path / "nohead", header="q1	d2	1", **good)}'], ['line 1', 'not the header']),
+        ([f'--eval_data={write_beir(tmp_path / "cols", header="a	b	c	d", **{**good, "qrels": [("q1", "d1", "1	x")]})}'],
+         ['line 1', '4 columns']),
+        ([], ['--task=beir needs --eval_data=FOLDER']),
+        ([f'--eval_data={folder("seeds")}', '--seeds=2'], ['trains nothing']),
+    ]
+    out = tmp_path / 'results.jsonl'
+    for args, words in cases:
+        proc = run_here('finetune.py', tiny.ckpts[0], '--task=beir', f'--out_file={out}', *args)
+        assert_clean_error(proc, *words)
+        assert not out.exists(), args
+    # a setting for another task, and an out_file that is one of the folder's files
+    assert_clean_error(run_here('finetune.py', tiny.ckpts[0], '--task=pydocs', '--beir_split=dev', f'--out_file={out}'),
+                       '--beir_split', '--task=beir')
+    ok = folder('ok')
+    before = open(os.path.join(ok, 'corpus.jsonl')).read()
+    proc = run_here('finetune.py', tiny.ckpts[0], '--task=beir', f'--eval_data={ok}', f'--out_file={ok}/corpus.jsonl')
+    assert_clean_error(proc, "the task's data")
+    assert open(os.path.join(ok, 'corpus.jsonl')).read() == before
+
+
+def test_a_sentence_transformers_models_own_length_is_said_when_max_len_differs(tiny, tmp_path):
+    from test_all import save_model
+    folder = tiny_beir(tiny, tmp_path / 'b')[0]
+    st = save_model(tmp_path / 'st.pt', torch.load(tiny.ckpts[0], weights_only=True)['model'], tiny,
+                    st_files={'sentence_bert_config.json': json.dumps({'max_seq_length': 48})})
+    for max_len, said in ((64, True), (48, False)):
+        proc = run_here('finetune.py', st, '--task=beir', f'--eval_data={folder}', f'--max_len={max_len}',
+                        f'--out_file={tmp_path / "r.jsonl"}')
+        assert proc.returncode == 0, proc.stderr
+        assert ('cuts at 48: pass --max_len=48 to score as BEIR does' in proc.stdout) == said, proc.stdout

@@ -1,0 +1,598 @@
+"""
+Contrastive fine-tuning: an MPNet becomes (or becomes a better) sentence-embedding model. InfoNCE with
+in-batch negatives (sentence-transformers' MultipleNegativesRankingLoss), large batches at the memory of a
+small one (gradient caching), the negatives of every GPU shared under torchrun.
+
+    python contrastive.py out-tiny/best.pt config/contrastive_raw.py                  # pretrained here, then this stage
+    python contrastive.py out-tiny/best.pt config/contrastive_raw.py --pairs=simcse   # SimCSE: a text twice, dropout as noise
+    python contrastive.py path/to/all-mpnet-base-v2 config/contrastive_raw.py --dataset=my_docs.jsonl   # your domain's text
+    python contrastive.py path/to/all-mpnet-base-v2 config/contrastive_pairs.py --dataset=pairs.jsonl   # labelled pairs
+    python contrastive.py config/contrastive_raw.py --init_from=resume                # continue out_dir/ckpt.pt
+    torchrun --standalone --nproc_per_node=8 contrastive.py MODEL config/contrastive_pairs.py   # 8 x the negatives
+    python convert_hf.py out-contrastive-raw/best.pt out-contrastive-raw/st           # -> SentenceTransformer(folder)
+
+Models: checkpoints of this project, HF MPNet names or folders, sentence-transformers folders, whose pooling
+and normalisation are used and kept for the export; a model without them gets mean pooling + Normalize (see
+sentence_files). Data: labelled pairs or triplets (.jsonl/.csv/.tsv, sentence-transformers' columns), or raw
+text (the sources train.py reads, or a prepared data_dir) whose positives come from the text itself: the two
+halves of a document (--pairs=halves) or the same text twice (--pairs=simcse). Every eval_interval steps: the
+retrieval finetune.py --task=retrieval measures (MRR, top-1, unrelated cosine) on held-out pairs, the held-out
+InfoNCE loss, optionally STS. The run folder is train.py's (checkpoint.py): a previous run is never replaced by
+accident, saves are atomic, best.pt holds the highest held-out MRR, ckpt.pt resumes, metrics.jsonl feeds plot.py.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+from torch.nn.attention import sdpa_kernel
+
+import data
+import finetune
+from checkpoint import (CheckpointError, check_free_space, checkpoint_bytes, claim_run_dir, link_checkpoint,
+                        model_from_checkpoint, release_replaced, replace_run, save_checkpoint, trim_log, validation_key)
+from configurator import ConfigError, check_device, configure
+from convert_hf import ConvertError, quiet_transformers, sentence_pooling, tokenizer_files_of
+from model import MASK_GRAD_BACKENDS
+
+# -----------------------------------------------------------------------------------------------
+# I/O
+init_from: str = ''                     # the model, usually given first: a .pt, an HF or sentence-transformers name/folder; 'resume'
+out_dir: str = 'out-contrastive'        # the run's folder: ckpt.pt, best.pt (highest held-out MRR), metrics.jsonl, curves.png
+overwrite: bool = False                 # start over in an out_dir that holds a run (moved to replaced/ until beaten)
+eval_interval: int = 100                # evaluate (and save) every this many steps
+eval_pairs: int = 1000                  # held-out pairs the retrieval ranks, each first text against every second one
+log_interval: int = 10                  # steps per log line
+curves: bool = True                     # redraw out_dir/curves.png after each evaluation (plot.py, in the background)
+# data
+dataset: str = 'pydocs'                 # raw: 'pydocs' (built in), a .txt/.jsonl/.parquet file or folder; labelled: a .jsonl/.csv/.tsv
+data_dir: str = ''                      # raw text from a prepared folder instead of dataset (data.py): train.bin trains, val.bin evaluates
+pairs: str = 'halves'                   # raw text: 'halves' (of each document) or 'simcse' (each text twice); 'labelled': columns
+anchor_field: str = ''                  # labelled: the anchor column ('' = anchor, sentence1, query or question, else the first)
+positive_field: str = ''                # ... the positive ('' = positive, sentence2, document or answer, else the second)
+negative_field: str = ''                # ... a hard negative ('' = negative or sentence3, else a third column if any)
+text_field: str = 'text'                # raw text: the column of .jsonl / .parquet files
+txt_split: str = 'paragraph'            # raw text: a .txt file's documents: 'line', 'paragraph' or 'file'
+val_frac: float = 0.05                  # held out for evaluation, by document (raw) or by anchor (labelled), unless eval_data
+eval_data: str = ''                     # evaluate on this instead: .txt/.jsonl documents (their halves) or a pairs file
+sts_data: str = ''                      # also Spearman on these scored pairs (sentence1, sentence2, score) at each evaluation
+max_len: int = 128                      # tokens per text, <s> and </s> included (sentence-transformers' max_seq_length)
+tokenizer: str = 'model'                # 'model' = the one the model carries; another must have its vocabulary
+# loss: InfoNCE with in-batch negatives
+scale: float = 20.0                     # cosine similarity x scale: temperature 0.05, as sentence-transformers' MNRL
+symmetric: bool = False                 # also each positive against every anchor, the two losses averaged
+batch_size: int = 64                    # pairs per GPU per step: the texts of the others are each pair's negatives
+mini_batch_size: int = 0                # gradient caching: at most this many texts through the model at once (0 = off)
+# optimizer: AdamW, linear warmup, then linear decay to 0 at max_iters (sentence-transformers' schedule)
+learning_rate: float = 2e-5             # peak, after warmup
+max_iters: int = 1000                   # optimizer steps of the whole run
+warmup_iters: int = 100                 # linear warmup from 0
+weight_decay: float = 0.01              # on matrices and embeddings, not biases or norms
+grad_clip: float = 1.0                  # 0 = off
+dropout: float = 0.1                    # hidden and attention dropout of the encoder; SimCSE's only noise
+# system
+device: str = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda' or 'cuda:N'
+dtype: str = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast dtype on CUDA; CPU runs float32
+seed: int = 1337                        # data order, held-out split, dropout
+# -----------------------------------------------------------------------------------------------
+config_keys = list(__annotations__)
+CHOICES = dict(pairs=('labelled', 'halves', 'simcse'), dtype=('float32', 'bfloat16'), txt_split=('line', 'paragraph', 'file'))
+LIMITS = dict(max_len='>= 8', eval_pairs='>= 2', scale='> 0', mini_batch_size='>= 0', dropout='[0, 1)')
+MIN_HALF = 16  # data.probe_pairs' min_len: a document gives two halves when it has 2 x 16 tokens or more
+# sentence-transformers' column names for each role; without them it reads the columns in order
+COLUMNS = dict(anchor=('anchor', 'sentence1', 'query', 'question'),
+               positive=('positive', 'sentence2', 'document', 'answer'), negative=('negative', 'sentence3'))
+NOT_TEXT = ('label', 'labels', 'score', 'scores', 'id')
+
+
+def die(msg):
+    if int(os.environ.get('LOCAL_RANK', 0)) == 0:  # one line per node, not one per process
+        print(f'error: {msg}', file=sys.stderr)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(1)
+
+
+# -----------------------------------------------------------------------------------------------
+# the loss, and one step's gradients with gradient caching and negatives from every rank
+
+def collate(seqs, bos, eos, device='cpu'):
+    """(ids, attention_mask) of token arrays as the tokenizer encodes a text: <s> text </s>, padded with <pad> (1)."""
+    ids = np.ones((len(seqs), max(len(s) for s in seqs) + 2), np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, 0], ids[i, 1:len(s) + 1], ids[i, len(s) + 1] = bos, s, eos
+    ids = torch.from_numpy(ids)
+    return ids.to(device), (ids != 1).long().to(device)
+
+
+def embed(model, seqs, special, pooling, autocast=nullcontext()):
+    """Sentence embeddings [N, C] (fp32, not normalised) of token arrays: <s> ('cls') or the mean over the text
+    and its <s> </s> ('mean'), as sentence-transformers pools (and finetune.pool, which adds no autograd)."""
+    ids, mask = collate(seqs, *special, device=next(model.parameters()).device)
+    with autocast:
+        h = model.encode(ids, mask)
+    h, m = h.to(torch.promote_types(h.dtype, torch.float32)), mask[..., None].to(h.dtype)  # fp32 (fp64 in the tests)
+    return h[:, 0] if pooling == 'cls' else (h * m).sum(1) / m.sum(1)
+
+
+def info_nce(emb, text_ids, scale=20.0, symmetric=False):
+    """MultipleNegativesRankingLoss of N pairs: emb [K, N, C] holds anchors, positives (and hard negatives,
+    K=3); each anchor's cosine x scale with every positive and negative of the batch, cross-entropy with its own
+    positive. text_ids [K, N]: equal ids are equal texts. A candidate that is the same text as the anchor or as
+    its positive, or the positive of another copy of the anchor, is another right answer, not a negative:
+    masked out. symmetric: also each positive against every anchor (sentence-transformers' per-direction mean)."""
+    e = F.normalize(emb.to(torch.promote_types(emb.dtype, torch.float32)), dim=-1)
+    ga, gp, gc = text_ids[0], text_ids[1], text_ids[1:].flatten()
+    n, own = e.size(1), torch.arange(e.size(1), device=e.device)
+    same = (gc[None, :] == gp[:, None]) | (gc[None, :] == ga[:, None])
+    same[:, :n] |= ga[None, :] == ga[:, None]
+    same[own, own] = False
+    loss = F.cross_entropy((scale * e[0] @ e[1:].flatten(0, 1).T).masked_fill(same, -math.inf), own)
+    if symmetric:
+        same = (ga[None, :] == ga[:, None]) | (gp[None, :] == gp[:, None]) | (ga[None, :] == gp[:, None])
+        same[own, own] = False
+        loss = (loss + F.cross_entropy((scale * e[1] @ e[0].T).masked_fill(same, -math.inf), own)) / 2
+    return loss
+
+
+def gather(x):
+    """[K, B, C] of this rank -> [K, W*B, C] of every rank, in rank order. Only this rank's rows keep their autograd
+    history: every rank computes the loss of the whole batch, so each row's full gradient reaches its own rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts, dim=1)
+
+
+def rng_state(device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == 'cuda' else None
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def contrastive_step(model, seqs, text_ids, special, pooling='mean', mini_batch_size=0, scale=20.0, symmetric=False,
+                     autocast=nullcontext()):
+    """The loss of one step, its gradient accumulated into .grad (this rank's share: sum_gradients adds the ranks').
+    seqs: this rank's K*B token arrays column by column (B anchors, B positives, B negatives); text_ids [K, W*B]:
+    the whole batch's. mini_batch_size > 0: gradient caching (GradCache, Gao et al. 2021; sentence-transformers'
+    CachedMultipleNegativesRankingLoss): every mini-batch is embedded without autograd, the gradient of the whole
+    batch's loss w.r.t. those embeddings is taken, then each mini-batch runs again with autograd, its dropout
+    replayed from the RNG state saved before its first run, and that gradient flows back through it. The memory
+    is one mini-batch's; the gradient is exactly the whole batch's."""
+    device, m = next(model.parameters()).device, mini_batch_size
+    if not m:
+        emb = embed(model, seqs, special, pooling, autocast)
+    else:  # both runs on the SDPA backends autograd allows for a bias with a gradient: the same kernels, same dropout
+        states, parts = [], []
+        with torch.no_grad(), sdpa_kernel(MASK_GRAD_BACKENDS):
+            for a in range(0, len(seqs), m):
+                states.append(rng_state(device))
+                parts.append(embed(model, seqs[a:a + m], special, pooling, autocast))
+        emb = torch.cat(parts).requires_grad_()
+    loss = info_nce(gather(emb.view(text_ids.size(0), -1, emb.size(-1))), text_ids, scale, symmetric)
+    loss.backward()
+    for a, state in zip(range(0, len(seqs), m or 1), states if m else []):
+        set_rng_state(state, device)
+        with sdpa_kernel(MASK_GRAD_BACKENDS):
+            embed(model, seqs[a:a + m], special, pooling, autocast).backward(emb.grad[a:a + m])
+    return loss.detach()
+
+
+def sum_gradients(params):
+    """Add up every rank's gradients: each rank holds its own rows' part of the gradient of the whole batch's loss."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+
+# -----------------------------------------------------------------------------------------------
+# data: a text is a span of one token array (no special tokens); pairs are spans [K, n, 2], K = 2 or 3
+
+def encode(tok, texts):
+    """(token array, spans [n, 2]) of texts, encoded whole (clip cuts them to max_len when they are used)."""
+    ids = [x for i in range(0, len(texts), 1000) for x in tok(texts[i:i + 1000], add_special_tokens=False)['input_ids']]
+    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    return np.fromiter((t for x in ids for t in x), np.int32, int(lengths.sum())), np.stack([lengths.cumsum() - lengths,
+                                                                                           lengths.cumsum()], 1)
+
+
+def labelled_pairs(path, tok):
+    """(tokens, spans) of a file of pairs or triplets, its columns picked as sentence-transformers does: by the
+    names it knows, else in order."""
+    rows = finetune.read_rows(path)
+    columns = [c for c in (rows[0][1] if rows else {}) if c not in NOT_TEXT]
+    named = [next((c for c in COLUMNS[role] if c in columns), '') for role in COLUMNS]
+    picked = ([anchor_field or named[0], positive_field or named[1], negative_field or named[2]]
+              if anchor_field or positive_field or named[0] and named[1] else (columns + ['', ''])[:3])
+    picked = [(c, role) for c, role in zip(picked, COLUMNS) if c]
+    if len(picked) < 2:
+        raise finetune.TaskError(
+            f"'{path}' has {len(columns)} text column{'s' * (len(columns) != 1)} ({', '.join(columns) or 'none'}): a pair "
+            f"needs two (anchor/positive, sentence1/sentence2 or query/document; --anchor_field= and --positive_field= "
+            f"name others); for raw text, build the pairs from it with --pairs=halves or --pairs=simcse")
+    tokens, spans = encode(tok, [finetune.text(path, line, r, c, f'{role}_field') for c, role in picked for line, r in rows])
+    for i in np.flatnonzero(spans[:, 1] == spans[:, 0])[:1]:
+        raise finetune.TaskError(f"'{path}', line {rows[i % len(rows)][0]}: '{picked[i // len(rows)][0]}' has no tokens")
+    print(f"{path}: {len(rows):,} {'triplets' if len(picked) == 3 else 'pairs'} ({' / '.join(c for c, _ in picked)})")
+    return tokens, spans.reshape(len(picked), len(rows), 2)
+
+
+def raw_text(tok, eos):
+    """(tokens, spans [2, n, 2] of the texts each training document gives, held-out documents as one </s>-separated
+    row or None): a document's halves (data.probe_pairs' split, at least MIN_HALF tokens each), or itself twice."""
+    if data_dir:  # prepared: train.bin trains, val.bin is held out
+        meta, _, fingerprint = data.load_prepared(data_dir)
+        if fingerprint['tokenizer'] != data.tokenizer_fingerprint(tok):
+            raise data.DataError(f"data_dir '{data_dir}' was prepared with another vocabulary than the model's: prepare "
+                                 f"it with the model's tokenizer (data.py --tokenizer=...)")
+        tokens = np.memmap(os.path.join(data_dir, 'train.bin'), dtype=meta['dtype'], mode='r')
+        ends = np.concatenate([np.flatnonzero(tokens[i:i + 2**24] == eos) + i for i in range(0, len(tokens), 2**24)] or
+                              [np.zeros(0, np.int64)])
+        docs, held = np.stack([np.concatenate([[0], ends[:-1] + 1]), ends], 1), data.val_prefix(data_dir, 2**40)
+    else:  # the sources train.py reads; held out by document as data.py does
+        ds, field, _ = data._source(dataset, text_field, txt_split=txt_split)
+        tokens, docs = encode(tok, [t for t in ds[field] if isinstance(t, str) and t.strip()])
+        out = data._uniform(np.arange(len(docs)), seed) < (0 if eval_data else val_frac)
+        held = np.concatenate([x for a, b in docs[out] for x in (tokens[a:b], [eos])]) if out.any() else None
+        docs = docs[~out]
+    start, length = docs[:, 0], docs[:, 1] - docs[:, 0]
+    keep = length >= (1 if pairs == 'simcse' else 2 * MIN_HALF)
+    start, length = start[keep], length[keep]
+    cut = start + (length if pairs == 'simcse' else length // 2)
+    first = np.stack([start, cut], 1)
+    return tokens, np.stack([first, first if pairs == 'simcse' else np.stack([cut, start + length], 1)]), held
+
+
+def clip(spans):  # what the model sees of a text: max_len tokens with <s> and </s>
+    return np.stack([spans[..., 0], np.minimum(spans[..., 1], spans[..., 0] + max_len - 2)], -1)
+
+
+def text_ids(tokens, spans):
+    """[K, n] ids of texts: equal for equal token sequences (within this process)."""
+    return torch.tensor([[hash(tokens[a:b].tobytes()) for a, b in column] for column in clip(spans)])
+
+
+def heldout_pairs(tokens, spans, special, n=None):
+    """(training spans, [2, m, L] ids and mask of held-out pairs, as data.probe_pairs gives and retrieval_scores
+    ranks). Held out by the anchor's text (one anchor is never on both sides) unless n: the first n pairs of all;
+    a pair whose anchor or positive was already seen is left out (one right answer per query)."""
+    crc = np.array([zlib.crc32(tokens[a:b].tobytes()) for a, b in clip(spans[0])])
+    out = np.ones(len(crc), bool) if n else data._uniform(crc, seed) < (0 if eval_data else val_frac)
+    seen, keep = set(), []
+    for i, (a, p) in zip(np.flatnonzero(out), text_ids(tokens, spans[:2, out]).T.tolist()):
+        if a not in seen and p not in seen and len(keep) < (n or eval_pairs):
+            keep.append(i)
+        seen |= {a, p}
+    if len(keep) < 2:
+        return spans[:, ~out], None
+    ids, mask = collate([tokens[a:b] for a, b in clip(spans[:2, keep]).reshape(-1, 2)], *special)
+    return spans[:, ~out], (ids.view(2, len(keep), -1), mask.view(2, len(keep), -1))
+
+
+def sentence_files(n_embd):
+    """sentence-transformers' modules for a model without them (pretrained here, a plain HF MPNet): Transformer ->
+    mean Pooling -> Normalize at max_len, as this script embeds, in all-mpnet-base-v2's layout, which every version
+    of the library loads. With them convert_hf.py exports a folder SentenceTransformer loads as the model trained here."""
+    modules = [dict(idx=i, name=str(i), path=path, type=f'sentence_transformers.models.{kind}')
+               for i, (path, kind) in enumerate((('', 'Transformer'), ('1_Pooling', 'Pooling'), ('2_Normalize', 'Normalize')))]
+    pool = dict(word_embedding_dimension=n_embd, pooling_mode_cls_token=False, pooling_mode_mean_tokens=True,
+                pooling_mode_max_tokens=False, pooling_mode_mean_sqrt_len_tokens=False)
+    return {'modules.json': json.dumps(modules, indent=2), 'config_sentence_transformers.json':
+            json.dumps(dict(similarity_fn_name='cosine'), indent=2), '1_Pooling/config.json': json.dumps(pool, indent=2),
+            'sentence_bert_config.json': json.dumps(dict(max_seq_length=max_len, do_lower_case=False), indent=2)}
+
+
+def hf_pooler(n_embd):
+    """A pooler as HF initialises one (N(0, 0.02), zero bias) for a model without one: sentence-transformers never
+    uses it, but AutoModel builds one, and a folder without its weights loads with a report of missing weights."""
+    return {'pooler.weight': torch.randn(n_embd, n_embd, generator=torch.Generator().manual_seed(0)) * 0.02,
+            'pooler.bias': torch.zeros(n_embd)}
+
+
+def load(tok, special, ckpt, name, GB):
+    """(tokens, training spans, held-out pairs, STS pairs or None); a TaskError or DataError for data that cannot work."""
+    if pairs == 'labelled':
+        tokens, spans = labelled_pairs(dataset, tok)
+    else:
+        tokens, spans, held = raw_text(tok, special[1])
+        if not spans.shape[1]:
+            raise data.DataError(f"no document of '{data_dir or dataset}' has {2 * MIN_HALF} tokens or more to split into "
+                                 f"halves: give longer documents (--txt_split=file for .txt files), or use --pairs=simcse")
+    for k in (0, 1):
+        if len(set(text_ids(tokens, spans[k:k + 1])[0].tolist())) < 2:
+            raise finetune.TaskError(f"every {('anchor', 'positive')[k]} text of '{data_dir or dataset}' is the same: no "
+                                     f"pair of a batch has a negative (the texts of the other pairs)")
+    if pairs == 'labelled':
+        spans, evaluation = heldout_pairs(tokens, spans, special)
+    else:
+        evaluation = data.probe_pairs([held], *special, 1, eval_pairs, max_len=max_len - 2) if held is not None else None
+    if eval_data:  # a pairs file, or documents (read as finetune.py --task=retrieval reads them: their halves)
+        first = finetune.read_rows(eval_data)[:1] if eval_data.endswith('.jsonl') else []
+        if eval_data.endswith(('.csv', '.tsv')) or first and text_field not in first[0][1]:
+            evaluation = heldout_pairs(*labelled_pairs(eval_data, tok), special, eval_pairs)[1]
+        else:
+            evaluation = finetune.retrieval_pairs(ckpt, tok, name)
+    if evaluation is None or evaluation[0].size(1) < 2:
+        raise finetune.TaskError('the held-out text gives fewer than 2 pairs to evaluate on: raise --val_frac, or give '
+                                 '--eval_data=FILE')
+    if spans.shape[1] < GB:
+        raise finetune.TaskError(f'{spans.shape[1]:,} training pairs, fewer than one batch of {GB:,} (batch_size x '
+                                 f'processes): lower batch_size')
+    finetune.text_field = ''  # sts_pairs' columns: sentence1, sentence2, score (or label)
+    return tokens, spans, evaluation, finetune.sts_pairs(sts_data) if sts_data else None
+
+
+# -----------------------------------------------------------------------------------------------
+# the run
+
+def main(argv):
+    models = [a for a in argv if not a.startswith('-') and not a.endswith('.py')]
+    try:
+        config = configure({k: globals()[k] for k in config_keys}, [a for a in argv if a not in models], CHOICES,
+                           script=__file__, limits=LIMITS, also='The model may be given first: python contrastive.py '
+                           'MODEL config/contrastive_raw.py [--key=value ...]; then export: python convert_hf.py BEST.pt DIR')
+        check_device(config['device'], 'sdpa')
+    except ConfigError as e:
+        die(e)
+    if models and config['init_from'] != 'resume':  # the same command with --init_from=resume continues the run
+        config['init_from'] = models[0]
+    globals().update(config)
+    resume = init_from == 'resume'
+    if len(models) > 1 or not init_from:
+        die('give one model: python contrastive.py MODEL config/contrastive_raw.py (a .pt checkpoint, an HF MPNet or a '
+            'sentence-transformers name or folder; --init_from=resume continues out_dir)')
+    if overwrite and resume:
+        die("overwrite=True starts the run over; it cannot be combined with init_from='resume'")
+    if mini_batch_size > batch_size:
+        die(f'mini_batch_size ({mini_batch_size}) is larger than batch_size ({batch_size}): a mini-batch is a part of '
+            f'the batch; use mini_batch_size <= batch_size (0 = no gradient caching)')
+    if pairs == 'labelled' and data_dir:
+        die('data_dir holds raw text: train on it with --pairs=halves or --pairs=simcse, or give labelled pairs with '
+            '--dataset=PAIRS.jsonl|.csv|.tsv')
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    if ddp:
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    flags = dist.new_group(backend='gloo') if ddp else None  # CPU messages: errors, stop requests, evaluations
+    master, dev = rank == 0, torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if ddp and device != 'cpu' else device)
+    if dev.type == 'cuda':
+        torch.cuda.set_device(dev)
+    torch.manual_seed(seed + rank)  # dropout: each rank its own stream
+    torch.backends.cuda.matmul.allow_tf32 = True
+    autocast = torch.autocast('cuda', torch.bfloat16) if dev.type == 'cuda' and dtype == 'bfloat16' else nullcontext()
+    GB = batch_size * world  # pairs per step: each one's texts are negatives of all the others
+
+    def agree(error):
+        """Every rank stops with the first error any rank met (rank 0 alone owns the run folder)."""
+        errors = [error] * world
+        if ddp:
+            dist.all_gather_object(errors, error, group=flags)
+        if any(errors):
+            die(next(e for e in errors if e))
+
+    if GB < 2:
+        die('batch_size=1: a batch of one pair has no negatives (the other pairs of a batch are its negatives): '
+            'use batch_size >= 2')
+    ckpt_path, best_path, metrics_path = (os.path.join(out_dir, n) for n in ('ckpt.pt', 'best.pt', 'metrics.jsonl'))
+    finetune.tokenizer, finetune.max_len, finetune.eval_data, finetune.text_field, finetune.max_pairs = (
+        tokenizer, max_len, eval_data, text_field, eval_pairs)  # what its readers and scores read
+    error, name = None, ckpt_path if resume else init_from
+    try:  # everything is checked before anything is written
+        if resume and not os.path.isfile(ckpt_path):
+            raise CheckpointError(f"init_from='resume' but {ckpt_path} does not exist: set --out_dir to the run's folder")
+        ckpt, tok = finetune.load_model(name)
+        if resume and 'data_pos' not in ckpt:
+            raise CheckpointError(f"{ckpt_path} was not written by contrastive.py: start a new run from it instead")
+        if max_len > ckpt['model_args']['max_positions']:
+            raise finetune.TaskError(f"max_len {max_len} exceeds the model's max_positions {ckpt['model_args']['max_positions']}")
+        special = tuple(data._special_ids(tok)[k] for k in ('bos_id', 'eos_id'))
+        tokens, spans, evaluation, sts = load(tok, special, ckpt, name, GB)
+    except (CheckpointError, ConvertError, data.DataError, finetune.TaskError) as e:
+        error = str(e)
+    agree(error)
+    model_args = {**ckpt['model_args'], 'dropout': dropout, 'attn_dropout': dropout}
+    model = model_from_checkpoint(ckpt, name, **model_args).to(dev).train()
+    n_embd = model_args['n_embd']
+    carried = dict(st_files=ckpt.get('st_files') or sentence_files(n_embd), st_path=ckpt.get('st_path') or '',
+                   hf_extra=ckpt.get('hf_extra') or hf_pooler(n_embd),
+                   tokenizer_files=ckpt.get('tokenizer_files') or tokenizer_files_of(tokenizer),
+                   special_ids=ckpt.get('special_ids') or dict(bos_token_id=special[0], pad_token_id=1, eos_token_id=special[1]))
+    pooling = sentence_pooling(carried['st_files'])  # as the sentence-transformers model pools (mean if new)
+    fingerprint = dict(tokenizer=data.tokenizer_fingerprint(tok), pairs=f'{spans.shape[1]} x {zlib.crc32(clip(spans).tobytes())}')
+    key = validation_key(config, zlib.crc32(evaluation[0].numpy().tobytes()))  # runs compare on the same held-out pairs
+    if master:
+        print('config:\n' + '\n'.join(f'  {k} = {config[k]!r}' for k in config_keys))
+        print(f"{spans.shape[1]:,} training {'triplets' if len(spans) == 3 else 'pairs'} ({pairs}), {GB:,} a step "
+              f"({batch_size} x {world} process{'es' * (world > 1)}"
+              f"{f', embedded {mini_batch_size} texts at a time' if mini_batch_size else ''}); {pooling} pooling; "
+              f"evaluation: {evaluation[0].size(1)} held-out pairs" + (f', {len(sts)} STS pairs' if sts else ''))
+
+    stop = []  # SIGINT/SIGTERM: save and stop after this step; a second one: quit at once, without saving
+    def on_signal(signum, frame):
+        if stop:
+            os._exit(130)
+        stop.append(signum)
+        if master:
+            print(f'{signal.Signals(signum).name}: stopping after this step, saving first (again: quit at once, '
+                  f'without saving)', flush=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    error = None
+    if master:
+        try:
+            global run_lock
+            run_lock = claim_run_dir(out_dir, resume, overwrite)  # held until this process exits
+            said = replace_run(out_dir, start=init_from if os.path.isfile(init_from) else None)[0] if overwrite else None
+            if said:
+                print(said)
+            if resume:
+                trim_log(metrics_path, ckpt['iter_num'])
+            check_free_space(out_dir, checkpoint_bytes(model), 2)
+        except CheckpointError as e:
+            error = str(e)
+    agree(error)
+
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.999), 1e-6, dev.type)
+    params = [p for p in model.parameters() if p.requires_grad]
+    iter_num, best_mrr, best_iter, data_pos = 0, -math.inf, None, 0
+    if resume:
+        iter_num, best_mrr, best_iter, data_pos = ckpt['iter_num'], ckpt['best_mrr'], ckpt['best_iter'], ckpt['data_pos']
+        optimizer.load_state_dict(ckpt['optimizer'])
+        if len(ckpt['rank_states']) == world:  # else new dropout streams; the data continues exactly all the same
+            set_rng_state(ckpt['rank_states'][rank], dev)
+        if master:
+            print(f"resuming from step {iter_num} of {ckpt_path} (best held-out MRR {best_mrr:.4f} at step {best_iter})")
+    start_iter, ckpt, orders = iter_num, None, {}
+
+    def batch(pos):
+        """This rank's texts of the step at position pos of the data (epoch after epoch, each in a seeded order of its
+        own), column by column; the ids of the whole step's texts; the number of tokens."""
+        e, i = np.divmod(pos + np.arange(GB), spans.shape[1])
+        if not set(e.tolist()) <= set(orders):
+            orders.clear()
+            orders.update({k: np.random.default_rng([seed, k]).permutation(spans.shape[1]) for k in set(e.tolist())})
+        step = clip(spans[:, [orders[k][j] for k, j in zip(e.tolist(), i.tolist())]])
+        seqs = [tokens[a:b] for column in step[:, rank * batch_size:(rank + 1) * batch_size] for a, b in column]
+        return seqs, text_ids(tokens, step), int((step[..., 1] - step[..., 0]).sum()) + 2 * step[..., 0].size
+
+    def evaluate():
+        """Held-out retrieval as finetune.py --task=retrieval scores it, the InfoNCE of all held-out pairs at once, STS;
+        under train.py's probe names, which plot.py draws. Rank 0's numbers decide for every rank."""
+        model.eval()
+        first, second = finetune.pool(model, evaluation[0].flatten(0, 1).to(dev), evaluation[1].flatten(0, 1).to(dev),
+                                      pooling, autocast).view(2, evaluation[0].size(1), -1)
+        val_loss = F.cross_entropy(scale * first @ second.T, torch.arange(first.size(0), device=dev)).item()
+        found = finetune.retrieval_scores(model, evaluation[0].to(dev), evaluation[1].to(dev), pooling, autocast)
+        rho = finetune.sts_scores(model, tok, sts, pooling, dev, autocast)['spearman'] if sts else math.nan
+        model.train()
+        numbers = torch.tensor([val_loss, found['acc1'], found['mrr'], found['unrelated_cos'], rho], dtype=torch.float64)
+        if ddp:
+            dist.broadcast(numbers, 0, group=flags)
+        record = dict(iter=iter_num, val_loss=numbers[0].item(), probe_found=numbers[1].item(),
+                      probe_mrr=numbers[2].item(), probe_cos=numbers[3].item(), objective='contrastive')
+        return {**record, 'sts_spearman': numbers[4].item()} if sts else record
+
+    def save(record=None, improved=False):
+        """Every rank's RNG state gathered; rank 0 writes ckpt.pt atomically and, when improved, links best.pt to it."""
+        states = [rng_state(dev)] * world
+        if ddp:
+            dist.all_gather_object(states, states[0], group=flags)
+        if not master:
+            return
+        try:
+            save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
+                                 config=config, iter_num=iter_num, val_loss=record and record['val_loss'],
+                                 val_mrr=record and record['probe_mrr'], best_mrr=best_mrr, best_iter=best_iter,
+                                 data_pos=data_pos, rank_states=states, data_fingerprint=fingerprint,
+                                 data_dir=data_dir or None, **carried), ckpt_path)
+            if improved:
+                link_checkpoint(ckpt_path, best_path)
+                released = release_replaced(out_dir, record['val_loss'], key, True)  # a replaced run goes once a model
+                if released:  # at least as good on the same held-out pairs (by their InfoNCE) is saved
+                    print(released)
+        except CheckpointError as e:
+            die(e)
+        print(f"saved {ckpt_path} at step {iter_num}" + (f' (also {best_path}: the best so far)' if improved else ''))
+
+    def log(record):
+        if master:
+            with open(metrics_path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+
+    plotting = []
+    def draw_curves():  # out_dir/curves.png, redrawn by plot.py in a child process, one at a time
+        if curves and master and importlib.util.find_spec('matplotlib') and not (plotting and plotting[-1].poll() is None):
+            plotting.append(subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                              'plot.py'), out_dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    losses, n_tokens, t0 = [], 0, time.time()
+    while True:
+        if iter_num % eval_interval == 0 or iter_num == max_iters:
+            try:
+                record = evaluate()
+            except finetune.TaskError as e:  # NaN embeddings
+                die(f'{e} (step {iter_num}; the last checkpoint is intact)')
+            improved = record['probe_mrr'] > best_mrr and iter_num > start_iter
+            if iter_num > start_iter or not resume:  # a new run's starting model is the first to beat
+                best_mrr = max(best_mrr, record['probe_mrr'])
+            best_iter = iter_num if improved else best_iter
+            if master:
+                print(f"step {iter_num}: held-out MRR {record['probe_mrr']:.4f} (top-1 {record['probe_found']:.3f}, "
+                      f"{evaluation[0].size(1)} pairs), InfoNCE {record['val_loss']:.4f}, unrelated cosine "
+                      f"{record['probe_cos']:.3f}" + (f", STS Spearman {record['sts_spearman']:.4f}" if sts else ''))
+            log(record)
+            if iter_num > start_iter:
+                save(record, improved)
+            draw_curves()
+            t0 = time.time()
+        stopping = torch.tensor([float(bool(stop))])
+        if ddp:  # every rank stops at the same step
+            dist.all_reduce(stopping, op=dist.ReduceOp.MAX, group=flags)
+        if stopping.item() or iter_num >= max_iters:
+            break
+        seqs, ids, tokens_seen = batch(data_pos)
+        lr = learning_rate * min((iter_num + 1) / (warmup_iters + 1), (max_iters - iter_num) / max(1, max_iters - warmup_iters))
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        loss = contrastive_step(model, seqs, ids, special, pooling, mini_batch_size, scale, symmetric, autocast)
+        sum_gradients(params)
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
+        if not (math.isfinite(loss.item()) and math.isfinite(norm.item())):
+            die(f'the loss or its gradient is not finite at step {iter_num}: stopped without saving it (the last '
+                f'checkpoint is intact); lower learning_rate or check the data')
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num, data_pos = iter_num + 1, data_pos + GB
+        losses.append(loss.item())
+        n_tokens += tokens_seen  # every rank's texts
+        if iter_num % log_interval == 0:
+            dt = (time.time() - t0) / len(losses)
+            record = dict(iter=iter_num, loss=sum(losses) / len(losses), lr=lr, grad_norm=norm.item(),
+                          ms_per_iter=dt * 1000, pairs_per_sec=GB / dt, tokens_per_sec=n_tokens / len(losses) / dt)
+            if master:
+                print(f"step {iter_num}: loss {record['loss']:.4f}, lr {lr:.2e}, grad norm {record['grad_norm']:.3f}, "
+                      f"{record['ms_per_iter']:.0f} ms/step, {record['pairs_per_sec']:,.0f} pairs/s")
+            log(record)
+            losses, n_tokens, t0 = [], 0, time.time()
+
+    if stop and iter_num > start_iter:
+        save()
+    if master:
+        for p in plotting[-1:]:
+            p.wait()
+        how = f'stopped by {signal.Signals(stop[0]).name}' if stop else 'done'
+        print(f'{how}: the best model is {best_path} (step {best_iter}, held-out MRR {best_mrr:.4f}); export it with: '
+              f'python convert_hf.py {best_path} {os.path.join(out_dir, "st")}' if best_iter is not None else
+              f'{how}: no step beat the starting model (held-out MRR {best_mrr:.4f}), so there is no best.pt' +
+              (f'; the latest is {ckpt_path}' if os.path.exists(ckpt_path) else ''))
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    try:
+        with quiet_transformers():
+            main(sys.argv[1:])
+    except KeyboardInterrupt:  # before training began (its own handler answers later)
+        die('interrupted before training began: nothing was written')
