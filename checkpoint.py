@@ -35,7 +35,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
+import sys
 import time
 import zipfile
 
@@ -227,6 +229,25 @@ def run_summary(out_dir, best_iter, best_val_loss, last_saved, start_file):
     replaced = os.path.join(out_dir, REPLACED)
     return f'{best}; {last}' + (f'; {replaced} keeps the replaced run until a model at least as good is saved'
                                 if os.path.isdir(replaced) else '')
+
+
+def stop_on_signals(master, unit='iteration'):
+    """SIGINT/SIGTERM make a run save and stop at its next `unit` boundary (the returned list then holds the
+    signal); a second one quits at once, saving nothing: the last checkpoint stays as it is."""
+    stop = []
+
+    def on_signal(signum, frame):
+        if stop:
+            if master:
+                print(f'{signal.Signals(signum).name} again: quitting without saving', file=sys.stderr, flush=True)
+            os._exit(130)
+        stop.append(signum)
+        if master:
+            print(f'{signal.Signals(signum).name}: stopping after this {unit}, saving first '
+                  f'(press Ctrl-C again to quit at once without saving)', flush=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    return stop
 
 
 def trim_log(path, iter_num):

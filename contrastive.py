@@ -41,7 +41,8 @@ from torch.nn.attention import sdpa_kernel
 import data
 import finetune
 from checkpoint import (CheckpointError, check_free_space, checkpoint_bytes, claim_run_dir, link_checkpoint,
-                        model_from_checkpoint, release_replaced, replace_run, save_checkpoint, trim_log, validation_key)
+                        model_from_checkpoint, release_replaced, replace_run, save_checkpoint, stop_on_signals, trim_log,
+                        validation_key)
 from configurator import ConfigError, check_device, configure
 from convert_hf import ConvertError, quiet_transformers, sentence_pooling, tokenizer_files_of
 from model import MASK_GRAD_BACKENDS
@@ -428,16 +429,7 @@ def main(argv):
               f"{f', embedded {mini_batch_size} texts at a time' if mini_batch_size else ''}); {pooling} pooling; "
               f"evaluation: {evaluation[0].size(1)} held-out pairs" + (f', {len(sts)} STS pairs' if sts else ''))
 
-    stop = []  # SIGINT/SIGTERM: save and stop after this step; a second one: quit at once, without saving
-    def on_signal(signum, frame):
-        if stop:
-            os._exit(130)
-        stop.append(signum)
-        if master:
-            print(f'{signal.Signals(signum).name}: stopping after this step, saving first (again: quit at once, '
-                  f'without saving)', flush=True)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+    stop = stop_on_signals(master, 'step')  # SIGINT/SIGTERM: save and stop after this step; a second: at once
     error = None
     if master:
         try:

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 from checkpoint import (CheckpointError, check_free_space, checkpoint_bytes, claim_run_dir, keep_snapshot,
                         link_checkpoint, load_checkpoint, model_from_checkpoint, release_replaced, replace_run,
-                        run_summary, same_file, save_checkpoint, trim_log, validation_key)
+                        run_summary, same_file, save_checkpoint, stop_on_signals, trim_log, validation_key)
 from configurator import CHOICES, ConfigError, check_device, configure
 from convert_hf import ConvertError, hf_to_checkpoint, read_tokenizer_files, sentence_pooling, tokenizer_files_of
 from model import MPNet, MPNetConfig, extend_positions
@@ -530,26 +530,12 @@ def now():
     return time.time()
 
 
-stop_signal = []  # SIGINT/SIGTERM: save and exit at the next iteration boundary; a second one: exit at once
+stop_signal = stop_on_signals(master)  # SIGINT/SIGTERM: save and exit at the next iteration; a second: at once
 # under DDP the ranks agree on stopping through a tiny all-reduce on a CPU (gloo) group, started at one
 # iteration and read at the next: no GPU sync, and every rank stops at the same iteration
 stop_group = dist.new_group(backend='gloo') if ddp else None
 stop_flag, stop_work = torch.zeros(1), None
 
-
-def on_signal(signum, frame):
-    if stop_signal:  # asked twice: leave now, saving nothing (the last checkpoint stays as it is)
-        if master:
-            print(f'{signal.Signals(signum).name} again: quitting without saving', file=sys.stderr, flush=True)
-        os._exit(130)
-    stop_signal.append(signum)
-    if master:
-        print(f'{signal.Signals(signum).name}: stopping after this iteration, saving first '
-              f'(press Ctrl-C again to quit at once without saving)', flush=True)
-
-
-for sig in (signal.SIGINT, signal.SIGTERM):
-    signal.signal(sig, on_signal)
 if wandb_log and master:
     import wandb
     wandb_run_id = wandb_run_id or secrets.token_hex(4)  # ours, so that a resumed run finds it in the checkpoint
