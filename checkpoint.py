@@ -43,7 +43,7 @@ import zipfile
 
 import torch
 
-from model import MPNet, MPNetConfig
+from model import MPNet, MPNetConfig, extend_positions
 
 
 class CheckpointError(Exception):
@@ -325,6 +325,26 @@ def model_from_checkpoint(ckpt, path, **overrides):
         raise CheckpointError(f"'{path}' does not hold a model this code can build "
                               f"({(lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__)[:160]})") from None
     return model
+
+
+def extend_checkpoint(ckpt, max_positions):
+    """A run from ckpt asked for max_positions: grow its position table in place (model.extend_positions) and
+    record the growth (positions_extended: the export's lengths follow it). Returns a line to print, or None when
+    the table already has that size; CheckpointError for a smaller one."""
+    held = ckpt['model_args']['max_positions']
+    if max_positions < held:
+        raise CheckpointError(f"max_positions {max_positions} is below the checkpoint's {held}: a position table never "
+                              f"shrinks; leave max_positions out (the checkpoint's is used) or give {held} or more")
+    if max_positions == held:
+        return None
+    rope = ckpt['model_args'].get('rope')
+    if not rope:  # rotary positions have no table: nothing to copy
+        ckpt['model'] = extend_positions(ckpt['model'], MPNetConfig(**ckpt['model_args']), max_positions)
+    ckpt['model_args'] = {**ckpt['model_args'], 'max_positions': max_positions}
+    ckpt['positions_extended'] = [*ckpt.get('positions_extended', []), [held, max_positions]]
+    return f'positions: {held} -> {max_positions}, ' + ('rotary, no table to grow' if rope else
+                                                         f'the new rows copied from the {held} learned ones (Longformer); '
+                                                         f'outputs up to {held} tokens unchanged')
 
 
 def checkpoint_bytes(model, with_optimizer=True):

@@ -471,11 +471,11 @@ def main(argv):
     def evaluate():
         """Held-out retrieval as finetune.py --task=retrieval scores it, the InfoNCE of all held-out pairs at once, STS;
         under train.py's probe names, which plot.py draws. Rank 0's numbers decide for every rank."""
-        model.eval()
+        model.eval()  # the held-out pairs embedded once: their InfoNCE and their ranking
         first, second = finetune.pool(model, evaluation[0].flatten(0, 1).to(dev), evaluation[1].flatten(0, 1).to(dev),
                                       pooling, autocast).view(2, evaluation[0].size(1), -1)
         val_loss = F.cross_entropy(scale * first @ second.T, torch.arange(first.size(0), device=dev)).item()
-        found = finetune.retrieval_scores(model, evaluation[0].to(dev), evaluation[1].to(dev), pooling, autocast)
+        found = finetune.ranking(first, second)
         rho = finetune.sts_scores(model, tok, sts, pooling, dev, autocast)['spearman'] if sts else math.nan
         model.train()
         numbers = torch.tensor([val_loss, found['acc1'], found['mrr'], found['unrelated_cos'], rho], dtype=torch.float64)
@@ -483,7 +483,8 @@ def main(argv):
             dist.broadcast(numbers, 0, group=flags)
         record = dict(iter=iter_num, val_loss=numbers[0].item(), probe_found=numbers[1].item(),
                       probe_mrr=numbers[2].item(), probe_cos=numbers[3].item(), objective='contrastive')
-        return {**record, 'sts_spearman': numbers[4].item()} if sts else record
+        # an undefined Spearman (every pair the same cosine) is null in the log, never NaN
+        return {**record, 'sts_spearman': finetune.defined(numbers[4].item())} if sts else record
 
     def save(record=None, improved=False):
         """Every rank's RNG state gathered; rank 0 writes ckpt.pt atomically and, when improved, links best.pt to it."""
@@ -532,7 +533,7 @@ def main(argv):
             if master:
                 print(f"step {iter_num}: held-out MRR {record['probe_mrr']:.4f} (top-1 {record['probe_found']:.3f}, "
                       f"{evaluation[0].size(1)} pairs), InfoNCE {record['val_loss']:.4f}, unrelated cosine "
-                      f"{record['probe_cos']:.3f}" + (f", STS Spearman {record['sts_spearman']:.4f}" if sts else ''))
+                      f"{record['probe_cos']:.3f}" + (f", STS Spearman {finetune.shown(record['sts_spearman'])}" if sts else ''))
             log(record)
             if iter_num > start_iter:
                 save(record, improved)

@@ -571,11 +571,15 @@ def retrieval_scores(encoder, ids, mask, pooling='mean', autocast=nullcontext())
     the same embedding scores chance (acc1 1/n), not a perfect 1."""
     was = encoder.training
     encoder.eval()
-    n = ids.size(1)
     try:
-        first, second = pool(encoder, ids.flatten(0, 1), mask.flatten(0, 1), pooling, autocast).view(2, n, -1)
+        return ranking(*pool(encoder, ids.flatten(0, 1), mask.flatten(0, 1), pooling, autocast).view(2, ids.size(1), -1))
     finally:
         encoder.train(was)
+
+
+def ranking(first, second):
+    """retrieval_scores' numbers from the normalised embeddings [n, C] of the first and the second halves."""
+    n = first.size(0)
     acc1, mrr, unrelated = [], [], 0.0
     for i in range(0, n, 1024):  # bounded memory for many pairs
         sim = first[i:i + 1024] @ second.T  # (b, n)

@@ -32,12 +32,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from checkpoint import (CheckpointError, check_free_space, checkpoint_bytes, claim_run_dir, keep_snapshot,
-                        link_checkpoint, load_checkpoint, model_from_checkpoint, release_replaced, replace_run,
-                        run_summary, same_file, save_checkpoint, stop_on_signals, trim_log, validation_key)
+from checkpoint import (CheckpointError, check_free_space, checkpoint_bytes, claim_run_dir, extend_checkpoint,
+                        keep_snapshot, link_checkpoint, load_checkpoint, model_from_checkpoint, release_replaced,
+                        replace_run, run_summary, same_file, save_checkpoint, stop_on_signals, trim_log, validation_key)
 from configurator import CHOICES, ConfigError, check_device, configure
 from convert_hf import ConvertError, hf_to_checkpoint, read_tokenizer_files, sentence_pooling, tokenizer_files_of
-from model import MPNet, MPNetConfig, extend_positions
+from model import MPNet, MPNetConfig
 from permute import n_pred, permute_batch, vocab_tables
 
 # -----------------------------------------------------------------------------------------------
@@ -299,18 +299,12 @@ try:
 except (CheckpointError, ConvertError) as e:
     die(e)
 if ckpt is not None and init_from != 'resume' and 'max_positions' in given:  # continued at a longer context
-    held = ckpt['model_args']['max_positions']
-    if max_positions < held:
-        die(f"max_positions {max_positions} is below the checkpoint's {held}: a position table never shrinks; "
-            f"leave max_positions out (the checkpoint's is used) or give {held} or more")
-    if max_positions > held:
-        if not ckpt['model_args'].get('rope'):  # rotary positions have no table: nothing to copy
-            ckpt['model'] = extend_positions(ckpt['model'], MPNetConfig(**ckpt['model_args']), max_positions)
-        ckpt['model_args'] = {**ckpt['model_args'], 'max_positions': max_positions}
-        ckpt['positions_extended'] = [*ckpt.get('positions_extended', []), [held, max_positions]]  # export follows
-        if master:
-            print(f'positions: {held} -> {max_positions}, ' + ('rotary, no table to grow' if ckpt['model_args'].get('rope')
-                  else f'the new rows copied from the {held} learned ones (Longformer); outputs up to {held} tokens unchanged'))
+    try:
+        said = extend_checkpoint(ckpt, max_positions)
+    except CheckpointError as e:
+        die(e)
+    if said and master:
+        print(said)
 if ckpt is not None:
     # the architecture comes from the checkpoint; kernel, dropout and recomputation are this run's choice
     model_args = {**ckpt['model_args'], 'attn_impl': attn_impl, 'dropout': dropout, 'attn_dropout': attn_dropout,
