@@ -27,7 +27,7 @@ import torch
 
 import data
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from configurator import CHOICES, ConfigError, check_device, configure, script_settings
+from configurator import CHOICES, ConfigError, check_device, check_relations, configure, script_settings
 from model import MPNet, MPNetConfig, layout
 from permute import n_pred, permute_batch
 
@@ -57,6 +57,7 @@ try:
     config = configure(defaults, argv, CHOICES, script=__file__,
                        also='and every key of train.py (python train.py --help): a training config file runs as is')
     check_device(config['device'], config['attn_impl'])
+    check_relations(config)
 except ConfigError as e:
     die(e)
 cfg = SimpleNamespace(**config)  # the run's settings, as train.py would resolve them

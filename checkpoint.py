@@ -42,6 +42,7 @@ import time
 import zipfile
 
 import torch
+import torch.distributed as dist
 
 from model import MPNet, MPNetConfig, extend_positions
 
@@ -250,6 +251,29 @@ def stop_on_signals(master, unit='iteration'):
     return stop
 
 
+def ranks_disagree(value, error, what):
+    """Under torchrun every rank passes its value of `what` (e.g. its data's fingerprint), or the error that kept it
+    from one; returns the one line every rank stops with if any rank failed or differs from rank 0 (naming that
+    rank's node), else None. A single process: its own error."""
+    mine = dict(rank=dist.get_rank() if dist.is_initialized() else 0, host=socket.gethostname(), value=value, error=error)
+    everyone = [mine]
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+    first = everyone[0]
+    for r in everyone:
+        if r['error'] and (r['rank'] == 0 or not first['error']):  # rank 0's own error is said as it is
+            return r['error'] if r['rank'] == 0 else (
+                f"rank {r['rank']} on node {r['host']}: {r['error']} (every node needs the same {what}: a shared file "
+                f"system, or a copy of rank 0's folder; see README, several nodes)")
+    for r in everyone:
+        if r['value'] != first['value']:
+            differ = ' and '.join(k for k in first['value'] if r['value'][k] != first['value'][k])
+            return (f"rank {r['rank']} on node {r['host']} sees other {what} than rank 0 on node {first['host']} "
+                    f"({differ} differ): copy rank 0's folder to every node (a vocabulary trained twice differs) or use "
+                    f"a shared file system; see README, several nodes")
+
+
 def trim_log(path, iter_num):
     """A run resumed at iter_num trains the iterations after it again: drop what the interrupted run logged of
     them (and its evaluation at iter_num, logged again at start), so that the log holds each iteration once.
@@ -390,6 +414,41 @@ def claim_run_dir(out_dir, resume, overwrite):
                               f"{go_on}replace it with --overwrite=True (its files are kept in {REPLACED}/ until "
                               f"this run beats them), or choose another --out_dir")
     return lock
+
+
+def ready_run_dir(out_dir, overwrite, resume, start_file, iter_num, best_iter, n_bytes):
+    """train.py's rank 0, once the run has everything it needs: an overwritten run moves aside only now; a
+    resumed run's folder is mended (best.pt relinked if the run was killed between writing ckpt.pt and linking
+    it; metrics.jsonl trimmed to iter_num, as those iterations run again); and there must be room to save.
+    Returns (lines to print, the checkpoint the run starts from: a replaced one has moved). CheckpointError."""
+    said, ckpt_path, best_path = [], os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
+    if overwrite:
+        line, start_file = replace_run(out_dir, start=start_file)
+        said += [line] if line else []
+    if resume:
+        if best_iter == iter_num and not same_file(ckpt_path, best_path):
+            link_checkpoint(ckpt_path, best_path)
+        dropped, bad = trim_log(os.path.join(out_dir, 'metrics.jsonl'), iter_num)
+        if dropped or bad:
+            said.append(f'metrics.jsonl: dropped {dropped} records logged after iter {iter_num} by the interrupted run '
+                        f'(those iterations run again)' + (f' and {bad} lines that are no record' if bad else ''))
+    check_free_space(out_dir, n_bytes, 1 if os.path.exists(ckpt_path) else 2)
+    return said, start_file
+
+
+def restore_random_state(states, rank, world_size, perm_gen, reseed):
+    """A resumed rank's random streams (dropout, permutations) as its checkpoint left them; written by another
+    number of processes, new streams seeded by reseed (so the run is not bit-identical): then a note to print."""
+    if len(states) != world_size:
+        perm_gen.manual_seed(reseed)
+        torch.manual_seed(reseed)
+        return (f'note: the checkpoint was written by {len(states)} processes and resumes on {world_size}: the data '
+                f'continues at exactly the next block, with new random streams, so the run is not bit-identical '
+                f'to an uninterrupted one')
+    perm_gen.set_state(states[rank]['perm_rng'])
+    torch.set_rng_state(states[rank]['cpu_rng'])
+    if states[rank].get('cuda_rng') is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states[rank]['cuda_rng'])
 
 
 def check_free_space(out_dir, n_bytes, copies):

@@ -63,6 +63,27 @@ def check_device(device, attn_impl):
         raise ConfigError("attn_impl='flex' has no backward on CPU: use --attn_impl=sdpa (or manual) on the CPU")
 
 
+def check_relations(c):
+    """What no single key's range can say, for train.py and bench.py (each key's range is checked by configure()
+    above, the model's shape by MPNetConfig)."""
+    if c['mask_prob'] + c['rand_prob'] > 1:
+        raise ConfigError(f"mask_prob + rand_prob must be at most 1; got {c['mask_prob']} + {c['rand_prob']}")
+    if c['decay_lr'] and c['lr_decay_iters'] < c['warmup_iters']:
+        raise ConfigError(f"lr_decay_iters ({c['lr_decay_iters']}) must be at least warmup_iters ({c['warmup_iters']}): "
+                          f"decay follows warmup")
+    if c['min_lr'] > c['learning_rate']:
+        raise ConfigError(f"min_lr ({c['min_lr']}) must not exceed learning_rate ({c['learning_rate']})")
+    if c['overwrite'] and c['init_from'] == 'resume':
+        raise ConfigError("overwrite=True starts the run over; it cannot be combined with init_from='resume'")
+    if c['snapshot_interval'] % c['eval_interval']:
+        raise ConfigError(f"snapshot_interval ({c['snapshot_interval']}) must be a multiple of eval_interval "
+                          f"({c['eval_interval']}): snapshots are the checkpoints saved at evaluations")
+    init_from = c['init_from']
+    if init_from not in ('scratch', 'resume') and init_from.endswith('.pt') and not os.path.isfile(init_from):
+        raise ConfigError(f"init_from '{init_from}' not found: give 'scratch', 'resume', a checkpoint file, or an HF "
+                          f"model name or folder")
+
+
 def _check(key, value, defaults, source):
     if key not in defaults:
         initials = [k for k in defaults if ''.join(w[0] for w in k.split('_')) == key]  # lr -> learning_rate

@@ -38,6 +38,7 @@ import socket
 import threading
 import time
 import contextlib
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -966,6 +967,52 @@ def stream_val_blocks(dataset, tokenizer, n_blocks, block_size, text_field='text
             return _batch(ids['bos_id'], np.concatenate(parts)[:need].reshape(n_blocks, block_size - 1), 'cpu'), n_docs
     raise DataError(f"dataset '{dataset}' has {n:,} tokens, too few to hold out {n_blocks} validation blocks of "
                     f"{block_size} and still train: lower eval_iters, or pass a prepared --data_dir for validation")
+
+def training_data(c, rank, world_size, device, barrier=lambda: None):
+    """train.py's data, from its config c: the training batches and the validation blocks of a prepared
+    folder (prepared here first if data_dir is empty: by rank 0, the others wait at barrier()) or of a stream.
+    Returns (run, error), one of them None, so that under torchrun every rank reaches the barrier and then
+    learns whether any rank failed. run: train, val_tokens, val_said, tok, meta, fingerprint and data_dir."""
+    data_dir, n_val = os.path.expandvars(os.path.expanduser(c['data_dir'])), c['eval_iters'] * c['batch_size']
+    block_size, run, error = c['block_size'], None, None
+    try:
+        if c['streaming']:
+            if data_dir:  # validation from a prepared folder of the same tokenizer; the stream is trained on whole
+                val_meta, _, _ = load_prepared(data_dir)
+                val_tokens, held_out = eval_blocks(data_dir, 'val', n_val, block_size), 0
+                val_said = f'validation: {data_dir}/val.bin; the stream is trained on whole'
+            else:  # the first documents of the stream, never trained on
+                val_tokens, held_out = stream_val_blocks(c['dataset'], c['tokenizer'], n_val, block_size,
+                                                         text_field=c['text_field'], txt_split=c['txt_split'])
+                val_said = f'validation: the first {held_out:,} documents of the stream, held out of training'
+            train = StreamingBatches(c['dataset'], c['tokenizer'], c['batch_size'], block_size, c['seed'], rank,
+                                     world_size, device, text_field=c['text_field'], held_out=held_out,
+                                     txt_split=c['txt_split'])
+            if data_dir and val_meta['vocab_size'] != train.meta['vocab_size']:
+                raise DataError(f"data_dir '{data_dir}' was prepared with a tokenizer of {val_meta['vocab_size']} tokens, "
+                                f"the stream's has {train.meta['vocab_size']}: prepare it with --tokenizer={c['tokenizer']}")
+            run = SimpleNamespace(train=train, val_tokens=val_tokens, val_said=val_said, tok=train.tok, meta=train.meta,
+                                  data_dir=data_dir, fingerprint=dict(tokenizer=tokenizer_fingerprint(train.tok),
+                                                                      tokens=f"stream of {c['dataset']}"))
+        elif not data_dir:
+            data_dir = default_out_dir(c['dataset'], c['tokenizer'], c['vocab_size'])
+            if rank == 0:
+                prepare(c['dataset'], c['tokenizer'], c['vocab_size'], out_dir=data_dir, val_frac=c['val_frac'],
+                        text_field=c['text_field'], txt_split=c['txt_split'])
+    except DataError as e:
+        error = str(e)
+    barrier()
+    if not c['streaming'] and error is None:
+        try:
+            meta, tok, fingerprint = load_prepared(data_dir)  # checked: sizes, ids within the vocabulary, meta
+            run = SimpleNamespace(train=Batches(data_dir, 'train', c['batch_size'], block_size, c['seed'], rank,
+                                                world_size, device),
+                                  val_tokens=eval_blocks(data_dir, 'val', n_val, block_size),
+                                  val_said=f'validation: {data_dir}/val.bin', tok=tok, meta=meta,
+                                  fingerprint=fingerprint, data_dir=data_dir)
+        except DataError as e:
+            error = str(e)
+    return (None, error) if error else (run, None)
 
 # -----------------------------------------------------------------------------
 

@@ -594,6 +594,25 @@ def ranking(first, second):
                 unrelated_cos=unrelated / (n * (n - 1)), pairs=n)
 
 
+class Probe:
+    """train.py's embedding probe: this file's retrieval evaluation (--task=retrieval) on pairs of validation
+    half-documents (data.probe_pairs), pooled as the run's sentence-transformers model pools (else mean): the
+    same numbers, on fewer pairs. rows: a prefix of val.bin (whole documents) or validation blocks."""
+
+    def __init__(self, rows, meta, n_docs, block_size):
+        self.ids, self.mask = data.probe_pairs(rows, meta['bos_id'], meta['eos_id'], meta['pad_id'], n_docs,
+                                               max_len=min(128, block_size - 2))  # <s> half </s> fits a block
+        self.n = self.ids.size(1)
+        if self.n < 2:
+            raise TaskError(f'probe=True needs validation text with documents of 32 tokens or more; found {self.n}')
+        self.said = (f'probe: {self.n} validation documents of 32 tokens or more (probe_docs={n_docs} asked)' +
+                     ('; raise val_frac when preparing for more' if self.n < n_docs else ''))
+
+    def __call__(self, encoder, pooling, dev, autocast=nullcontext()):
+        """NonFiniteError (a TaskError) for NaN embeddings: their similarities would score a perfect retrieval."""
+        return retrieval_scores(encoder, self.ids.to(dev), self.mask.to(dev), pooling, autocast)
+
+
 def sts_scores(encoder, tok, pairs, pooling, dev, autocast=nullcontext()):
     """Spearman (and Pearson) of the cosine of each pair's embeddings against its human score (NaN: undefined,
     the model gives every pair the same cosine)."""

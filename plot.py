@@ -17,6 +17,7 @@ import importlib.util
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 
@@ -184,6 +185,25 @@ def objective_of(run_dir, records):
             except Exception:  # unreadable: the curves do not need it
                 pass
     return None
+
+
+class BackgroundCurves:
+    """train.py's curves=True: redraw out_dir/curves.png in a child process (this file) after each evaluation,
+    one drawing at a time (a busy one is not queued), and a last one after the run that includes its end."""
+
+    def __init__(self, out_dir):
+        self.out_dir, self.child = out_dir, None
+        self.missing = importlib.util.find_spec('matplotlib') is None
+
+    def draw(self):
+        if not self.missing and (self.child is None or self.child.poll() is not None):
+            self.child = subprocess.Popen([sys.executable, os.path.abspath(__file__), self.out_dir],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def finish(self):
+        if self.child is not None:
+            self.child.wait()
+            self.draw()
 
 
 def plot(run_dirs, out_path):

@@ -15,14 +15,11 @@ files): it refuses to start over a previous run unless told to resume or to over
 model beside the latest, and never writes a checkpoint whose validation loss is not finite.
 """
 
-import importlib.util
 import json
 import math
 import os
 import secrets
 import signal
-import socket
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -32,13 +29,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from checkpoint import (CheckpointError, check_free_space, checkpoint_bytes, claim_run_dir, extend_checkpoint,
-                        keep_snapshot, link_checkpoint, load_checkpoint, model_from_checkpoint, release_replaced,
-                        replace_run, run_summary, same_file, save_checkpoint, stop_on_signals, trim_log, validation_key)
-from configurator import CHOICES, ConfigError, check_device, configure
+from checkpoint import (CheckpointError, checkpoint_bytes, claim_run_dir, extend_checkpoint, keep_snapshot,
+                        link_checkpoint, load_checkpoint, model_from_checkpoint, ranks_disagree, ready_run_dir, release_replaced,
+                        restore_random_state, run_summary, save_checkpoint, stop_on_signals, validation_key)
+from configurator import CHOICES, ConfigError, check_device, check_relations, configure
 from convert_hf import ConvertError, hf_to_checkpoint, read_tokenizer_files, sentence_pooling, tokenizer_files_of
+from finetune import Probe, TaskError
 from model import MPNet, MPNetConfig
 from permute import n_pred, permute_batch, vocab_tables
+from plot import BackgroundCurves
 
 # -----------------------------------------------------------------------------------------------
 # I/O
@@ -52,7 +51,7 @@ always_save_checkpoint: bool = True     # else save only when the validation los
 snapshot_interval: int = 0              # also keep out_dir/snapshots/iter_N.pt every N iters (a multiple of eval_interval)
 snapshot_keep: int = 5                  # ... the newest this many of them
 curves: bool = True                     # redraw out_dir/curves.png after each eval (plot.py, in the background)
-probe: bool = False                     # with each eval, a label-free embedding probe (see embedding_probe)
+probe: bool = False                     # with each eval, a label-free embedding probe (finetune.Probe)
 probe_docs: int = 1000                  # validation documents the probe splits into halves and compares
 long_from: int = 0                      # eval also reports the loss at positions >= this apart (0: an extended model's old length)
 wandb_log: bool = False                 # also log to wandb (WANDB_MODE=offline works); a resumed run continues its wandb run
@@ -126,23 +125,10 @@ try:
     given = set()  # the keys a config file or argument set: max_positions given extends a checkpoint's table
     config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:], CHOICES, script=__file__, given=given)
     check_device(config['device'], config['attn_impl'])
+    check_relations(config)
 except ConfigError as e:
     die(e)
 globals().update(config)
-# what no single key's range can say (each key's range is checked by configure, the model's shape by MPNetConfig)
-if mask_prob + rand_prob > 1:
-    die(f'mask_prob + rand_prob must be at most 1; got {mask_prob} + {rand_prob}')
-if decay_lr and lr_decay_iters < warmup_iters:
-    die(f'lr_decay_iters ({lr_decay_iters}) must be at least warmup_iters ({warmup_iters}): decay follows warmup')
-if min_lr > learning_rate:
-    die(f'min_lr ({min_lr}) must not exceed learning_rate ({learning_rate})')
-if overwrite and init_from == 'resume':
-    die("overwrite=True starts the run over; it cannot be combined with init_from='resume'")
-if snapshot_interval % eval_interval:
-    die(f'snapshot_interval ({snapshot_interval}) must be a multiple of eval_interval ({eval_interval}): '
-        f'snapshots are the checkpoints saved at evaluations')
-if init_from not in ('scratch', 'resume') and init_from.endswith('.pt') and not os.path.isfile(init_from):
-    die(f"init_from '{init_from}' not found: give 'scratch', 'resume', a checkpoint file, or an HF model name or folder")
 try:
     MPNetConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_inner=n_inner, max_positions=max_positions,
                 dropout=dropout, attn_dropout=attn_dropout, attn_impl=attn_impl, rope=rope, grad_checkpoint=grad_checkpoint,
@@ -183,24 +169,10 @@ if master:
 # the run's folder: one run at a time, and never a previous run replaced by accident
 
 def stop_unless_ranks_agree(value, error, what):
-    """Each rank passes its value of `what` (e.g. its data's fingerprint), or the error that kept it from
-    one; if any rank failed or differs from rank 0, every rank stops with one line naming that rank's node."""
-    mine = dict(rank=rank, host=socket.gethostname(), value=value, error=error)
-    everyone = [mine]
-    if ddp:
-        everyone = [None] * world_size
-        dist.all_gather_object(everyone, mine)
-    first = everyone[0]
-    for r in everyone:
-        if r['error'] and (r['rank'] == 0 or not first['error']):  # rank 0's own error is said as it is
-            die(r['error'] if r['rank'] == 0 else f"rank {r['rank']} on node {r['host']}: {r['error']} (every node "
-                f"needs the same {what}: a shared file system, or a copy of rank 0's folder; see README, several nodes)")
-    for r in everyone:
-        if r['value'] != first['value']:
-            differ = ' and '.join(k for k in first['value'] if r['value'][k] != first['value'][k])
-            die(f"rank {r['rank']} on node {r['host']} sees other {what} than rank 0 on node {first['host']} "
-                f"({differ} differ): copy rank 0's folder to every node (a vocabulary trained twice differs) or use "
-                f"a shared file system; see README, several nodes")
+    """Every rank stops with one line if any rank failed or sees another `what` than rank 0 (checkpoint.py)."""
+    disagree = ranks_disagree(value, error, what)
+    if disagree:
+        die(disagree)
 
 
 ckpt_path, best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
@@ -218,46 +190,12 @@ if init_from == 'resume' and not os.path.isfile(ckpt_path):
 # -----------------------------------------------------------------------------------------------
 # data
 
-data_dir = os.path.expandvars(os.path.expanduser(data_dir))
-data_error, fingerprint = None, None
-try:
-    if streaming:
-        if data_dir:  # validation from a prepared folder of the same tokenizer; the stream is trained on whole
-            val_meta, _, _ = data.load_prepared(data_dir)
-            val_tokens, held_out = data.eval_blocks(data_dir, 'val', eval_iters * batch_size, block_size), 0
-            val_said = f'validation: {data_dir}/val.bin; the stream is trained on whole'
-        else:  # the first documents of the stream, never trained on
-            val_tokens, held_out = data.stream_val_blocks(dataset, tokenizer, eval_iters * batch_size, block_size,
-                                                          text_field=text_field, txt_split=txt_split)
-            val_said = f'validation: the first {held_out:,} documents of the stream, held out of training'
-        train_data = data.StreamingBatches(dataset, tokenizer, batch_size, block_size, seed, rank, world_size, device,
-                                           text_field=text_field, held_out=held_out, txt_split=txt_split)
-        tok, meta = train_data.tok, train_data.meta
-        if data_dir and val_meta['vocab_size'] != meta['vocab_size']:
-            raise data.DataError(f"data_dir '{data_dir}' was prepared with a tokenizer of {val_meta['vocab_size']} "
-                                 f"tokens, the stream's has {meta['vocab_size']}: prepare it with --tokenizer={tokenizer}")
-        fingerprint = dict(tokenizer=data.tokenizer_fingerprint(tok), tokens=f'stream of {dataset}')
-    else:
-        if not data_dir:
-            data_dir = data.default_out_dir(dataset, tokenizer, vocab_size)
-            if master:  # the other ranks wait for it at the barrier below
-                data.prepare(dataset, tokenizer, vocab_size, out_dir=data_dir, val_frac=val_frac, text_field=text_field,
-                             txt_split=txt_split)
-except data.DataError as e:
-    data_error = str(e)
-if ddp:
-    dist.barrier()
-if not streaming and data_error is None:
-    try:
-        meta, tok, fingerprint = data.load_prepared(data_dir)  # checked: sizes, ids within the vocabulary, meta
-        train_data = data.Batches(data_dir, 'train', batch_size, block_size, seed, rank, world_size, device)
-        val_tokens = data.eval_blocks(data_dir, 'val', eval_iters * batch_size, block_size)
-        val_said = f'validation: {data_dir}/val.bin'
-    except data.DataError as e:
-        data_error = str(e)
-stop_unless_ranks_agree(fingerprint, data_error, 'prepared data')
+run_data, data_error = data.training_data(config, rank, world_size, device, barrier=dist.barrier if ddp else lambda: None)
+stop_unless_ranks_agree(run_data and run_data.fingerprint, data_error, 'prepared data')
+train_data, val_tokens, tok, meta, fingerprint, data_dir = (getattr(run_data, k) for k in (
+    'train', 'val_tokens', 'tok', 'meta', 'fingerprint', 'data_dir'))
 if master:
-    print(val_said)
+    print(run_data.val_said)
 is_word_start, is_special = (t.to(device) for t in vocab_tables(tok))
 mask_id = meta['mask_id']
 if meta['pad_id'] != 1:  # MPNet's embeddings (and HF's) treat id 1 as padding: a real token there never learns
@@ -265,14 +203,13 @@ if meta['pad_id'] != 1:  # MPNet's embeddings (and HF's) treat id 1 as padding: 
         f"<pad> at id 1 (microsoft/mpnet-base, or --tokenizer=train)")
 
 if probe:
-    rows = [data.val_prefix(data_dir)] if data_dir else val_tokens[:, 1:].numpy()  # whole documents where prepared
-    probe_ids, probe_mask = data.probe_pairs(rows, meta['bos_id'], meta['eos_id'], meta['pad_id'], probe_docs,
-                                             max_len=min(128, block_size - 2))  # <s> half </s> fits a block
-    if probe_ids.size(1) < 2:
-        die(f'probe=True needs validation text with documents of 32 tokens or more; found {probe_ids.size(1)}')
+    try:  # whole documents where the data is prepared
+        probe_pairs = Probe([data.val_prefix(data_dir)] if data_dir else val_tokens[:, 1:].numpy(), meta, probe_docs,
+                            block_size)
+    except TaskError as e:
+        die(e)
     if master:
-        print(f'probe: {probe_ids.size(1)} validation documents of 32 tokens or more (probe_docs={probe_docs} asked)' +
-              ('; raise val_frac when preparing for more' if probe_ids.size(1) < probe_docs else ''))
+        print(probe_pairs.said)
 
 # -----------------------------------------------------------------------------------------------
 # model, optimizer, state
@@ -344,19 +281,9 @@ if resuming:
         train_data.load_state_dict([s['data'] for s in states])
     except data.DataError as e:
         die(e)
-    if len(states) == world_size:
-        state = states[rank]
-        perm_gen.set_state(state['perm_rng'])
-        torch.set_rng_state(state['cpu_rng'])
-        if device_type == 'cuda' and state.get('cuda_rng') is not None:
-            torch.cuda.set_rng_state(state['cuda_rng'])
-    else:
-        perm_gen.manual_seed(seed + rank + 7919 * iter_num)  # new streams: no saved state to take them from
-        torch.manual_seed(seed + rank + 7919 * iter_num)
-        if master:
-            print(f'note: {ckpt_path} was written by {len(states)} processes and resumes on {world_size}: the data '
-                  f'continues at exactly the next block, with new random streams, so the run is not bit-identical '
-                  f'to an uninterrupted one')
+    said = restore_random_state(states, rank, world_size, perm_gen, reseed=seed + rank + 7919 * iter_num)
+    if said and master:
+        print(said)
 # the first iterations may train a new MLM head alone (an encoder-only import: its encoder is trained, the head
 # random); a resumed run keeps the boundary it was given
 head_only_until = (ckpt.get('head_only_until', 0) if resuming else
@@ -379,18 +306,10 @@ start_file = init_from if os.path.isfile(init_from) else None  # the checkpoint 
 space_error = None
 if master:
     try:
-        if overwrite:  # the previous run moves aside only now, once this one has everything it needs
-            said, start_file = replace_run(out_dir, start=start_file)
-            if said:
-                print(said)
-        if init_from == 'resume':
-            if best_iter == iter_num and not same_file(ckpt_path, best_path):
-                link_checkpoint(ckpt_path, best_path)  # killed between writing ckpt.pt and linking best.pt: mend it
-            dropped, bad = trim_log(metrics_path, iter_num)
-            if dropped or bad:
-                print(f'metrics.jsonl: dropped {dropped} records logged after iter {iter_num} by the interrupted '
-                      f'run (those iterations run again)' + (f' and {bad} lines that are no record' if bad else ''))
-        check_free_space(out_dir, checkpoint_bytes(raw_model), 1 if os.path.exists(ckpt_path) else 2)  # room to save
+        said, start_file = ready_run_dir(out_dir, overwrite, init_from == 'resume', start_file, iter_num, best_iter,
+                                         checkpoint_bytes(raw_model))
+        for line in said:
+            print(line)
     except CheckpointError as e:
         space_error = str(e)
 stop_unless_ranks_agree(None, space_error, 'run folder')
@@ -453,11 +372,8 @@ def evaluate():
 
 
 def embedding_probe():
-    """finetune.py's retrieval evaluation (--task=retrieval) on the probe's pairs of validation half-documents,
-    pooled as the run's sentence-transformers model pools (else mean): the same numbers, on fewer pairs."""
-    from finetune import TaskError, retrieval_scores
-    try:  # non-finite embeddings are refused there: nan similarities would score a perfect retrieval
-        return retrieval_scores(raw_model, probe_ids.to(device), probe_mask.to(device), probe_pooling, autocast)
+    try:
+        return probe_pairs(raw_model, probe_pooling, device, autocast)
     except TaskError as e:
         die(f'probe at iter {iter_num}: {e}: nothing saved; {kept()} (lower learning_rate, or check the data)')
 
@@ -534,18 +450,10 @@ if wandb_log and master:
     import wandb
     wandb_run_id = wandb_run_id or secrets.token_hex(4)  # ours, so that a resumed run finds it in the checkpoint
     wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir, id=wandb_run_id, resume='allow')
-plotting = None  # the background plot.py process, one at a time
-if curves and master and importlib.util.find_spec('matplotlib') is None:
+plotter = BackgroundCurves(out_dir) if curves and master else None  # out_dir/curves.png, redrawn by plot.py
+if plotter and plotter.missing:
     print('note: curves=True needs matplotlib (pip install matplotlib): no curves.png for this run')
-    curves = False
-
-
-def draw_curves():
-    """Redraw out_dir/curves.png in a child process (plot.py), unless the previous drawing is still busy."""
-    global plotting
-    if curves and master and (plotting is None or plotting.poll() is not None):
-        plotting = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'plot.py'),
-                                     out_dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    plotter = None
 
 
 def duration(seconds):
@@ -595,13 +503,14 @@ while True:
                   f">= {short}: {by_position['val_loss_far']:.4f})" if by_position else '') +
                   f', val acc {val_acc:.4f}, best {best_val_loss:.4f}' +
                   (f", probe: {record['probe_found']:.3f} of halves find their other half (MRR "
-                   f"{record['probe_mrr']:.3f}, {probe_ids.size(1)} pairs), unrelated cosine {record['probe_cos']:.3f}"
+                   f"{record['probe_mrr']:.3f}, {probe_pairs.n} pairs), unrelated cosine {record['probe_cos']:.3f}"
                    if probe else ''))
         log(record)
         snapshot_due = snapshot_interval and iter_num % snapshot_interval == 0
         if iter_num > start_iter and (improved or always_save_checkpoint or snapshot_due):
             save(val_loss, improved)
-        draw_curves()
+        if plotter:
+            plotter.draw()
         t_last = time.time()
         eval_seconds = t_last - t_eval
     stop_requested = bool(stop_signal)
@@ -683,9 +592,8 @@ while True:
 if master:
     if wandb_log:
         wandb.finish()  # its own summary first, so that the last line is ours
-    if plotting is not None:  # the final curves include the final evaluation
-        plotting.wait()
-        draw_curves()
+    if plotter:  # the final curves include the final evaluation
+        plotter.finish()
     if iter_num == start_iter and start_iter >= max_iters > 0:
         print(f'nothing to train: the run is at iter {iter_num} and max_iters is {max_iters} (raise --max_iters)')
     else:
