@@ -14,6 +14,7 @@ import csv
 import functools
 import gc
 import importlib.util
+import inspect
 import io
 import json
 import math
@@ -37,6 +38,10 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 os.environ.setdefault('WANDB_MODE', 'offline')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+# `pytest -n N` on C cores: each worker, and every script it runs, gets C // N threads. N workers of C threads each
+# fight over the same cores (the suite's seven slowest tests, -n 2 on 2 cores: 134 s with 2 threads each, 96 s with 1)
+_cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+os.environ.setdefault('OMP_NUM_THREADS', str(max(1, _cores // int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')))))
 
 import matplotlib
 import numpy as np
@@ -55,6 +60,7 @@ import convert_hf
 import finetune
 import plot
 
+torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))  # torch may have been imported before the line above
 HERE = os.path.dirname(os.path.abspath(__file__))
 # CPU FlexAttention runs unfused (no torch.compile) by design here: forward parity only
 pytestmark = pytest.mark.filterwarnings('ignore:flex_attention called without torch.compile')
@@ -505,6 +511,20 @@ def train(out_dir, *args, timeout=600):
     return run_cli('train.py', 'config/tiny.py', f'--out_dir={out_dir}', *args, timeout=timeout)
 
 
+def builtin_prepared():
+    """data/pydocs-train8192, as `train.py config/tiny.py` prepares it, whichever DATA_ROOT the session fixture
+    `env` has set in this worker (else the pydocs corpus compared with that folder's source is env's)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, 'DATA_ROOT', os.path.join(HERE, 'data'))
+        return data.prepare('pydocs', 'train', 8192, out_dir=os.path.join(HERE, 'data', 'pydocs-train8192'),
+                            val_frac=0.05)
+
+
+def train_here(out_dir, *args):
+    """train() in this process (run_here), for a run that is refused before it trains."""
+    return run_here('train.py', 'config/tiny.py', f'--out_dir={out_dir}', *args)
+
+
 def load_ckpt(path):
     return torch.load(path, map_location='cpu', weights_only=True)
 
@@ -524,10 +544,10 @@ def copy_run(small_run, folder):
 
 
 def test_tiny_config_learns(tmp_path):
-    proc = train(tmp_path, '--max_iters=50', '--eval_interval=25', '--snapshot_interval=25', '--snapshot_keep=1')
+    proc = train(tmp_path, '--max_iters=40', '--eval_interval=20', '--snapshot_interval=20', '--snapshot_keep=1')
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl') if 'val_loss' in l]
-    assert [e['iter'] for e in evals] == [0, 25, 50]
+    assert [e['iter'] for e in evals] == [0, 20, 40]
     ln_vocab = math.log(load_ckpt(tmp_path / 'ckpt.pt')['model_args']['vocab_size'])
     assert evals[0]['val_loss'] > ln_vocab - 0.5  # starts at chance
     assert evals[-1]['val_loss'] < ln_vocab - 2.0, evals  # and falls well below it
@@ -540,9 +560,9 @@ def test_tiny_config_learns(tmp_path):
                      r'ETA 0m\d\ds\n', proc.stdout)
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith('done: the best model is') and f'python convert_hf.py {tmp_path}/best.pt' in last
-    # snapshots every 25 iterations, the newest kept, exportable like any checkpoint
-    assert os.listdir(tmp_path / 'snapshots') == ['iter_0000050.pt']
-    convert_hf.export(str(tmp_path / 'snapshots' / 'iter_0000050.pt'), str(tmp_path / 'hf'))
+    # snapshots every 20 iterations, the newest kept, exportable like any checkpoint
+    assert os.listdir(tmp_path / 'snapshots') == ['iter_0000040.pt']
+    convert_hf.export(str(tmp_path / 'snapshots' / 'iter_0000040.pt'), str(tmp_path / 'hf'))
     # curves: drawn in the background after each evaluation
     for _ in range(100):
         if (tmp_path / 'curves.png').exists():
@@ -600,7 +620,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
 
 def test_ddp_ranks_that_see_different_or_no_data_stop_every_rank(tmp_path):
     # data_dir expands $LOCAL_RANK, so two ranks on one machine can be given the folders two nodes would have
-    prepared = data.prepare('pydocs', 'train', 8192, out_dir=os.path.join(HERE, 'data', 'pydocs-train8192'), val_frac=0.05)
+    prepared = builtin_prepared()
     shutil.copytree(prepared, tmp_path / 'd0')
     shutil.copytree(prepared, tmp_path / 'd1')
     val = np.fromfile(tmp_path / 'd1' / 'val.bin', dtype=np.uint16)
@@ -736,15 +756,15 @@ def test_continued_pretraining_at_a_longer_context(tmp_path, small_run):
         diff = (model.lm_logits(model.encode(ids))[0, 128:] - hf(input_ids=ids).logits[0, 128:]).abs().max()
     assert diff < 1e-4
     # a table never shrinks; a block beyond the table names the way to extend it
-    assert_clean_error(train(tmp_path / 'short', *common, '--max_positions=64', '--max_iters=1'),
+    assert_clean_error(train_here(tmp_path / 'short', *common, '--max_positions=64', '--max_iters=1'),
                        'below the checkpoint', 'never shrinks')
-    assert_clean_error(train(tmp_path / 'short', *common, '--block_size=256', '--max_iters=1'),
+    assert_clean_error(train_here(tmp_path / 'short', *common, '--block_size=256', '--max_iters=1'),
                        'block_size 256 exceeds', '--max_positions=256 extends')
     assert not (tmp_path / 'short' / 'ckpt.pt').exists()
 
 
 def test_continue_pretraining_from_hf(tmp_path):
-    prepared = data.prepare('pydocs', 'train', 8192, out_dir=os.path.join(HERE, 'data', 'pydocs-train8192'), val_frac=0.05)
+    prepared = builtin_prepared()
     hf = random_hf_mlm(seed=0, vocab_size=data.load_meta(prepared)['vocab_size'])
     hf.save_pretrained(tmp_path / 'hf')
     proc = train(tmp_path / 'a', *SMALL, f'--init_from={tmp_path / "hf"}', '--max_iters=3')
@@ -897,7 +917,7 @@ def test_never_lose_a_trained_model(tmp_path, small_run):
     first = load_ckpt(tmp_path / 'ckpt.pt')
     assert load_ckpt(tmp_path / 'best.pt')['iter_num'] == 10
     # 1. the same command again, without resume: refused, nothing touched
-    proc = train(tmp_path, *common, '--max_iters=4')
+    proc = train_here(tmp_path, *common, '--max_iters=4')
     assert_clean_error(proc, 'already holds a run', '--init_from=resume', '--overwrite=True')
     assert load_ckpt(tmp_path / 'ckpt.pt')['iter_num'] == 10
     # killed between writing ckpt.pt (the best so far) and linking best.pt to it: the resume below mends best.pt
@@ -927,7 +947,7 @@ def test_never_lose_a_trained_model(tmp_path, small_run):
     assert max(json.loads(line)['iter'] for line in open(tmp_path / 'metrics.jsonl')) == 5  # a log of its own
     assert f"export with: python convert_hf.py {tmp_path / 'replaced' / 'best.pt'}" in proc.stdout.splitlines()[-1]
     # ... a second overwrite would have to drop one of the two runs: refused, the user chooses
-    proc = train(tmp_path, *common, '--max_iters=5', '--overwrite=True')
+    proc = train_here(tmp_path, *common, '--max_iters=5', '--overwrite=True')
     assert_clean_error(proc, 'keeps one replaced run only', 'delete whichever')
     # ... with the worse run deleted, a run that beats the kept model (the same validation) releases it
     for name in ('ckpt.pt', 'metrics.jsonl'):
@@ -948,7 +968,7 @@ def test_a_log_alone_is_a_run_and_an_unreadable_checkpoint_names_a_real_alternat
     # killed after its first evaluation, before its first save: metrics.jsonl alone still belongs to a run
     (tmp_path / 'log_only').mkdir()
     (tmp_path / 'log_only' / 'metrics.jsonl').write_text('{"iter": 0, "val_loss": 9.0}\n')
-    proc = train(tmp_path / 'log_only', *SMALL, '--max_iters=2')
+    proc = train_here(tmp_path / 'log_only', *SMALL, '--max_iters=2')
     assert_clean_error(proc, 'already holds a run (metrics.jsonl', '--overwrite=True')
     assert 'init_from=resume' not in proc.stderr  # nothing to resume
     # a truncated checkpoint points to another checkpoint that exists, and to none that does not
@@ -3495,7 +3515,7 @@ def write_csv(path, rows, header='text,label'):
     return str(path)
 
 
-def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path):
+def test_finetune_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path):
     out = tmp_path / 'results.jsonl'
     good = [f'some text number {i},{"pos" if i % 2 else "neg"}' for i in range(60)]
     table = write_csv(tmp_path / 't.csv', good)
@@ -4750,3 +4770,15 @@ def test_a_sentence_transformers_models_own_length_is_said_when_max_len_differs(
                         f'--out_file={tmp_path / "r.jsonl"}')
         assert proc.returncode == 0, proc.stderr
         assert ('cuts at 48: pass --max_len=48 to score as BEIR does' in proc.stdout) == said, proc.stdout
+
+
+# ==============================================================================================
+# `pytest -n 2 --dist loadgroup` (.ci/run): the tests that share a trained module fixture run on one worker, so that
+# each fixture is built once rather than once per worker (small_run, the contrastive run, the gpu check's data...)
+
+SHARED_FIXTURES = ('small_run', 'contrastive_run', 'tiny', 'prepared', 'slow_corpus', 'env')  # first listed wins
+for _name, _test in list(globals().items()):
+    if _name.startswith('test_') and callable(_test):
+        _shared = [f for f in SHARED_FIXTURES if f in inspect.signature(_test).parameters]
+        if _shared:
+            pytest.mark.xdist_group(_shared[0])(_test)
