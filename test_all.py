@@ -1,7 +1,7 @@
 """
-The whole test suite, CPU only, a few minutes on 2 cores:
+The whole test suite, CPU only, about 4 minutes on 2 cores:
 
-    python -m pytest -q test_all.py
+    python -m pytest -q -n 2 --dist loadgroup test_all.py
 
 Fast code is compared with slow, obvious code: HF transformers for the plain encoder, loop-based
 references written here for the two-stream masks and the permutation. Tiny real tokenizers and
@@ -17,6 +17,7 @@ import importlib.util
 import inspect
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -33,6 +34,7 @@ import tempfile
 import time
 import traceback
 import types
+import warnings
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
@@ -73,14 +75,28 @@ def run_cli(*args, cwd=HERE, timeout=600):
 
 
 def run_here(script, *args):
-    """Run a project script in this process (runpy, as `python script args` from the project folder) for
-    refusals that happen before any training: the same code as a subprocess without a fresh torch import.
-    An exception other than SystemExit comes back as a traceback on stderr, as it would from python."""
+    """Run a project script in this process (runpy, as `python script args` from the project folder): the same
+    code as a subprocess without a fresh torch import (~3 s of CPU each). What a process would start afresh is
+    set as python sets it (the data root, warning filters) and put back after (signal handlers, torch's RNG and
+    threads), so tests that run after see no trace of it. An exception other than SystemExit comes back as a
+    traceback on stderr, as it would from python. Runs that must be signalled or killed use run_cli."""
     out, err, argv, cwd, code = io.StringIO(), io.StringIO(), sys.argv, os.getcwd(), 0
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    rng, threads, data_root = torch.get_rng_state(), torch.get_num_threads(), data.DATA_ROOT
+    # loggers (transformers') write to the stream they were given at import: send them to this run's stderr
+    loggers = [logging.getLogger(), *(l for l in logging.Logger.manager.loggerDict.values() if isinstance(l, logging.Logger))]
+    streams = {h: h.stream for l in loggers for h in l.handlers if type(h) is logging.StreamHandler}
     sys.argv = [script, *args]
     os.chdir(HERE)
+    for h in streams:
+        h.stream = err  # not setStream: it flushes the old stream, which a finished test may have closed
+    data.DATA_ROOT = 'data'  # data.py's default, relative to the project folder (a fixture may have moved it)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.resetwarnings()  # python's own filters: a warning shows once per run, as in a fresh process
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter('ignore', category)
+            warnings.filterwarnings('default', category=DeprecationWarning, module='__main__')
             runpy.run_path(os.path.join(HERE, script), run_name='__main__')
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
@@ -90,6 +106,13 @@ def run_here(script, *args):
     finally:
         sys.argv = argv
         os.chdir(cwd)
+        data.DATA_ROOT = data_root
+        for h, stream in streams.items():
+            h.stream = stream
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        torch.set_rng_state(rng)
+        torch.set_num_threads(threads)
         for name in [k for k, m in sys.modules.items() if getattr(m, '__file__', None) == os.path.join(HERE, script)]:
             del sys.modules[name]  # '__mp_main__': multiprocess (imported by datasets) keeps the script's module
     gc.collect()  # the script's globals (an out_dir lock among them) go, as they would with its process
@@ -389,7 +412,7 @@ def test_rope_model_trains_and_export_is_refused(tmp_path):
         assert not torch.allclose(model(input_ids, positions, 6)[0], model(input_ids, other, 6)[0])
     ckpt = tmp_path / 'rope.pt'
     torch.save({'model': model.state_dict(), 'model_args': vars(tiny_config(rope=True))}, ckpt)
-    proc = run_cli('convert_hf.py', str(ckpt), str(tmp_path / 'hf'))
+    proc = run_here('convert_hf.py', str(ckpt), str(tmp_path / 'hf'))
     assert_clean_error(proc, 'rotary')
     assert not (tmp_path / 'hf').exists()
 
@@ -426,7 +449,7 @@ def test_hf_import_plain_path_and_export_roundtrip(tmp_path):
     hf = random_hf_mlm(seed=0)
     hf.save_pretrained(tmp_path / 'hf_in')
     ckpt = tmp_path / 'ckpt.pt'
-    proc = run_cli('convert_hf.py', f'--from_hf={tmp_path / "hf_in"}', str(ckpt))
+    proc = run_here('convert_hf.py', f'--from_hf={tmp_path / "hf_in"}', str(ckpt))
     assert proc.returncode == 0, proc.stderr
     model = load_model(ckpt)
     ids, mask = padded_batch()
@@ -507,7 +530,13 @@ SMALL = ['--n_layer=2', '--n_head=2', '--n_embd=64', '--n_inner=128', '--batch_s
          '--eval_iters=2', '--log_interval=5', '--warmup_iters=5', '--curves=False']
 
 
-def train(out_dir, *args, timeout=600):
+def train(out_dir, *args):
+    """`python train.py config/tiny.py --out_dir=... args`, in this process (run_here)."""
+    return run_here('train.py', 'config/tiny.py', f'--out_dir={out_dir}', *args)
+
+
+def train_cli(out_dir, *args, timeout=600):
+    """The same as a process of its own: for runs that are signalled, killed, or checked from outside."""
     return run_cli('train.py', 'config/tiny.py', f'--out_dir={out_dir}', *args, timeout=timeout)
 
 
@@ -518,11 +547,6 @@ def builtin_prepared():
         mp.setattr(data, 'DATA_ROOT', os.path.join(HERE, 'data'))
         return data.prepare('pydocs', 'train', 8192, out_dir=os.path.join(HERE, 'data', 'pydocs-train8192'),
                             val_frac=0.05)
-
-
-def train_here(out_dir, *args):
-    """train() in this process (run_here), for a run that is refused before it trains."""
-    return run_here('train.py', 'config/tiny.py', f'--out_dir={out_dir}', *args)
 
 
 def load_ckpt(path):
@@ -661,7 +685,7 @@ def test_ddp_sigterm_saves_between_log_steps(tmp_path):
 
 def test_trained_checkpoint_exports_with_tokenizer(tmp_path, small_run):
     copy_run(small_run, tmp_path)
-    proc = run_cli('convert_hf.py', str(tmp_path / 'ckpt.pt'), str(tmp_path / 'hf'))
+    proc = run_here('convert_hf.py', str(tmp_path / 'ckpt.pt'), str(tmp_path / 'hf'))
     assert proc.returncode == 0, proc.stderr[-3000:]
     from transformers import AutoTokenizer, MPNetForMaskedLM
     tok = AutoTokenizer.from_pretrained(tmp_path / 'hf')
@@ -744,7 +768,7 @@ def test_continued_pretraining_at_a_longer_context(tmp_path, small_run):
     ckpt = load_ckpt(tmp_path / 'long' / 'best.pt')
     assert ckpt['model_args']['max_positions'] == 256 and ckpt['positions_extended'] == [[128, 256]]
     # the export reads all 256 positions: config, tokenizer, and parity on a row of every position
-    proc = run_cli('convert_hf.py', str(tmp_path / 'long' / 'best.pt'), str(tmp_path / 'hf'))
+    proc = run_here('convert_hf.py', str(tmp_path / 'long' / 'best.pt'), str(tmp_path / 'hf'))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / 'hf' / 'config.json').read_text())['max_position_embeddings'] == 258
     assert json.loads((tmp_path / 'hf' / 'tokenizer_config.json').read_text())['model_max_length'] == 256
@@ -756,9 +780,9 @@ def test_continued_pretraining_at_a_longer_context(tmp_path, small_run):
         diff = (model.lm_logits(model.encode(ids))[0, 128:] - hf(input_ids=ids).logits[0, 128:]).abs().max()
     assert diff < 1e-4
     # a table never shrinks; a block beyond the table names the way to extend it
-    assert_clean_error(train_here(tmp_path / 'short', *common, '--max_positions=64', '--max_iters=1'),
+    assert_clean_error(train(tmp_path / 'short', *common, '--max_positions=64', '--max_iters=1'),
                        'below the checkpoint', 'never shrinks')
-    assert_clean_error(train_here(tmp_path / 'short', *common, '--block_size=256', '--max_iters=1'),
+    assert_clean_error(train(tmp_path / 'short', *common, '--block_size=256', '--max_iters=1'),
                        'block_size 256 exceeds', '--max_positions=256 extends')
     assert not (tmp_path / 'short' / 'ckpt.pt').exists()
 
@@ -814,6 +838,7 @@ def test_sigkill_mid_training_resumes_and_one_run_per_out_dir(tmp_path):
     assert_clean_error(second, 'is in use by a running training', f'pid {proc.pid} on {socket.gethostname()}')
     proc.kill()
     proc.wait()
+    killed = proc.pid
     ckpt = load_ckpt(tmp_path / 'ckpt.pt')  # never a torn file: written to a temp file, then os.replace
     assert ckpt['iter_num'] >= 6
     (tmp_path / f'ckpt.pt.{proc.pid}.123.tmp').write_bytes(b'half a checkpoint')  # as kill -9 mid-save leaves it
@@ -825,7 +850,8 @@ def test_sigkill_mid_training_resumes_and_one_run_per_out_dir(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resuming from iter {ckpt['iter_num']} of {tmp_path / 'ckpt.pt'}" in proc.stdout
     assert load_ckpt(tmp_path / 'ckpt.pt')['iter_num'] == ckpt['iter_num'] + 6
-    assert str(os.getpid()) not in (tmp_path / 'train.lock').read_text() and not list(tmp_path.glob('*.tmp'))
+    lock = (tmp_path / 'train.lock').read_text()  # taken over: it names the resumed run (train() runs in this process)
+    assert f'pid {killed} ' not in lock and f'pid {os.getpid()} ' in lock and not list(tmp_path.glob('*.tmp'))
     # metrics.jsonl holds each iteration once: what the killed run logged after its checkpoint was trained again
     logged = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
     for kind in ('val_loss', 'loss'):
@@ -917,7 +943,7 @@ def test_never_lose_a_trained_model(tmp_path, small_run):
     first = load_ckpt(tmp_path / 'ckpt.pt')
     assert load_ckpt(tmp_path / 'best.pt')['iter_num'] == 10
     # 1. the same command again, without resume: refused, nothing touched
-    proc = train_here(tmp_path, *common, '--max_iters=4')
+    proc = train(tmp_path, *common, '--max_iters=4')
     assert_clean_error(proc, 'already holds a run', '--init_from=resume', '--overwrite=True')
     assert load_ckpt(tmp_path / 'ckpt.pt')['iter_num'] == 10
     # killed between writing ckpt.pt (the best so far) and linking best.pt to it: the resume below mends best.pt
@@ -947,7 +973,7 @@ def test_never_lose_a_trained_model(tmp_path, small_run):
     assert max(json.loads(line)['iter'] for line in open(tmp_path / 'metrics.jsonl')) == 5  # a log of its own
     assert f"export with: python convert_hf.py {tmp_path / 'replaced' / 'best.pt'}" in proc.stdout.splitlines()[-1]
     # ... a second overwrite would have to drop one of the two runs: refused, the user chooses
-    proc = train_here(tmp_path, *common, '--max_iters=5', '--overwrite=True')
+    proc = train(tmp_path, *common, '--max_iters=5', '--overwrite=True')
     assert_clean_error(proc, 'keeps one replaced run only', 'delete whichever')
     # ... with the worse run deleted, a run that beats the kept model (the same validation) releases it
     for name in ('ckpt.pt', 'metrics.jsonl'):
@@ -968,7 +994,7 @@ def test_a_log_alone_is_a_run_and_an_unreadable_checkpoint_names_a_real_alternat
     # killed after its first evaluation, before its first save: metrics.jsonl alone still belongs to a run
     (tmp_path / 'log_only').mkdir()
     (tmp_path / 'log_only' / 'metrics.jsonl').write_text('{"iter": 0, "val_loss": 9.0}\n')
-    proc = train_here(tmp_path / 'log_only', *SMALL, '--max_iters=2')
+    proc = train(tmp_path / 'log_only', *SMALL, '--max_iters=2')
     assert_clean_error(proc, 'already holds a run (metrics.jsonl', '--overwrite=True')
     assert 'init_from=resume' not in proc.stderr  # nothing to resume
     # a truncated checkpoint points to another checkpoint that exists, and to none that does not
@@ -1348,7 +1374,7 @@ def test_export_check_holds_for_a_realistic_12_layer_model_and_catches_a_broken_
 def test_bench_runs_on_cpu(tmp_path):
     small = ['--device=cpu', '--dtype=float32', '--compile=False', '--n_layer=2', '--n_embd=64', '--n_head=2',
              '--n_inner=128', '--batch_size=4', '--burn_in=1', '--steps=2']
-    proc = run_cli('bench.py', *small, '--block_size=67', '--vocab_size=1000', f'--profile={tmp_path}/trace.json',
+    proc = run_here('bench.py', *small, '--block_size=67', '--vocab_size=1000', f'--profile={tmp_path}/trace.json',
                    '--gradient_accumulation_steps=2')
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
@@ -1366,13 +1392,13 @@ def test_bench_runs_on_cpu(tmp_path):
     # a training config file as it is: train.py's I/O keys are accepted and ignored, the run's data is used
     proc = run_here('data.py', '--dataset=pydocs', '--tokenizer=train', '--vocab_size=8192', '--val_frac=0.05')
     assert proc.returncode == 0, proc.stderr  # where train.py config/tiny.py prepares it
-    proc = run_cli('bench.py', 'config/tiny.py', '--out_dir=elsewhere', '--wandb_log=True', '--max_iters=3',
+    proc = run_here('bench.py', 'config/tiny.py', '--out_dir=elsewhere', '--wandb_log=True', '--max_iters=3',
                    '--n_layer=2', '--batch_size=4', '--burn_in=1', '--steps=2')
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'batch 4 x 128 tokens x 1 accum, 19 predicted per sequence, real data from data/pydocs-train8192' in proc.stdout
     assert not os.path.exists(os.path.join(HERE, 'elsewhere'))
     # another objective's step, with doc_mask (its FLOPs are counted from its own layout: see the FLOP test)
-    proc = run_cli('bench.py', *small, '--block_size=67', '--vocab_size=1000', '--objective=plm', '--doc_mask=True')
+    proc = run_here('bench.py', *small, '--block_size=67', '--vocab_size=1000', '--objective=plm', '--doc_mask=True')
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'objective=plm, doc_mask=True' in proc.stdout
     step = re.search(r'step: ([\d.]+) ms, ([\d,]+) tokens/s, ([\d.]+) TFLOP/s', proc.stdout)
@@ -2606,7 +2632,7 @@ def test_an_export_killed_while_replacing_another_is_mended_by_the_next(tmp_path
     for name in ('nano_mpnet.json', 'config.json'):
         os.rename(tmp_path / 'hf' / name, aside / name)
     (partial / 'model.safetensors').write_bytes(b'half')
-    proc = run_cli('convert_hf.py', str(ckpt), str(tmp_path / 'hf'))
+    proc = run_here('convert_hf.py', str(ckpt), str(tmp_path / 'hf'))
     assert proc.returncode == 0, proc.stderr
     assert 'restored the earlier export' in proc.stdout and f'removed {partial}' in proc.stdout
     assert sorted(os.listdir(tmp_path / 'hf')) == before and not aside.exists() and not partial.exists()
@@ -3499,7 +3525,7 @@ def test_sts_scores_and_retrieval_from_the_command_line(tiny, tmp_path):
     docs.write_text(''.join(json.dumps({'text': e[0]}) + '\n' for e in tiny.task['splits']['test']))
     n = sum(len(tiny.tok(e[0], add_special_tokens=False)['input_ids']) >= 32 for e in tiny.task['splits']['test'])
     out = tmp_path / 'r.jsonl'
-    proc = run_cli('finetune.py', tiny.ckpts[0], '--task=retrieval', f'--eval_data={docs}', '--max_len=64',
+    proc = run_here('finetune.py', tiny.ckpts[0], '--task=retrieval', f'--eval_data={docs}', '--max_len=64',
                    f'--out_file={out}')
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f'pairs {n}' in proc.stdout and 'mean pooling' in proc.stdout
@@ -4334,7 +4360,10 @@ def contrastive_cli(folder, *args, popen=False):
     if popen:
         return subprocess.Popen(command, cwd=HERE, env=env, stdout=open(folder / 'stdout.txt', 'w'),
                                 stderr=open(folder / 'stderr.txt', 'w'), text=True)
-    return subprocess.run(command, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+    import datasets
+    with pytest.MonkeyPatch.context() as mp:  # in this process (run_here), with the same datasets cache
+        mp.setattr(datasets.config, 'HF_DATASETS_CACHE', str(folder / 'hf_cache'))
+        return run_here(*command[1:])
 
 
 @pytest.fixture(scope='module')
@@ -4369,7 +4398,7 @@ def test_a_run_learns_keeps_its_best_and_exports_what_sentence_transformers_load
     # plot.py draws the run: the loss, and the held-out retrieval in the probe's panels
     assert run_here('plot.py', str(out)).returncode == 0 and (out / 'curves.png').stat().st_size > 10_000
     # the export: a sentence-transformers folder, loaded without a report, that embeds as this project does
-    proc = run_cli('convert_hf.py', str(out / 'best.pt'), str(tmp_path / 'st'))
+    proc = run_here('convert_hf.py', str(out / 'best.pt'), str(tmp_path / 'st'))
     assert proc.returncode == 0 and 'SentenceTransformer loads it: Transformer -> Pooling -> Normalize' in proc.stdout, proc.stderr
     from sentence_transformers import SentenceTransformer
     capfd.readouterr()
