@@ -535,11 +535,6 @@ def train(out_dir, *args):
     return run_here('train.py', 'config/tiny.py', f'--out_dir={out_dir}', *args)
 
 
-def train_cli(out_dir, *args, timeout=600):
-    """The same as a process of its own: for runs that are signalled, killed, or checked from outside."""
-    return run_cli('train.py', 'config/tiny.py', f'--out_dir={out_dir}', *args, timeout=timeout)
-
-
 def builtin_prepared():
     """data/pydocs-train8192, as `train.py config/tiny.py` prepares it, whichever DATA_ROOT the session fixture
     `env` has set in this worker (else the pydocs corpus compared with that folder's source is env's)."""
@@ -841,7 +836,7 @@ def test_sigkill_mid_training_resumes_and_one_run_per_out_dir(tmp_path):
     killed = proc.pid
     ckpt = load_ckpt(tmp_path / 'ckpt.pt')  # never a torn file: written to a temp file, then os.replace
     assert ckpt['iter_num'] >= 6
-    (tmp_path / f'ckpt.pt.{proc.pid}.123.tmp').write_bytes(b'half a checkpoint')  # as kill -9 mid-save leaves it
+    (tmp_path / f'ckpt.pt.{killed}.123.tmp').write_bytes(b'half a checkpoint')  # as kill -9 mid-save leaves it
     # the killed run's lock is taken over, and its temp file removed
     logged = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
     # what the resumed run logs again: the evaluation at its checkpoint, and whatever followed before the kill
@@ -4354,16 +4349,16 @@ def contrastive_here(*args):
 
 
 def contrastive_cli(folder, *args, popen=False):
-    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1', 'PYTHONUNBUFFERED': '1',
-           'HF_DATASETS_CACHE': str(folder / 'hf_cache')}
-    command = [sys.executable, 'contrastive.py', str(folder / 'start.pt'), f'--dataset={folder / "corpus.jsonl"}', *args]
-    if popen:
-        return subprocess.Popen(command, cwd=HERE, env=env, stdout=open(folder / 'stdout.txt', 'w'),
+    command = ['contrastive.py', str(folder / 'start.pt'), f'--dataset={folder / "corpus.jsonl"}', *args]
+    if popen:  # a process of its own, to be signalled
+        env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1', 'PYTHONUNBUFFERED': '1',
+               'HF_DATASETS_CACHE': str(folder / 'hf_cache')}
+        return subprocess.Popen([sys.executable, *command], cwd=HERE, env=env, stdout=open(folder / 'stdout.txt', 'w'),
                                 stderr=open(folder / 'stderr.txt', 'w'), text=True)
     import datasets
     with pytest.MonkeyPatch.context() as mp:  # in this process (run_here), with the same datasets cache
         mp.setattr(datasets.config, 'HF_DATASETS_CACHE', str(folder / 'hf_cache'))
-        return run_here(*command[1:])
+        return run_here(*command)
 
 
 @pytest.fixture(scope='module')
