@@ -2946,10 +2946,10 @@ def gpu_check(folder, *args, timeout=280):
 
 def test_dry_run_reaches_every_step_and_ends_with_the_verdict_table(prepared):
     root, prepared_dir = prepared
-    proc, rows, wall = gpu_check(root / 'good', '--device=cpu', f'--data_dir={prepared_dir}')
+    proc, rows, wall = gpu_check(root / 'good', '--device=cpu', f'--data_dir={prepared_dir}', '--long')
     print(proc.stdout[proc.stdout.index('== .ci/gpu verdict'):], f'wall {wall:.0f} s')
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert {step for step, _ in rows} == set(STEPS)
+    assert {step for step, _ in rows} == set(STEPS) | {'5 long context'}
     verdict = {check: v for (_, check), (v, _) in rows.items()}
     assert verdict['device'] == verdict['versions'] == 'PASS'
     assert verdict['torch.compile'] == 'SKIP'  # CUDA only, as train.py
@@ -2957,12 +2957,15 @@ def test_dry_run_reaches_every_step_and_ends_with_the_verdict_table(prepared):
     assert verdict['sdpa eager'] == verdict['manual eager'] == verdict['sdpa eval (no grad)'] == 'PASS'
     assert 'rel_bias' in rows['2 correctness', 'sdpa eager'][1] and 'math forward' in rows['2 correctness', 'sdpa eager'][1]
     for check in ('sdpa compiled', 'flex eager', 'flex compiled', 'manual compiled', 'CUDA tests (pytest)',
-                  'bench flex batch 2'):
+                  'bench flex batch 2', 'bench flex batch 2 T=64'):
         assert verdict[check] == 'SKIP', check
     assert all(verdict[check] == 'PASS' for check in E2E), {c: rows['3 end to end', c] for c in E2E}
     assert 'stopped at iter' in rows['3 end to end', 'train + SIGTERM'][1]
     assert 'on gloo' in rows['3 end to end', 'torchrun'][1]
     assert verdict['bench sdpa batch 2'] == 'PASS' and 'ms/step' in rows['4 speed', 'bench sdpa batch 2'][1]
+    # --long: step 5 past the step-4 length, with the model FLOPs a sequence that torch's counter agreed with
+    assert verdict['bench sdpa batch 2 T=64'] == 'PASS'
+    assert '% attention)' in rows['5 long context', 'bench sdpa batch 2 T=64'][1]
     # the table is printed last, and kept in the report with the log of every step
     table = proc.stdout[proc.stdout.index('== .ci/gpu verdict'):]
     assert f"{len(rows) - sum(v == 'SKIP' for v in verdict.values())} PASS, 0 FAIL" in table
@@ -2970,8 +2973,17 @@ def test_dry_run_reaches_every_step_and_ends_with_the_verdict_table(prepared):
         assert any(line.startswith(step) and check in line and v in line for line in table.splitlines()), (step, check)
     report = root / 'good' / 'report'
     assert (report / 'summary.txt').read_text() == table
-    assert '| sdpa | 2 |' in (report / 'speed.md').read_text()
+    speed = (report / 'speed.md').read_text()
+    assert '| sdpa | 32 | 2 |' in speed and '| sdpa | 64 | 2 |' in speed
     assert 'stopped by SIGTERM at iter' in (report / 'check.log').read_text()
+
+
+def test_long_only_runs_steps_1_and_5_in_one_short_call(tmp_path):
+    proc, rows, _ = gpu_check(tmp_path, '--device=cpu', '--long=only')
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {step for step, _ in rows} == {'1 environment', '5 long context'}
+    assert rows['5 long context', 'bench sdpa batch 2 T=64'][0] == 'PASS'
+    assert 'budget 90 s' in proc.stdout  # its own budget: 540 s on a GPU, inside one 600 s call
 
 
 def test_a_missing_data_dir_fails_step_3_in_one_line_and_the_other_steps_still_run(prepared):
@@ -3185,6 +3197,29 @@ def test_gpu_check_reads_a_killed_runs_log_and_fails_a_diverged_one(tmp_path, mo
     assert gc.loss_problem(gc.loss_records(str(tmp_path))) == 'its loss is nan at iter 10: training diverged'
     assert gc.loss_problem([]) == 'no training loss in its metrics.jsonl'
 
+
+def test_gpu_long_context_rows_out_of_memory_is_a_skip_a_wrong_flop_count_a_fail(tmp_path, monkeypatch):
+    gc = gpu_check_module(monkeypatch, tmp_path)
+    log = tmp_path / 'bench.log'
+    args = lambda rc, T: argparse.Namespace(log=str(log), impl='sdpa', batch='2', rc=rc, block_size=T, long=True)
+    # bench.py's own words when a step does not fit (sdpa's dense bias at 4,096): a measurement, not a failure
+    log.write_text('error: out of GPU memory at batch 2 x 4096: lower --batch_size (raising '
+                   '--gradient_accumulation_steps keeps the step), or --grad_checkpoint=True\n')
+    gc.bench_row(args(1, '4096'))
+    step = ('step: 812.00 ms, 10,089 tokens/s, 120.00 TFLOP/s, MFU 12.1%, peak memory 70.00 GiB, loss 10.4\n'
+            'FLOPs per sequence: 2.1e+12 (attention scores and sums 41%); torch.utils.flop_counter: ')
+    log.write_text(step + '2.1e+12\n')
+    gc.bench_row(args(0, '2048'))
+    log.write_text(step + '2.0e+12 (differs: estimate_flops is wrong here)\n')
+    gc.bench_row(args(0, '1024'))
+    rows = [line.split('\t') for line in (tmp_path / 'verdicts.tsv').read_text().splitlines()]
+    assert [(r[0], r[1], r[2]) for r in rows] == [('5 long context', f'bench sdpa batch 2 T={T}', v)
+                                                  for T, v in (('4096', 'SKIP'), ('2048', 'PASS'), ('1024', 'FAIL'))]
+    assert 'does not fit: out of GPU memory at batch 2 x 4096' in rows[0][3]
+    assert '2.1e+12 FLOPs/sequence (41% attention)' in rows[1][3] and 'estimate_flops is wrong' in rows[2][3]
+    speed = (tmp_path / 'speed.md').read_text().splitlines()
+    assert speed[2].startswith('| sdpa | 4096 | 2 | out of memory |') and speed[3].startswith('| sdpa | 2048 | 2 | 812.00 |')
+    assert gc.verdict([tuple(r) for r in rows])[1] == 1  # the wrong count fails the run; the SKIP does not
 
 # ---------------------------------------------------------------------------------------------------------
 # .ci/gpu: misleading messages

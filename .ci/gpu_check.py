@@ -28,7 +28,7 @@ from contextlib import nullcontext
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 REPORT = os.environ.get('GPU_CHECK_REPORT', os.path.join(ROOT, 'out-gpu-check'))
-STEPS = {'1': '1 environment', '2': '2 correctness', '3': '3 end to end', '4': '4 speed'}
+STEPS = {'1': '1 environment', '2': '2 correctness', '3': '3 end to end', '4': '4 speed', '5': '5 long context'}
 MIN_BOX = 10  # seconds: a check with less time left is a SKIP (as .ci/gpu's steps), not a time box it must overrun
 NO_TIME = 'no time left'  # how a SKIP for lack of time begins: table() counts such a check as not checked
 
@@ -507,14 +507,21 @@ def fill_mask(hf_dir, ckpt_path, data_dir, meta, device):
 # 4 speed
 
 def bench_row(a):
-    """One bench.py output -> a verdict row and a line of REPORT/speed.md."""
+    """One bench.py output -> a verdict row and a line of REPORT/speed.md (step 4 at T=512, step 5 past it)."""
     text = open(a.log, errors='replace').read() if os.path.exists(a.log) else ''
-    name = f'bench {a.impl} batch {a.batch}'
+    step_id = '5' if a.long else '4'
+    name = f'bench {a.impl} batch {a.batch}' + (f' T={a.block_size}' if a.long else '')
     step = re.search(r'step: ([\d.]+) ms, ([\d,]+) tokens/s, ([\d.]+) TFLOP/s, MFU ([^,]+), peak memory ([^,]+), loss (\S+)', text)
     sampler = re.search(r'permutation sampler: ([\d.]+) ms per batch, ([\d.]+)% of the step', text)
     syncs = re.search(r'host syncs in one step: (\d+)', text)
+    flops = re.search(r'FLOPs per sequence: (\S+) \(attention scores and sums (\d+)%\); torch.utils.flop_counter: (\S+)', text)
+    if a.long and a.rc not in (124, 137, 143) and 'out of GPU memory' in text:
+        # past 512 a kernel that does not fit is what the step measures (sdpa's dense bias grows with T^2)
+        row(step_id, name, 'SKIP', f'does not fit: out of GPU memory at batch {a.batch} x {a.block_size}')
+        speed_line(a, *(['out of memory'] + ['-'] * 6))
+        return 0
     if a.rc in (124, 137, 143) or not step:
-        row('4', name, 'FAIL', f'timed out after its time box' if a.rc in (124, 137, 143) else failure(a.rc, text, 0))
+        row(step_id, name, 'FAIL', f'timed out after its time box' if a.rc in (124, 137, 143) else failure(a.rc, text, 0))
         return 0
     ms, tps, tflops, mfu, mem, loss = step.groups()
     n_syncs = int(syncs.group(1)) if syncs else None
@@ -524,18 +531,29 @@ def bench_row(a):
         finite = math.isfinite(float(loss.rstrip(',;')))
     except ValueError:  # not a number at all
         finite = False
-    ok = a.rc == 0 and finite and not n_syncs
-    row('4', name, 'PASS' if ok else 'FAIL', said + ('' if finite else f'; loss {loss}') +
+    counted = 'estimate_flops is wrong here' not in text  # bench.py compares it with torch's FLOP counter
+    if flops:
+        said += f', {float(flops.group(1)):.3g} FLOPs/sequence ({flops.group(2)}% attention)' + (
+            '' if counted else f', torch.utils.flop_counter counts {flops.group(3)}: estimate_flops is wrong here')
+    ok = a.rc == 0 and finite and not n_syncs and counted
+    row(step_id, name, 'PASS' if ok else 'FAIL', said + ('' if finite else f'; loss {loss}') +
         (f'; bench.py exit {a.rc}' if a.rc else ''))
+    speed_line(a, ms, tps, tflops, mfu, mem, 'n/a' if n_syncs is None else n_syncs,
+               sampler.group(2) + '%' if sampler else '?',
+               f'{float(flops.group(1)):.3g} ({flops.group(2)}% attention)' if flops else '?')
+    return 0
+
+
+def speed_line(a, ms, tps, tflops, mfu, mem, syncs, share, flops='-'):
+    """A row of REPORT/speed.md: the step's numbers at its T (the model FLOPs a sequence grow with T: attention)."""
     path = os.path.join(REPORT, 'speed.md')
     if not os.path.exists(path):
         with open(path, 'w') as f:
-            f.write('| attn_impl | batch | ms/step | tokens/s | TFLOP/s | MFU | peak memory | host syncs | sampler share |\n'
-                    '|---|---|---|---|---|---|---|---|---|\n')
+            f.write('| attn_impl | T | batch | ms/step | tokens/s | TFLOP/s | MFU | peak memory | host syncs | sampler share '
+                    '| FLOPs/sequence |\n|---|---|---|---|---|---|---|---|---|---|---|\n')
     with open(path, 'a') as f:
-        f.write(f'| {a.impl} | {a.batch} | {ms} | {tps} | {tflops} | {mfu} | {mem} | {"n/a" if n_syncs is None else n_syncs} | '
-                f'{sampler.group(2) + "%" if sampler else "?"} |\n')
-    return 0
+        f.write(f'| {a.impl} | {a.block_size} | {a.batch} | {ms} | {tps} | {tflops} | {mfu} | {mem} | {syncs} | {share} '
+                f'| {flops} |\n')
 
 
 def verdict(rows, interrupted=False):
@@ -601,6 +619,8 @@ if __name__ == '__main__':
     p.add_argument('impl')
     p.add_argument('batch')
     p.add_argument('rc', type=int)
+    p.add_argument('--block_size', default='512')
+    p.add_argument('--long', action='store_true')
     p = sub.add_parser('table')
     p.add_argument('--elapsed', type=int, default=None)
     p.add_argument('--quiet', action='store_true')
