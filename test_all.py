@@ -4575,10 +4575,11 @@ def test_a_sentence_transformers_model_keeps_its_pooling_through_training_and_ex
 def test_shipped_config_files_and_help():
     import configurator
     defaults = {k: getattr(contrastive, k) for k in contrastive.config_keys}
-    for name in ('contrastive_raw.py', 'contrastive_pairs.py'):
+    for name, pairs in (('contrastive_raw.py', 'halves'), ('contrastive_pairs.py', 'labelled'),
+                        ('contrastive_sentence.py', 'halves')):
         config = configurator.configure(defaults, [os.path.join(HERE, 'config', name)], contrastive.CHOICES,
                                         limits=contrastive.LIMITS)
-        assert config['pairs'] == ('halves' if 'raw' in name else 'labelled')
+        assert config['pairs'] == pairs
     proc = contrastive_here('--help')
     assert proc.returncode == 0 and '--mini_batch_size=0' in proc.stdout and 'gradient caching' in proc.stdout
 
