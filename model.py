@@ -417,14 +417,16 @@ class MPNet(nn.Module):
         positions = torch.cumsum(not_pad, dim=1) * not_pad - 1  # a pad gets -1, i.e. embedding row pad_id
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        arange = torch.arange(T, device=input_ids.device).expand(B, T)
+        arange = torch.arange(T, device=input_ids.device)[None]  # (1, T): every row has the same positions
         if c.rope:
-            bias = torch.zeros(B, 1, T, T, device=input_ids.device)
-            rope_pos = arange
+            bias = torch.zeros(1, 1, T, T, device=input_ids.device)
+            rope_pos = arange.expand(B, T)
         else:
+            # one (1, nh, T, T) table for the batch, broadcast by the padding mask: its backward sums over rows
+            # before the embedding lookup's, instead of scattering B * T * T gradients into the bias table
             bias = self.rel_bias_table(arange, arange, T)
             rope_pos = None
-        bias = bias.masked_fill(~attention_mask.bool()[:, None, None, :], float('-inf'))
+        bias = bias.masked_fill(~attention_mask.bool()[:, None, None, :], float('-inf'))  # (B, nh or 1, T, T)
         # flex's block mask is specialised to the two-stream layout: the plain path always uses a bias
         attn = AttnInputs(rope_pos, bias=bias)
         x = self.embed(input_ids, positions)
