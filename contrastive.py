@@ -179,8 +179,9 @@ def contrastive_step(model, seqs, text_ids, special, pooling='mean', mini_batch_
     replayed from the RNG state saved before its first run, and that gradient flows back through it. The memory
     is one mini-batch's; the gradient is exactly the whole batch's."""
     device, m = next(model.parameters()).device, mini_batch_size
-    if not m:
-        emb = embed(model, seqs, special, pooling, autocast)
+    if not m:  # a forward per column (anchors, positives, negatives), each padded to its own longest text, as
+        B = len(seqs) // text_ids.size(0)  # sentence-transformers does: less padding, smaller (B, nh, T, T) tensors
+        emb = torch.cat([embed(model, seqs[a:a + B], special, pooling, autocast) for a in range(0, len(seqs), B)])
     else:  # both runs on the SDPA backends autograd allows for a bias with a gradient: the same kernels, same dropout
         states, parts = [], []
         with torch.no_grad(), sdpa_kernel(MASK_GRAD_BACKENDS):
@@ -413,7 +414,10 @@ def main(argv):
         error = str(e)
     agree(error)
     model_args = {**ckpt['model_args'], 'dropout': dropout, 'attn_dropout': dropout}
-    model = model_from_checkpoint(ckpt, name, **model_args).to(dev).train()
+    # on a CPU the plain attention: SDPA's CPU path adds a safe-softmax pass over (B, nh, T, T) (MEASUREMENTS.md,
+    # against sentence-transformers); the checkpoint keeps the model's own attn_impl
+    model = model_from_checkpoint(ckpt, name, **{**model_args, **({'attn_impl': 'manual'} if dev.type == 'cpu' else {})})
+    model = model.to(dev).train()
     n_embd = model_args['n_embd']
     carried = dict(st_files=ckpt.get('st_files') or sentence_files(n_embd), st_path=ckpt.get('st_path') or '',
                    hf_extra=ckpt.get('hf_extra') or hf_pooler(n_embd),

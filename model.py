@@ -207,7 +207,7 @@ class Attention(nn.Module):
         if attn.flex is not None:
             y = attn.flex(q, k, v)  # FlexAttention has no dropout on attention probabilities
         elif self.impl == 'manual':
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1)) + attn.bias  # (B, nh, L, S)
+            att = (q / math.sqrt(q.size(-1))) @ k.transpose(-2, -1) + attn.bias  # (B, nh, L, S); q scaled, the smaller
             att = F.dropout(F.softmax(att.float(), dim=-1).to(q.dtype), dropout_p, self.training)
             y = att @ v
         else:
