@@ -4296,7 +4296,7 @@ def test_gradient_caching_is_exact(p):
     assert set(reference) == set(cached_grads) and len(reference) > 20  # every encoder parameter
     for n in reference:
         torch.testing.assert_close(cached_grads[n], reference[n], atol=1e-6, rtol=1e-5, msg=n)
-    if p == 0:  # without dropout, also the whole batch without caching (a column a forward, padded to its longest): in fp32 that
+    if p == 0:  # without dropout, also without caching (a forward a column, padded to its longest): in fp32 that
         # sums in another order (a LayerNorm bias's gradient adds ~3000 tokens: 1e-5 apart), so compared in fp64
         model.double().zero_grad(set_to_none=True)
         cached = contrastive.contrastive_step(model, seqs, ids, SPECIAL, mini_batch_size=8, symmetric=True)
