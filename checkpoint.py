@@ -215,13 +215,38 @@ def keep_snapshot(out_dir, iter_num, keep):
     return snapshot
 
 
+def save_run(ckpt, out_dir, improved=False, key=None, beat_start=True, snapshot_keep=0, unit='iter'):
+    """The run folder's saving policy: ckpt (a checkpoint dict with iter_num and val_loss) written atomically to
+    out_dir/ckpt.pt; when the run improved, best.pt linked to it and a replaced run that it beat (validation_key
+    `key`) released; with snapshot_keep, also kept as a snapshot. Returns the lines to print; CheckpointError."""
+    ckpt_path, best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
+    save_checkpoint(ckpt, ckpt_path)
+    also, released = [], None
+    if improved:
+        link_checkpoint(ckpt_path, best_path)
+        also.append(f'{best_path}: the best so far')
+        released = release_replaced(out_dir, ckpt['val_loss'], key, beat_start)
+    if snapshot_keep:
+        also.append(f"snapshot {keep_snapshot(out_dir, ckpt['iter_num'], snapshot_keep)}")
+    return [f"saved {ckpt_path} at {unit} {ckpt['iter_num']}" + (f" (also {'; '.join(also)})" if also else '')] + (
+        [released] if released else [])
+
+
+def exportable(out_dir, start_file, best_iter):
+    """The file an ended run's last line suggests exporting: its best, else the model it started from when
+    nothing beat it, else its latest checkpoint; never one worse than the start. None if there is none."""
+    best_path, ckpt_path = os.path.join(out_dir, 'best.pt'), os.path.join(out_dir, 'ckpt.pt')
+    return (best_path if os.path.exists(best_path) else start_file if start_file and best_iter is None else
+            ckpt_path if os.path.exists(ckpt_path) else None)
+
+
 def run_summary(out_dir, best_iter, best_val_loss, last_saved, start_file):
     """Which files of a run hold what, for the line that ends it: the best model (or that none beat the model
     it started from), the latest checkpoint when it is another, and a replaced run still kept."""
     best_path, ckpt_path = os.path.join(out_dir, 'best.pt'), os.path.join(out_dir, 'ckpt.pt')
     best = (f'the best model is {best_path} (iter {best_iter}, val loss {best_val_loss:.4f})'
             if best_iter is not None and os.path.exists(best_path) else
-            f'no checkpoint beat the starting model' + (f' {start_file}' if start_file else '') +
+            'no checkpoint beat the starting model' + (f' {start_file}' if start_file else '') +
             f' (val loss {best_val_loss:.4f})' if math.isfinite(best_val_loss) else
             'no model was evaluated yet')
     last = (f'the latest checkpoint is {ckpt_path}' + (f' (iter {last_saved[0]}, val loss {last_saved[1]:.4f})'

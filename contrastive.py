@@ -40,9 +40,8 @@ from torch.nn.attention import sdpa_kernel
 
 import data
 import finetune
-from checkpoint import (CheckpointError, check_free_space, checkpoint_bytes, claim_run_dir, link_checkpoint,
-                        model_from_checkpoint, release_replaced, replace_run, save_checkpoint, stop_on_signals, trim_log,
-                        validation_key)
+from checkpoint import (CheckpointError, check_free_space, checkpoint_bytes, claim_run_dir, model_from_checkpoint,
+                        replace_run, save_run, stop_on_signals, trim_log, validation_key)
 from configurator import ConfigError, check_device, configure
 from convert_hf import ConvertError, quiet_transformers, sentence_pooling, tokenizer_files_of
 from model import MASK_GRAD_BACKENDS
@@ -497,20 +496,15 @@ def main(argv):
             dist.all_gather_object(states, states[0], group=flags)
         if not master:
             return
-        try:
-            save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
+        try:  # a replaced run goes once a model at least as good on the same held-out pairs (their InfoNCE) is saved
+            said = save_run(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
                                  config=config, iter_num=iter_num, val_loss=record and record['val_loss'],
                                  val_mrr=record and record['probe_mrr'], best_mrr=best_mrr, best_iter=best_iter,
                                  data_pos=data_pos, rank_states=states, data_fingerprint=fingerprint,
-                                 data_dir=data_dir or None, **carried), ckpt_path)
-            if improved:
-                link_checkpoint(ckpt_path, best_path)
-                released = release_replaced(out_dir, record['val_loss'], key, True)  # a replaced run goes once a model
-                if released:  # at least as good on the same held-out pairs (by their InfoNCE) is saved
-                    print(released)
+                                 data_dir=data_dir or None, **carried), out_dir, improved, key, unit='step')
         except CheckpointError as e:
             die(e)
-        print(f"saved {ckpt_path} at step {iter_num}" + (f' (also {best_path}: the best so far)' if improved else ''))
+        print('\n'.join(said))
 
     def log(record):
         if master:

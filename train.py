@@ -29,9 +29,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from checkpoint import (CheckpointError, checkpoint_bytes, claim_run_dir, extend_checkpoint, keep_snapshot,
-                        link_checkpoint, load_checkpoint, model_from_checkpoint, ranks_disagree, ready_run_dir, release_replaced,
-                        restore_random_state, run_summary, save_checkpoint, stop_on_signals, validation_key)
+from checkpoint import (CheckpointError, checkpoint_bytes, claim_run_dir, exportable, extend_checkpoint, load_checkpoint,
+                        model_from_checkpoint, ranks_disagree, ready_run_dir, restore_random_state, run_summary, save_run,
+                        stop_on_signals, validation_key)
 from configurator import CHOICES, ConfigError, check_device, check_relations, configure
 from convert_hf import ConvertError, hf_to_checkpoint, read_tokenizer_files, sentence_pooling, tokenizer_files_of
 from finetune import Probe, TaskError
@@ -401,25 +401,18 @@ def save(val_loss=None, improved=False):
         print(f'warning: the weights are not finite at iter {iter_num}: not saved; {kept()}')
         return
     try:
-        save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
+        said = save_run(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
                              config=config, iter_num=iter_num, val_loss=val_loss, best_val_loss=best_val_loss,
                              best_iter=best_iter, rank_states=states, data_fingerprint=fingerprint,
-                             head_only_until=head_only_until, wandb_run_id=wandb_run_id,
-                             tokenizer_files=tokenizer_files, special_ids=special_ids, data_dir=os.path.abspath(data_dir), **carried),
-                        ckpt_path)
-        if improved:
-            link_checkpoint(ckpt_path, best_path)
-            released = release_replaced(out_dir, val_loss, validation_key(config, fingerprint), best_iter is not None)
-        snapshot = (keep_snapshot(out_dir, iter_num, snapshot_keep)
-                    if snapshot_interval and val_loss is not None and iter_num % snapshot_interval == 0 else None)
+                             head_only_until=head_only_until, wandb_run_id=wandb_run_id, tokenizer_files=tokenizer_files,
+                             special_ids=special_ids, data_dir=os.path.abspath(data_dir), **carried),
+                        out_dir, improved, validation_key(config, fingerprint), best_iter is not None,
+                        snapshot_keep if snapshot_interval and val_loss is not None and iter_num % snapshot_interval == 0 else 0)
     except CheckpointError as e:
         die(e)
     global last_saved
     last_saved = (iter_num, val_loss)
-    also = ([f'{best_path}: the best so far'] if improved else []) + ([f'snapshot {snapshot}'] if snapshot else [])
-    print(f'saved {ckpt_path} at iter {iter_num}' + (f" (also {'; '.join(also)})" if also else ''))
-    if improved and released:
-        print(released)
+    print('\n'.join(said))
 
 
 def log(record):
@@ -597,11 +590,9 @@ if master:
     if iter_num == start_iter and start_iter >= max_iters > 0:
         print(f'nothing to train: the run is at iter {iter_num} and max_iters is {max_iters} (raise --max_iters)')
     else:
-        # never a checkpoint that is worse than the model the run started from
-        exportable = (best_path if os.path.exists(best_path) else start_file if start_file and best_iter is None else
-                      ckpt_path if os.path.exists(ckpt_path) else None)
+        export = exportable(out_dir, start_file, best_iter)  # never worse than the model the run started from
         print(f"{'stopped' if stop_signal else 'done'}: {kept()}" +
-              (f'; export with: python convert_hf.py {exportable} {os.path.join(out_dir, "hf")}' if exportable else ''))
+              (f'; export with: python convert_hf.py {export} {os.path.join(out_dir, "hf")}' if export else ''))
 if ddp:
     stop_work.wait()
     dist.barrier()  # rank 0 may still be writing the last checkpoint
