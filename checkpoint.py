@@ -163,8 +163,8 @@ def replace_run(out_dir, start=None):
         if best:
             try:  # only a few values of it: mapped, not read whole
                 ckpt = torch.load(os.path.join(keep, best), map_location='cpu', weights_only=True, mmap=True)
-                info.update(iter_num=ckpt.get('iter_num'), val_loss=ckpt.get('val_loss'),
-                            key=validation_key(ckpt.get('config'), ckpt.get('data_fingerprint')))
+                info.update(iter_num=ckpt.get('iter_num'), val_loss=ckpt.get('val_loss'), key=ckpt.get('validation_key')
+                            or validation_key(ckpt.get('config'), ckpt.get('data_fingerprint')))
             except Exception:  # unreadable: kept until the user deletes it
                 pass
         with open(record, 'w') as f:
@@ -220,7 +220,7 @@ def save_run(ckpt, out_dir, improved=False, key=None, beat_start=True, snapshot_
     out_dir/ckpt.pt; when the run improved, best.pt linked to it and a replaced run that it beat (validation_key
     `key`) released; with snapshot_keep, also kept as a snapshot. Returns the lines to print; CheckpointError."""
     ckpt_path, best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
-    save_checkpoint(ckpt, ckpt_path)
+    save_checkpoint({**ckpt, 'validation_key': key}, ckpt_path)  # what a later overwrite=True run compares with
     also, released = [], None
     if improved:
         link_checkpoint(ckpt_path, best_path)

@@ -41,7 +41,7 @@ from torch.nn.attention import sdpa_kernel
 import data
 import finetune
 from checkpoint import (CheckpointError, check_free_space, checkpoint_bytes, claim_run_dir, model_from_checkpoint,
-                        replace_run, save_run, stop_on_signals, trim_log, validation_key)
+                        replace_run, save_run, stop_on_signals, trim_log)
 from configurator import ConfigError, check_device, configure
 from convert_hf import ConvertError, quiet_transformers, sentence_pooling, tokenizer_files_of
 from model import MASK_GRAD_BACKENDS
@@ -424,7 +424,9 @@ def main(argv):
                    special_ids=ckpt.get('special_ids') or dict(bos_token_id=special[0], pad_token_id=1, eos_token_id=special[1]))
     pooling = sentence_pooling(carried['st_files'])  # as the sentence-transformers model pools (mean if new)
     fingerprint = dict(tokenizer=data.tokenizer_fingerprint(tok), pairs=f'{spans.shape[1]} x {zlib.crc32(clip(spans).tobytes())}')
-    key = validation_key(config, zlib.crc32(evaluation[0].numpy().tobytes()))  # runs compare on the same held-out pairs
+    # a run replaced by overwrite=True goes once a model at least as good is saved: the same held-out pairs and
+    # InfoNCE scale (train.py's validation_key holds its own run's settings: batch, blocks, permutations)
+    key = f'contrastive: held-out pairs {zlib.crc32(evaluation[0].numpy().tobytes())}, scale {scale}'
     if master:
         print('config:\n' + '\n'.join(f'  {k} = {config[k]!r}' for k in config_keys))
         print(f"{spans.shape[1]:,} training {'triplets' if len(spans) == 3 else 'pairs'} ({pairs}), {GB:,} a step "

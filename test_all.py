@@ -4447,6 +4447,23 @@ def test_a_run_learns_keeps_its_best_and_exports_what_sentence_transformers_load
     assert (ours - st.encode(texts, convert_to_tensor=True)).abs().max() < 1e-5
 
 
+def test_overwrite_keeps_the_replaced_run_until_a_model_as_good_is_saved(contrastive_run, tmp_path):
+    """A contrastive run started over with overwrite=True keeps the old one in replaced/ while it is worse on the
+    same held-out pairs, and removes it once it saves a model at least as good (the checkpoint carries the key)."""
+    out = tmp_path / 'out'
+    short = ['--max_iters=10', '--eval_interval=10']
+    assert contrastive_cli(contrastive_run, *CONTRASTIVE_RUN, f'--out_dir={out}', *short).returncode == 0
+    proc = contrastive_cli(contrastive_run, *CONTRASTIVE_RUN, f'--out_dir={out}', *short, '--overwrite=True',
+                           '--learning_rate=1e-9')  # no better than its start, nor than the run it replaced
+    assert proc.returncode == 0 and (out / 'replaced' / 'best.pt').exists(), proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert json.loads((out / 'replaced' / 'replaced.json').read_text())['key'].startswith('contrastive: held-out pairs')
+    shutil.rmtree(out)
+    assert contrastive_cli(contrastive_run, *CONTRASTIVE_RUN, f'--out_dir={out}', *short).returncode == 0
+    proc = contrastive_cli(contrastive_run, *CONTRASTIVE_RUN, f'--out_dir={out}', '--overwrite=True',
+                           '--max_iters=40', '--eval_interval=20')  # the same start and seed, trained further: better
+    assert f"removed {out / 'replaced'}" in proc.stdout and not (out / 'replaced').exists(), proc.stdout[-2000:]
+
+
 def test_ctrl_c_keeps_the_last_checkpoint_and_resuming_gives_the_uninterrupted_run(contrastive_run):
     split = contrastive_run / 'split'
     proc = contrastive_cli(contrastive_run, *CONTRASTIVE_RUN, f'--out_dir={split}', '--eval_interval=5', popen=True)
