@@ -441,22 +441,27 @@ def claim_run_dir(out_dir, resume, overwrite):
     return lock
 
 
+def mend_resumed_run(out_dir, iter_num, best_iter, unit='iter'):
+    """A resumed run's folder as its checkpoint says: best.pt relinked to ckpt.pt if the run was killed between
+    writing one and linking the other, and metrics.jsonl trimmed to iter_num (those steps run again). Lines to print."""
+    ckpt_path, best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
+    if best_iter == iter_num and not same_file(ckpt_path, best_path):
+        link_checkpoint(ckpt_path, best_path)
+    dropped, bad = trim_log(os.path.join(out_dir, 'metrics.jsonl'), iter_num)
+    return [f'metrics.jsonl: dropped {dropped} records logged after {unit} {iter_num} by the interrupted run (those '
+            f'{unit}s run again)' + (f' and {bad} lines that are no record' if bad else '')] if dropped or bad else []
+
+
 def ready_run_dir(out_dir, overwrite, resume, start_file, iter_num, best_iter, n_bytes):
     """train.py's rank 0, once the run has everything it needs: an overwritten run moves aside only now; a
-    resumed run's folder is mended (best.pt relinked if the run was killed between writing ckpt.pt and linking
-    it; metrics.jsonl trimmed to iter_num, as those iterations run again); and there must be room to save.
+    resumed run's folder is mended (mend_resumed_run); and there must be room to save.
     Returns (lines to print, the checkpoint the run starts from: a replaced one has moved). CheckpointError."""
-    said, ckpt_path, best_path = [], os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
+    said, ckpt_path = [], os.path.join(out_dir, 'ckpt.pt')
     if overwrite:
         line, start_file = replace_run(out_dir, start=start_file)
         said += [line] if line else []
     if resume:
-        if best_iter == iter_num and not same_file(ckpt_path, best_path):
-            link_checkpoint(ckpt_path, best_path)
-        dropped, bad = trim_log(os.path.join(out_dir, 'metrics.jsonl'), iter_num)
-        if dropped or bad:
-            said.append(f'metrics.jsonl: dropped {dropped} records logged after iter {iter_num} by the interrupted run '
-                        f'(those iterations run again)' + (f' and {bad} lines that are no record' if bad else ''))
+        said += mend_resumed_run(out_dir, iter_num, best_iter)
     check_free_space(out_dir, n_bytes, 1 if os.path.exists(ckpt_path) else 2)
     return said, start_file
 

@@ -41,7 +41,7 @@ from torch.nn.attention import sdpa_kernel
 import data
 import finetune
 from checkpoint import (CheckpointError, check_free_space, checkpoint_bytes, claim_run_dir, model_from_checkpoint,
-                        replace_run, save_run, stop_on_signals, trim_log)
+                        mend_resumed_run, replace_run, save_run, stop_on_signals)
 from configurator import ConfigError, check_device, configure
 from convert_hf import ConvertError, quiet_transformers, sentence_pooling, tokenizer_files_of
 from model import MASK_GRAD_BACKENDS
@@ -443,8 +443,8 @@ def main(argv):
             said = replace_run(out_dir, start=init_from if os.path.isfile(init_from) else None)[0] if overwrite else None
             if said:
                 print(said)
-            if resume:
-                trim_log(metrics_path, ckpt['iter_num'])
+            for line in mend_resumed_run(out_dir, ckpt['iter_num'], ckpt['best_iter'], 'step') if resume else []:
+                print(line)
             check_free_space(out_dir, checkpoint_bytes(model), 2)
         except CheckpointError as e:
             error = str(e)

@@ -4464,6 +4464,21 @@ def test_overwrite_keeps_the_replaced_run_until_a_model_as_good_is_saved(contras
     assert f"removed {out / 'replaced'}" in proc.stdout and not (out / 'replaced').exists(), proc.stdout[-2000:]
 
 
+def test_a_run_killed_between_its_checkpoint_and_best_pt_is_mended_on_resume(contrastive_run, tmp_path):
+    out = tmp_path / 'out'
+    args = [*CONTRASTIVE_RUN, f'--out_dir={out}', '--max_iters=10', '--eval_interval=10']
+    assert contrastive_cli(contrastive_run, *args).returncode == 0
+    assert checkpoint.load_checkpoint(str(out / 'ckpt.pt'))['best_iter'] == 10
+    (out / 'best.pt').unlink()  # killed after writing ckpt.pt, the best so far, before linking best.pt to it
+    with open(out / 'metrics.jsonl', 'a') as f:
+        f.write('{"iter": 11, "loss": 1.0}\n{"iter": 1')  # and a record of a later step, and a torn line
+    proc = contrastive_cli(contrastive_run, *args, '--init_from=resume')  # at max_iters already: mends, trains nothing
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'metrics.jsonl: dropped 2 records logged after step 10 by the interrupted run (those steps run again) and 1 lines' in proc.stdout, proc.stdout[-3000:]
+    assert checkpoint.same_file(str(out / 'best.pt'), str(out / 'ckpt.pt'))
+    assert f"the best model is {out / 'best.pt'} (step 10" in proc.stdout.strip().splitlines()[-1]
+
+
 def test_ctrl_c_keeps_the_last_checkpoint_and_resuming_gives_the_uninterrupted_run(contrastive_run):
     split = contrastive_run / 'split'
     proc = contrastive_cli(contrastive_run, *CONTRASTIVE_RUN, f'--out_dir={split}', '--eval_interval=5', popen=True)
