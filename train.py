@@ -175,7 +175,7 @@ def stop_unless_ranks_agree(value, error, what):
         die(disagree)
 
 
-ckpt_path, best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 run_error = None  # rank 0 owns the folder; under torchrun every rank stops with its one line
 if master:
     try:
