@@ -59,10 +59,14 @@ def _temp_name(path):
     return f'{path}.{os.getpid()}.{time.monotonic_ns() % 10**9}.tmp'  # one writer's own, never shared
 
 
+_writing = set()  # temp files being written now: a second Ctrl-C (stop_on_signals) removes them before quitting
+
+
 def save_checkpoint(ckpt, path):
     """Write ckpt to path atomically (see the module docstring)."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = _temp_name(path)
+    _writing.add(tmp)
     try:
         os.makedirs(folder, exist_ok=True)
         with open(tmp, 'xb') as f:
@@ -80,6 +84,8 @@ def save_checkpoint(ckpt, path):
         free = f'{shutil.disk_usage(folder).free / 2**30:.1f} GiB free there' if os.path.isdir(folder) else 'no folder'
         kept = f'the previous {os.path.basename(path)} is unchanged' if os.path.exists(path) else 'nothing was written'
         raise CheckpointError(f'could not write {path} ({reason}; {free}): {kept}') from None
+    finally:
+        _writing.discard(tmp)
 
 
 def link_checkpoint(src, dst):
@@ -114,8 +120,31 @@ VALIDATION_KEYS = ('block_size', 'batch_size', 'eval_iters', 'pred_frac', 'mask_
                    'objective', 'doc_mask')
 
 
+# what a checkpoint carries for convert_hf.py to rebuild the user's artefact (tokenizer, sentence-transformers modules,
+# an HF pooler, the context extension the export's lengths follow): every stage that writes a checkpoint from another
+# one (train.py, contrastive.py, finetune.py) passes all of it on
+EXPORT_KEYS = ('tokenizer_files', 'special_ids', 'st_files', 'st_path', 'hf_extra', 'positions_extended')
+
+
+def carried_for_export(ckpt):
+    return {k: ckpt[k] for k in EXPORT_KEYS if ckpt is not None and ckpt.get(k) is not None}
+
+
 def validation_key(config, fingerprint):
     return json.dumps([fingerprint, [(config or {}).get(k) for k in VALIDATION_KEYS]], sort_keys=True, default=str)
+
+
+# what picks best.pt: the checkpoint value it reads, and whether lower (train.py's validation loss) or higher
+# (contrastive.py's held-out MRR) is better; the same measure, on the same validation key, releases a replaced run
+MEASURES = {'val_loss': ('min', 'val loss'), 'val_mrr': ('max', 'held-out MRR')}
+
+
+def at_least_as_good(score, other, measure):
+    return score <= other if MEASURES[measure][0] == 'min' else score >= other
+
+
+def shown_score(score, measure):
+    return f'{MEASURES[measure][1]} {score:.4f}' if isinstance(score, (int, float)) and math.isfinite(score) else ''
 
 
 def _held(out_dir):
@@ -158,13 +187,17 @@ def replace_run(out_dir, start=None):
         os.makedirs(keep, exist_ok=True)
         for name in present:
             os.replace(os.path.join(out_dir, name), os.path.join(keep, name))
-        info = dict(start=is_start, iter_num=None, val_loss=None, key=None)
+        # a run that saved no model (killed before its first save) left only its log: nothing to protect, so this
+        # run's first save releases it
+        info = dict(start=is_start, iter_num=None, measure=None, score=None, key=None,
+                    no_model=not any(n in MODEL_FILES for n in present))
         best = next((n for n in ('best.pt', 'ckpt.pt') if os.path.isfile(os.path.join(keep, n))), None)
         if best:
             try:  # only a few values of it: mapped, not read whole
                 ckpt = torch.load(os.path.join(keep, best), map_location='cpu', weights_only=True, mmap=True)
-                info.update(iter_num=ckpt.get('iter_num'), val_loss=ckpt.get('val_loss'), key=ckpt.get('validation_key')
-                            or validation_key(ckpt.get('config'), ckpt.get('data_fingerprint')))
+                measure = ckpt.get('best_measure', 'val_loss')  # older checkpoints: train.py's validation loss
+                info.update(iter_num=ckpt.get('iter_num'), measure=measure, score=ckpt.get(measure),
+                            key=ckpt.get('validation_key') or validation_key(ckpt.get('config'), ckpt.get('data_fingerprint')))
             except Exception:  # unreadable: kept until the user deletes it
                 pass
         with open(record, 'w') as f:
@@ -172,9 +205,13 @@ def replace_run(out_dir, start=None):
     except OSError as e:
         raise CheckpointError(f"cannot move the previous run's files into {keep} ({_reason(e)}): nothing was "
                               f"deleted; free the folder or choose another --out_dir") from None
-    loss = f", val loss {info['val_loss']:.4f}" if info['val_loss'] is not None else ''
+    if info['no_model']:
+        return (f"overwrite: the previous run saved no model; its files ({', '.join(present)}) are moved to {keep} "
+                f"until this run saves its first checkpoint"), start
+    score = shown_score(info['score'], info['measure']) if info['measure'] in MEASURES else ''
     return (f"overwrite: the previous run's files ({', '.join(present)}) are moved to {keep}; they stay until this "
-            f"run saves a model at least as good as {best or 'theirs'} (iter {info['iter_num']}{loss})"), start
+            f"run saves a model at least as good as {best or 'theirs'} (iter {info['iter_num']}{', ' * bool(score)}"
+            f"{score}) on the same held-out data"), start
 
 
 def _check_one_replaced(out_dir, present):
@@ -186,21 +223,30 @@ def _check_one_replaced(out_dir, present):
                               f"you no longer need, or choose another --out_dir")
 
 
-def release_replaced(out_dir, val_loss, key, beat_start):
-    """After this run saved a new best (val_loss, measured as validation_key says): delete out_dir/replaced/ if
-    that model is at least as good as the replaced run's best, on the same validation, or if the replaced best
-    is the model this run started from and this run beat it. Returns a line to print, or None."""
+def release_replaced(out_dir, score, key, measure, beat_start, improved=True):
+    """After this run saved a new best (score of `measure`, on the held-out data validation_key names): delete
+    out_dir/replaced/ if that model is at least as good as the replaced run's best by the same measure on the same
+    held-out data, or if the replaced best is the model this run started from and this run beat it. A replaced run
+    judged by another measure (or an unreadable one) stays. Returns a line to print, or None."""
     keep = os.path.join(out_dir, REPLACED)
     try:
         with open(os.path.join(keep, 'replaced.json')) as f:
             info = json.load(f)
-    except (OSError, ValueError):
+        if 'measure' not in info:  # written before measures were named: train.py's validation loss
+            info.update(measure='val_loss', score=info.get('val_loss'))
+    except (OSError, ValueError, AttributeError):
         return None  # no replaced run, or one that is not ours to judge
-    if not (info.get('start') and beat_start or info.get('key') == key and isinstance(info.get('val_loss'), float)
-            and val_loss <= info['val_loss']):
+    if info.get('no_model'):
+        shutil.rmtree(keep, ignore_errors=True)
+        return f"removed {keep}: the replaced run had saved no model"
+    if not improved:
+        return None
+    if not (info.get('start') and beat_start or info.get('key') == key and info.get('measure') == measure
+            and isinstance(info.get('score'), (int, float)) and isinstance(score, (int, float))
+            and at_least_as_good(score, info['score'], measure)):
         return None
     shutil.rmtree(keep, ignore_errors=True)
-    return f"removed {keep}: this run's best (val loss {val_loss:.4f}) is at least as good as the replaced run's"
+    return f"removed {keep}: this run's best ({shown_score(score, measure)}) is at least as good as the replaced run's"
 
 
 def keep_snapshot(out_dir, iter_num, keep):
@@ -215,17 +261,19 @@ def keep_snapshot(out_dir, iter_num, keep):
     return snapshot
 
 
-def save_run(ckpt, out_dir, improved=False, key=None, beat_start=True, snapshot_keep=0, unit='iter'):
-    """The run folder's saving policy: ckpt (a checkpoint dict with iter_num and val_loss) written atomically to
-    out_dir/ckpt.pt; when the run improved, best.pt linked to it and a replaced run that it beat (validation_key
-    `key`) released; with snapshot_keep, also kept as a snapshot. Returns the lines to print; CheckpointError."""
+def save_run(ckpt, out_dir, improved=False, key=None, beat_start=True, snapshot_keep=0, unit='iter', measure='val_loss'):
+    """The run folder's saving policy: ckpt (a checkpoint dict with iter_num and the value of `measure`, what picks
+    best.pt: see MEASURES) written atomically to out_dir/ckpt.pt; when the run improved, best.pt linked to it and a
+    replaced run that it beat by the same measure on the same held-out data (validation_key `key`) released; with
+    snapshot_keep, also kept as a snapshot. Returns the lines to print; CheckpointError."""
     ckpt_path, best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
-    save_checkpoint({**ckpt, 'validation_key': key}, ckpt_path)  # what a later overwrite=True run compares with
+    # what a later overwrite=True run compares with: the measure, and what it was measured on
+    save_checkpoint({**ckpt, 'validation_key': key, 'best_measure': measure}, ckpt_path)
     also, released = [], None
     if improved:
         link_checkpoint(ckpt_path, best_path)
         also.append(f'{best_path}: the best so far')
-        released = release_replaced(out_dir, ckpt['val_loss'], key, beat_start)
+    released = release_replaced(out_dir, ckpt[measure], key, measure, beat_start, improved)
     if snapshot_keep:
         also.append(f"snapshot {keep_snapshot(out_dir, ckpt['iter_num'], snapshot_keep)}")
     return [f"saved {ckpt_path} at {unit} {ckpt['iter_num']}" + (f" (also {'; '.join(also)})" if also else '')] + (
@@ -240,17 +288,18 @@ def exportable(out_dir, start_file, best_iter):
             ckpt_path if os.path.exists(ckpt_path) else None)
 
 
-def run_summary(out_dir, best_iter, best_val_loss, last_saved, start_file):
-    """Which files of a run hold what, for the line that ends it: the best model (or that none beat the model
-    it started from), the latest checkpoint when it is another, and a replaced run still kept."""
+def run_summary(out_dir, best_iter, best_score, last_saved, start_file, measure='val_loss', unit='iter'):
+    """Which files of a run hold what, for every line that ends it (done, stopped, or an error): the best model (or
+    that none beat the model it started from), the latest checkpoint when it is another, and a replaced run still
+    kept. best_score: the best value of `measure` so far (MEASURES); last_saved: (iter, score) of the latest save."""
     best_path, ckpt_path = os.path.join(out_dir, 'best.pt'), os.path.join(out_dir, 'ckpt.pt')
-    best = (f'the best model is {best_path} (iter {best_iter}, val loss {best_val_loss:.4f})'
+    best = (f'the best model is {best_path} ({unit} {best_iter}, {shown_score(best_score, measure)})'
             if best_iter is not None and os.path.exists(best_path) else
             'no checkpoint beat the starting model' + (f' {start_file}' if start_file else '') +
-            f' (val loss {best_val_loss:.4f})' if math.isfinite(best_val_loss) else
+            f' ({shown_score(best_score, measure)})' if shown_score(best_score, measure) else
             'no model was evaluated yet')
-    last = (f'the latest checkpoint is {ckpt_path}' + (f' (iter {last_saved[0]}, val loss {last_saved[1]:.4f})'
-            if last_saved and last_saved[1] is not None and last_saved[0] != best_iter else '')
+    last = (f'the latest checkpoint is {ckpt_path}' + (f' ({unit} {last_saved[0]}, {shown_score(last_saved[1], measure)})'
+            if last_saved and shown_score(last_saved[1], measure) and last_saved[0] != best_iter else '')
             if os.path.exists(ckpt_path) else 'no checkpoint was saved')
     replaced = os.path.join(out_dir, REPLACED)
     return f'{best}; {last}' + (f'; {replaced} keeps the replaced run until a model at least as good is saved'
@@ -264,12 +313,15 @@ def stop_on_signals(master, unit='iteration'):
 
     def on_signal(signum, frame):
         if stop:
+            for tmp in list(_writing):  # a checkpoint half written: the previous one stays, the temp file goes
+                if os.path.exists(tmp):
+                    os.remove(tmp)
             if master:
                 print(f'{signal.Signals(signum).name} again: quitting without saving', file=sys.stderr, flush=True)
             os._exit(130)
         stop.append(signum)
         if master:
-            print(f'{signal.Signals(signum).name}: stopping after this {unit}, saving first '
+            print(f'{signal.Signals(signum).name}: stopping after this {unit}, saving first if it trained anything '
                   f'(press Ctrl-C again to quit at once without saving)', flush=True)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
@@ -315,6 +367,7 @@ def trim_log(path, iter_num):
     records = [parse_record(line) for line in lines]
     keep = [line if line.endswith(b'\n') else line + b'\n' for line, r in zip(lines, records)
             if r is not None and (r['iter'] < iter_num or r['iter'] == iter_num and 'val_loss' not in r)]
+    redone = sum(r is not None and r['iter'] == iter_num and 'val_loss' in r for r in records)  # measured again now
     if len(keep) < len(lines):
         tmp = _temp_name(path)
         try:
@@ -328,7 +381,7 @@ def trim_log(path, iter_num):
                 raise
             raise CheckpointError(f'could not rewrite {path} ({_reason(e)})') from None
     bad = records.count(None)
-    return len(lines) - len(keep) - bad, bad
+    return len(lines) - len(keep) - bad - redone, bad
 
 
 def _others(path):
@@ -435,7 +488,8 @@ def claim_run_dir(out_dir, resume, overwrite):
         when = time.strftime('%Y-%m-%d %H:%M', time.localtime(max(os.path.getmtime(os.path.join(out_dir, p)) for p in held)))
         go_on = ('continue it with --init_from=resume, ' if os.path.isfile(os.path.join(out_dir, 'ckpt.pt')) else
                  '')  # a run killed before its first save left only its log: nothing to resume
-        raise CheckpointError(f"out_dir '{out_dir}' already holds a run ({', '.join(held)}, last written {when}): "
+        nothing = '' if any(n in MODEL_FILES for n in held) else '; it saved no model'
+        raise CheckpointError(f"out_dir '{out_dir}' already holds a run ({', '.join(held)}, last written {when}{nothing}): "
                               f"{go_on}replace it with --overwrite=True (its files are kept in {REPLACED}/ until "
                               f"this run beats them), or choose another --out_dir")
     return lock

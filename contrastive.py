@@ -21,6 +21,7 @@ InfoNCE loss, optionally STS. The run folder is train.py's (checkpoint.py): a pr
 accident, saves are atomic, best.pt holds the highest held-out MRR, ckpt.pt resumes, metrics.jsonl feeds plot.py.
 """
 
+import hashlib
 import importlib.util
 import json
 import math
@@ -29,7 +30,6 @@ import signal
 import subprocess
 import sys
 import time
-import zlib
 from contextlib import nullcontext
 
 import numpy as np
@@ -40,8 +40,8 @@ from torch.nn.attention import sdpa_kernel
 
 import data
 import finetune
-from checkpoint import (CheckpointError, check_free_space, checkpoint_bytes, claim_run_dir, model_from_checkpoint,
-                        mend_resumed_run, replace_run, save_run, stop_on_signals)
+from checkpoint import (CheckpointError, carried_for_export, check_free_space, checkpoint_bytes, claim_run_dir, exportable,
+                        model_from_checkpoint, mend_resumed_run, replace_run, run_summary, save_run, stop_on_signals)
 from configurator import ConfigError, check_device, configure
 from convert_hf import ConvertError, quiet_transformers, sentence_pooling, tokenizer_files_of
 from model import MASK_GRAD_BACKENDS
@@ -220,9 +220,19 @@ def encode(tok, texts):
 
 def labelled_pairs(path, tok):
     """(tokens, spans) of a file of pairs or triplets, its columns picked as sentence-transformers does: by the
-    names it knows, else in order."""
+    names it knows, else in order. A file whose score or label column says some rows are not positives is refused:
+    every row trains as a positive."""
     rows = finetune.read_rows(path)
     columns = [c for c in (rows[0][1] if rows else {}) if c not in NOT_TEXT]
+    scored = [c for c in (rows[0][1] if rows else {}) if c in NOT_TEXT[:4]]
+    values = sorted({str(r.get(scored[0])) for _, r in rows}) if scored else []
+    # sentence-transformers' MNRL takes (anchor, positive) rows only: scores or labels that differ (or all say 0)
+    # belong to other losses; a label that is the same positive value on every row says nothing
+    if len(values) > 1 or values and float(finetune.number(values[0]) or 0) <= 0:
+        raise finetune.TaskError(
+            f"'{path}' has a '{scored[0]}' column ({len(values)} value{'s' * (len(values) != 1)}: "
+            f"{', '.join(values[:5])}{', ...' * (len(values) > 5)}): contrastive.py trains every row as a positive pair; "
+            f"keep only the positive rows and drop the column (a scored file is for evaluation: --sts_data=)")
     named = [next((c for c in COLUMNS[role] if c in columns), '') for role in COLUMNS]
     picked = ([anchor_field or named[0], positive_field or named[1], negative_field or named[2]]
               if anchor_field or positive_field or named[0] and named[1] else (columns + ['', ''])[:3])
@@ -235,34 +245,103 @@ def labelled_pairs(path, tok):
     tokens, spans = encode(tok, [finetune.text(path, line, r, c, f'{role}_field') for c, role in picked for line, r in rows])
     for i in np.flatnonzero(spans[:, 1] == spans[:, 0])[:1]:
         raise finetune.TaskError(f"'{path}', line {rows[i % len(rows)][0]}: '{picked[i // len(rows)][0]}' has no tokens")
-    print(f"{path}: {len(rows):,} {'triplets' if len(picked) == 3 else 'pairs'} ({' / '.join(c for c, _ in picked)})")
-    return tokens, spans.reshape(len(picked), len(rows), 2)
+    spans = spans.reshape(len(picked), len(rows), 2)
+    ids = digests(tokens, clip(spans))
+    itself = ids[0] == ids[1]  # a positive that is its anchor (as the model sees them) teaches nothing and scores 1
+    if itself.all():
+        raise finetune.TaskError(f"'{path}': every {picked[1][0]} is the same text as its {picked[0][0]} (within max_len "
+                                 f"{max_len}): a pair needs two different texts that mean the same")
+    print(f"{path}: {len(rows):,} {'triplets' if len(picked) == 3 else 'pairs'} ({' / '.join(c for c, _ in picked)})" +
+          (f"; {int(itself.sum()):,} whose {picked[1][0]} is their {picked[0][0]} left out (they teach nothing)"
+           if itself.any() else ''))
+    return tokens, spans[:, ~itself]
+
+
+def digests(tokens, spans):
+    """A stable 64-bit id of each span's token sequence [n] (the same in every process and for any token dtype):
+    held-out text is chosen, and kept out of training, by content, so a duplicate is on one side only."""
+    return np.array([int.from_bytes(hashlib.blake2b(np.asarray(tokens[a:b], np.int32).tobytes(), digest_size=8).digest(),
+                                    'little') for a, b in spans.reshape(-1, 2)], np.uint64).reshape(spans.shape[:-1])
+
+
+def split_documents(tokens, eos):
+    """spans [n, 2] of the </s>-separated documents of a token array."""
+    ends = np.concatenate([np.flatnonzero(tokens[i:i + 2**24] == eos) + i for i in range(0, len(tokens), 2**24)] or
+                          [np.zeros(0, np.int64)])
+    return np.stack([np.concatenate([[0], ends[:-1] + 1]), ends], 1).astype(np.int64)
 
 
 def raw_text(tok, eos):
-    """(tokens, spans [2, n, 2] of the texts each training document gives, held-out documents as one </s>-separated
-    row or None): a document's halves (data.probe_pairs' split, at least MIN_HALF tokens each), or itself twice."""
+    """(tokens, document spans [n, 2] to train on, held-out documents as one </s>-separated row or None, lines to
+    print). Held out by content (a document's digest, data.py's uniform rule at SPLIT_SEED), each held-out text
+    once; a training document equal to a held-out one is dropped, so that held-out means never trained on."""
+    said = []
     if data_dir:  # prepared: train.bin trains, val.bin is held out
         meta, _, fingerprint = data.load_prepared(data_dir)
         if fingerprint['tokenizer'] != data.tokenizer_fingerprint(tok):
             raise data.DataError(f"data_dir '{data_dir}' was prepared with another vocabulary than the model's: prepare "
                                  f"it with the model's tokenizer (data.py --tokenizer=...)")
         tokens = np.memmap(os.path.join(data_dir, 'train.bin'), dtype=meta['dtype'], mode='r')
-        ends = np.concatenate([np.flatnonzero(tokens[i:i + 2**24] == eos) + i for i in range(0, len(tokens), 2**24)] or
-                              [np.zeros(0, np.int64)])
-        docs, held = np.stack([np.concatenate([[0], ends[:-1] + 1]), ends], 1), data.val_prefix(data_dir, 2**40)
-    else:  # the sources train.py reads; held out by document as data.py does
-        ds, field, _ = data._source(dataset, text_field, txt_split=txt_split)
-        tokens, docs = encode(tok, [t for t in ds[field] if isinstance(t, str) and t.strip()])
-        out = data._uniform(np.arange(len(docs)), SPLIT_SEED) < (0 if eval_data else val_frac)
-        held = np.concatenate([x for a, b in docs[out] for x in (tokens[a:b], [eos])]) if out.any() else None
+        docs, held = split_documents(tokens, eos), np.asarray(data.val_prefix(data_dir, 2**40))
+        held_ids = set(digests(held, split_documents(held, eos)).tolist())
+    else:  # the sources train.py reads, through data.py's one reader of text
+        texts, skipped = data.read_texts(dataset, text_field, txt_split)
+        if skipped:
+            said.append(f"{dataset}: skipped {skipped:,} rows whose '{text_field}' is null, blank or not text")
+        if not texts:
+            raise data.DataError(f"'{dataset}' holds no text" + (f" in '{text_field}' (--text_field names the column)"
+                                                                   if skipped else ''))
+        tokens, docs = encode(tok, texts)
+        ids = digests(tokens, docs)
+        out = data._uniform(ids, SPLIT_SEED) < (0 if eval_data else val_frac)
+        first = np.zeros(len(docs), bool)
+        first[np.unique(ids, return_index=True)[1]] = True  # a text given twice is held out (and evaluated) once
+        held = np.concatenate([x for a, b in docs[out & first] for x in (tokens[a:b], [eos])]) if out.any() else None
+        held_ids = set(ids[out].tolist())
+        if out.all():
+            raise data.DataError(f"val_frac={val_frac} holds out every document of '{dataset}' ({len(docs):,}): lower "
+                                 f"--val_frac, or give --eval_data=FILE and train on all of it")
+        if out.any() and not eval_data:
+            said.append(f"held out: {int((out & first).sum()):,} documents by content (val_frac={val_frac}), never trained on")
         docs = docs[~out]
+    if eval_data:  # documents or pairs of its own: their texts are never trained on either
+        held_ids |= heldout_texts(tok, eos)
+    keep = ~np.isin(digests(tokens, docs), np.array(sorted(held_ids), np.uint64)) if held_ids else np.ones(len(docs), bool)
+    if not keep.all():
+        said.append(f"dropped {int((~keep).sum()):,} training documents whose text is also held out (in "
+                    f"{eval_data or os.path.join(data_dir, 'val.bin')}): held-out text is never trained on")
+    if not keep.any():
+        raise data.DataError(f"every training document of '{data_dir or dataset}' is also held out"
+                             + (f" in --eval_data='{eval_data}'" if eval_data else '') + ": nothing is left to train on; "
+                             "evaluate on other text than you train on")
+    return tokens, docs[keep], held, said
+
+
+def heldout_texts(tok, eos):
+    """Digests of every text of --eval_data (its documents and their halves, or its pairs' texts)."""
+    if is_pairs_file(eval_data):
+        t, spans = labelled_pairs(eval_data, tok)
+        return set(digests(t, spans).ravel().tolist())
+    texts, _ = data.read_texts(eval_data, text_field, txt_split)
+    t, docs = encode(tok, texts)
+    return set(digests(t, docs).tolist())
+
+
+def is_pairs_file(path):
+    """Whether --eval_data is a file of pairs (.csv/.tsv, or .jsonl rows without the text field) or of documents."""
+    first = finetune.read_rows(path)[:1] if path.endswith('.jsonl') else []
+    return path.endswith(('.csv', '.tsv')) or bool(first) and text_field not in first[0][1]
+
+
+def text_pairs(docs):
+    """[K, n, 2] training texts of raw documents [n, 2]: each one's halves (at least MIN_HALF tokens each: the split
+    data.probe_pairs makes for the evaluation), or itself twice (simcse)."""
     start, length = docs[:, 0], docs[:, 1] - docs[:, 0]
     keep = length >= (1 if pairs == 'simcse' else 2 * MIN_HALF)
     start, length = start[keep], length[keep]
     cut = start + (length if pairs == 'simcse' else length // 2)
     first = np.stack([start, cut], 1)
-    return tokens, np.stack([first, first if pairs == 'simcse' else np.stack([cut, start + length], 1)]), held
+    return np.stack([first, first if pairs == 'simcse' else np.stack([cut, start + length], 1)])
 
 
 def clip(spans):  # what the model sees of a text: max_len tokens with <s> and </s>
@@ -274,21 +353,51 @@ def text_ids(tokens, spans):
     return torch.tensor([[hash(tokens[a:b].tobytes()) for a, b in column] for column in clip(spans)])
 
 
-def heldout_pairs(tokens, spans, special, n=None):
+def heldout_pairs(tokens, spans, special, n=None, held_ids=()):
     """(training spans, [2, m, L] ids and mask of held-out pairs, as data.probe_pairs gives and retrieval_scores
-    ranks). Held out by the anchor's text (one anchor is never on both sides) unless n: the first n pairs of all;
-    a pair whose anchor or positive was already seen is left out (one right answer per query)."""
-    crc = np.array([zlib.crc32(tokens[a:b].tobytes()) for a, b in clip(spans[0])])
-    out = np.ones(len(crc), bool) if n else data._uniform(crc, SPLIT_SEED) < (0 if eval_data else val_frac)
+    ranks, or None; training pairs dropped). Held out by the anchor's text (one anchor is never on both sides) unless
+    n: the first n pairs of all; a pair whose anchor or positive was already seen is left out (one right answer per
+    query). A training pair holding a held-out text (or one of held_ids: --eval_data's) is dropped: never trained on."""
+    ids = digests(tokens, clip(spans))  # [K, n]: texts as the model sees them
+    out = np.ones(ids.shape[1], bool) if n else data._uniform(ids[0], SPLIT_SEED) < (0 if eval_data else val_frac)
     seen, keep = set(), []
-    for i, (a, p) in zip(np.flatnonzero(out), text_ids(tokens, spans[:2, out]).T.tolist()):
+    for i, (a, p) in zip(np.flatnonzero(out), ids[:2, out].T.tolist()):
         if a not in seen and p not in seen and len(keep) < (n or eval_pairs):
             keep.append(i)
         seen |= {a, p}
+    held = np.array(sorted(set(ids[:2, out].ravel().tolist()) | set(held_ids)), np.uint64)
+    train = ~out & ~np.isin(ids, held).any(0)
+    dropped = int((~out).sum() - train.sum())
     if len(keep) < 2:
-        return spans[:, ~out], None
+        return spans[:, train], None, dropped
     ids, mask = collate([tokens[a:b] for a, b in clip(spans[:2, keep]).reshape(-1, 2)], *special)
-    return spans[:, ~out], (ids.view(2, len(keep), -1), mask.view(2, len(keep), -1))
+    return spans[:, train], (ids.view(2, len(keep), -1), mask.view(2, len(keep), -1)), dropped
+
+
+def digest(array):
+    """A short stable id of an array's bytes (what a run trains or is evaluated on)."""
+    return hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=8).hexdigest()
+
+
+def check_resume(ckpt, fingerprint, key, path, model=None):
+    """CheckpointError unless the run resumed from ckpt goes on as it was: from the model given (if one is), on the
+    same training pairs, with the same loss, and the same held-out pairs (best.pt's MRR is only comparable on those);
+    names what changed and the way out."""
+    started = ckpt.get('started_from')
+    if model and started and os.path.abspath(model) != os.path.abspath(started) and model != started:
+        raise CheckpointError(f"init_from='resume' continues {path}, a run that started from {started}, not from {model}: "
+                              f"leave the model out to resume it, or start a new run from {model} with another --out_dir")
+    then = ckpt.get('data_fingerprint') or {}
+    changed = [what for what, same in (
+        ('the training pairs (--dataset, --data_dir, --pairs, --val_frac, --max_len or the files changed)',
+         then.get('pairs') == fingerprint['pairs']),
+        (f"the loss ({then.get('loss')} then, {fingerprint['loss']} now)", then.get('loss', fingerprint['loss']) == fingerprint['loss']),
+        ('the held-out pairs (--eval_data, --eval_pairs, --val_frac or --max_len), on which best.pt was picked',
+         ckpt.get('validation_key') == key)) if not same]
+    if changed:
+        raise CheckpointError(f"init_from='resume' but {'; '.join(changed)} differ from {path}'s run: resume with the "
+                              f"settings it ran with, or start a new run from its weights: python contrastive.py "
+                              f"{path} ... --out_dir=NEW")
 
 
 def sentence_files(n_embd):
@@ -312,36 +421,64 @@ def hf_pooler(n_embd):
 
 
 def load(tok, special, ckpt, name, GB):
-    """(tokens, training spans, held-out pairs, STS pairs or None); a TaskError or DataError for data that cannot work."""
+    """(tokens, training spans, held-out pairs, STS pairs or None, lines to print); a TaskError or DataError for data
+    that cannot work, naming what to change."""
+    source = data_dir or dataset
     if pairs == 'labelled':
         tokens, spans = labelled_pairs(dataset, tok)
-    else:
-        tokens, spans, held = raw_text(tok, special[1])
+        held_ids = heldout_texts(tok, special[1]) if eval_data else ()
+        spans, evaluation, dropped = heldout_pairs(tokens, spans, special, held_ids=held_ids)
+        said = [f"dropped {dropped:,} training pairs holding a held-out text ({eval_data or 'val_frac'}): held-out "
+                f"text is never trained on"] if dropped else []
         if not spans.shape[1]:
-            raise data.DataError(f"no document of '{data_dir or dataset}' has {2 * MIN_HALF} tokens or more to split into "
+            raise finetune.TaskError(f"every pair of '{dataset}' is held out" + (
+                f" or shares a text with --eval_data='{eval_data}'" if eval_data else f" (val_frac={val_frac})") +
+                ": nothing is left to train on; lower --val_frac, or evaluate on other text than you train on")
+    else:
+        tokens, docs, held, said = raw_text(tok, special[1])
+        spans = text_pairs(docs)
+        if not spans.shape[1]:
+            raise data.DataError(f"no training document of '{source}' has {2 * MIN_HALF} tokens or more to split into "
                                  f"halves: give longer documents (--txt_split=file for .txt files), or use --pairs=simcse")
+        evaluation = data.probe_pairs([held], *special, 1, eval_pairs, max_len=max_len - 2) if held is not None else None
+    if spans.shape[1] < 2:
+        raise finetune.TaskError(f"'{source}' gives {spans.shape[1]} training pair" + (
+            f" once val_frac={val_frac} is held out" if val_frac and not eval_data and not data_dir else '') +
+            ": a batch needs 2 or more (the other pairs of a batch are each pair's negatives): give more text" +
+            (", or lower --val_frac" if val_frac and not eval_data and not data_dir else ''))
     for k in (0, 1):
         if len(set(text_ids(tokens, spans[k:k + 1])[0].tolist())) < 2:
-            raise finetune.TaskError(f"every {('anchor', 'positive')[k]} text of '{data_dir or dataset}' is the same: no "
+            raise finetune.TaskError(f"every {('anchor', 'positive')[k]} text of '{source}' is the same: no "
                                      f"pair of a batch has a negative (the texts of the other pairs)")
-    if pairs == 'labelled':
-        spans, evaluation = heldout_pairs(tokens, spans, special)
-    else:
-        evaluation = data.probe_pairs([held], *special, 1, eval_pairs, max_len=max_len - 2) if held is not None else None
     if eval_data:  # a pairs file, or documents (read as finetune.py --task=retrieval reads them: their halves)
-        first = finetune.read_rows(eval_data)[:1] if eval_data.endswith('.jsonl') else []
-        if eval_data.endswith(('.csv', '.tsv')) or first and text_field not in first[0][1]:
+        if is_pairs_file(eval_data):
             evaluation = heldout_pairs(*labelled_pairs(eval_data, tok), special, eval_pairs)[1]
         else:
             evaluation = finetune.retrieval_pairs(ckpt, tok, name)
+        if evaluation is None or evaluation[0].size(1) < 2:
+            raise finetune.TaskError(f"--eval_data='{eval_data}' gives fewer than 2 "
+                                     f"held-out pairs with distinct texts: retrieval needs 2 or more; give more pairs "
+                                     f"(or documents of {2 * MIN_HALF}+ tokens)")
     if evaluation is None or evaluation[0].size(1) < 2:
-        raise finetune.TaskError('the held-out text gives fewer than 2 pairs to evaluate on: raise --val_frac, or give '
-                                 '--eval_data=FILE')
+        n = 0 if evaluation is None else evaluation[0].size(1)
+        if pairs == 'labelled':
+            why = f"val_frac={val_frac} holds out {n} pair(s) with distinct texts: raise --val_frac"
+        elif held is None:
+            why = f"val_frac={val_frac} holds out no document of '{source}': raise --val_frac"
+        else:
+            lengths = np.diff(split_documents(held, special[1]), axis=1)
+            longest = int((docs[:, 1] - docs[:, 0]).max(initial=0))
+            why = (f"{len(lengths)} held-out documents, {n} of {2 * MIN_HALF}+ tokens: the evaluation ranks the halves of "
+                   f"held-out documents (with --pairs={pairs} too), " + (
+                       f"and no document of '{source}' is that long (the longest: {longest} tokens): give pairs to "
+                       f"evaluate on with --eval_data=PAIRS.jsonl (anchor, positive)" if longest < 2 * MIN_HALF else
+                       "2 or more are needed: raise --val_frac"))
+        raise finetune.TaskError(f"too little to evaluate on: {why}, or give --eval_data=FILE (documents, or pairs)")
     if spans.shape[1] < GB:
         raise finetune.TaskError(f'{spans.shape[1]:,} training pairs, fewer than one batch of {GB:,} (batch_size x '
                                  f'processes): lower batch_size')
-    finetune.text_field = ''  # sts_pairs' columns: sentence1, sentence2, score (or label)
-    return tokens, spans, evaluation, finetune.sts_pairs(sts_data) if sts_data else None
+    sts = finetune.sts_pairs(sts_data) if sts_data else None
+    return tokens, spans, evaluation, sts, said
 
 
 # -----------------------------------------------------------------------------------------------
@@ -349,6 +486,7 @@ def load(tok, special, ckpt, name, GB):
 
 def main(argv):
     models = [a for a in argv if not a.startswith('-') and not a.endswith('.py')]
+    on_command_line = {a[2:].split('=')[0] for a in argv if a.startswith('--')}
     try:
         config = configure({k: globals()[k] for k in config_keys}, [a for a in argv if a not in models], CHOICES,
                            script=__file__, limits=LIMITS, also='The model may be given first: python contrastive.py '
@@ -356,8 +494,14 @@ def main(argv):
         check_device(config['device'], 'sdpa')
     except ConfigError as e:
         die(e)
+    if models and config['init_from'] not in ('resume', '', models[0]):
+        die(f"two models: {models[0]} (given first) and --init_from={config['init_from']}: give one (--init_from=resume "
+            f"beside the model continues out_dir's run)")
     if models and config['init_from'] != 'resume':  # the same command with --init_from=resume continues the run
         config['init_from'] = models[0]
+    if config['data_dir'] and 'dataset' in on_command_line:
+        die(f"--dataset={config['dataset']} and data_dir={config['data_dir']} both name the raw text: give one "
+            f"(data_dir: a folder data.py prepared; dataset: files or pydocs)")
     globals().update(config)
     resume = init_from == 'resume'
     if len(models) > 1 or not init_from:
@@ -365,9 +509,6 @@ def main(argv):
             'sentence-transformers name or folder; --init_from=resume continues out_dir)')
     if overwrite and resume:
         die("overwrite=True starts the run over; it cannot be combined with init_from='resume'")
-    if mini_batch_size > batch_size:
-        die(f'mini_batch_size ({mini_batch_size}) is larger than batch_size ({batch_size}): a mini-batch is a part of '
-            f'the batch; use mini_batch_size <= batch_size (0 = no gradient caching)')
     if pairs == 'labelled' and data_dir:
         die('data_dir holds raw text: train on it with --pairs=halves or --pairs=simcse, or give labelled pairs with '
             '--dataset=PAIRS.jsonl|.csv|.tsv')
@@ -395,7 +536,7 @@ def main(argv):
     if GB < 2:
         die('batch_size=1: a batch of one pair has no negatives (the other pairs of a batch are its negatives): '
             'use batch_size >= 2')
-    ckpt_path, best_path, metrics_path = (os.path.join(out_dir, n) for n in ('ckpt.pt', 'best.pt', 'metrics.jsonl'))
+    ckpt_path, metrics_path = (os.path.join(out_dir, n) for n in ('ckpt.pt', 'metrics.jsonl'))
     finetune.tokenizer, finetune.max_len, finetune.eval_data, finetune.text_field, finetune.max_pairs = (
         tokenizer, max_len, eval_data, text_field, eval_pairs)  # what its readers and scores read
     error, name = None, ckpt_path if resume else init_from
@@ -408,7 +549,17 @@ def main(argv):
         if max_len > ckpt['model_args']['max_positions']:
             raise finetune.TaskError(f"max_len {max_len} exceeds the model's max_positions {ckpt['model_args']['max_positions']}")
         special = tuple(data._special_ids(tok)[k] for k in ('bos_id', 'eos_id'))
-        tokens, spans, evaluation, sts = load(tok, special, ckpt, name, GB)
+        tokens, spans, evaluation, sts, said = load(tok, special, ckpt, name, GB)
+        if mini_batch_size > len(spans) * batch_size:  # texts, not pairs: K texts a pair
+            raise finetune.TaskError(
+                f"mini_batch_size ({mini_batch_size}) is larger than a step's {len(spans) * batch_size} texts on each "
+                f"process ({len(spans)} x batch_size {batch_size}): use at most that (0 = no gradient caching)")
+        # what the run is: its training pairs, its held-out pairs (which best.pt's MRR is measured on), its loss
+        fingerprint = dict(tokenizer=data.tokenizer_fingerprint(tok), pairs=f'{spans.shape[1]} x {digest(clip(spans))}',
+                           loss=dict(scale=scale, symmetric=symmetric))
+        key = f'contrastive: held-out pairs {digest(evaluation[0].numpy())}'  # the measure is MRR: scale plays no part
+        if resume:
+            check_resume(ckpt, fingerprint, key, ckpt_path, models[0] if models else None)
     except (CheckpointError, ConvertError, data.DataError, finetune.TaskError) as e:
         error = str(e)
     agree(error)
@@ -418,31 +569,35 @@ def main(argv):
     model = model_from_checkpoint(ckpt, name, **{**model_args, **({'attn_impl': 'manual'} if dev.type == 'cpu' else {})})
     model = model.to(dev).train()
     n_embd = model_args['n_embd']
-    carried = dict(st_files=ckpt.get('st_files') or sentence_files(n_embd), st_path=ckpt.get('st_path') or '',
-                   hf_extra=ckpt.get('hf_extra') or hf_pooler(n_embd),
-                   tokenizer_files=ckpt.get('tokenizer_files') or tokenizer_files_of(tokenizer),
-                   special_ids=ckpt.get('special_ids') or dict(bos_token_id=special[0], pad_token_id=1, eos_token_id=special[1]))
+    carried = {**carried_for_export(ckpt),  # everything an export needs survives this stage (positions_extended too)
+               **dict(st_files=ckpt.get('st_files') or sentence_files(n_embd), st_path=ckpt.get('st_path') or '',
+                      hf_extra=ckpt.get('hf_extra') or hf_pooler(n_embd),
+                      tokenizer_files=ckpt.get('tokenizer_files') or tokenizer_files_of(tokenizer),
+                      special_ids=ckpt.get('special_ids') or dict(bos_token_id=special[0], pad_token_id=1,
+                                                                  eos_token_id=special[1]))}
     pooling = sentence_pooling(carried['st_files'])  # as the sentence-transformers model pools (mean if new)
-    fingerprint = dict(tokenizer=data.tokenizer_fingerprint(tok), pairs=f'{spans.shape[1]} x {zlib.crc32(clip(spans).tobytes())}')
-    # a run replaced by overwrite=True goes once a model at least as good is saved: the same held-out pairs and
-    # InfoNCE scale (train.py's validation_key holds its own run's settings: batch, blocks, permutations)
-    key = f'contrastive: held-out pairs {zlib.crc32(evaluation[0].numpy().tobytes())}, scale {scale}'
+    heldout = dict(ids=evaluation[0], mask=evaluation[1], source=eval_data or (
+        f'{data_dir}/val.bin' if data_dir else f'{dataset} (val_frac={val_frac}, held out by content)'))  # finetune.py's
     if master:
         print('config:\n' + '\n'.join(f'  {k} = {config[k]!r}' for k in config_keys))
+        for line in said:
+            print(line)
         print(f"{spans.shape[1]:,} training {'triplets' if len(spans) == 3 else 'pairs'} ({pairs}), {GB:,} a step "
               f"({batch_size} x {world} process{'es' * (world > 1)}"
               f"{f', embedded {mini_batch_size} texts at a time' if mini_batch_size else ''}); {pooling} pooling; "
               f"evaluation: {evaluation[0].size(1)} held-out pairs" + (f', {len(sts)} STS pairs' if sts else ''))
 
+    start_file = init_from if os.path.isfile(init_from) else None  # the checkpoint this run starts from (it may move)
+    started_from = ckpt.get('started_from') if resume else os.path.abspath(init_from) if os.path.exists(init_from) else init_from
     stop = stop_on_signals(master, 'step')  # SIGINT/SIGTERM: save and stop after this step; a second: at once
     error = None
     if master:
         try:
             global run_lock
             run_lock = claim_run_dir(out_dir, resume, overwrite)  # held until this process exits
-            said = replace_run(out_dir, start=init_from if os.path.isfile(init_from) else None)[0] if overwrite else None
-            if said:
-                print(said)
+            if overwrite:
+                said, start_file = replace_run(out_dir, start=start_file)
+                print(said or '', end='\n' if said else '')
             for line in mend_resumed_run(out_dir, ckpt['iter_num'], ckpt['best_iter'], 'step') if resume else []:
                 print(line)
             check_free_space(out_dir, checkpoint_bytes(model), 2)
@@ -452,14 +607,16 @@ def main(argv):
 
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.999), 1e-6, dev.type)
     params = [p for p in model.parameters() if p.requires_grad]
-    iter_num, best_mrr, best_iter, data_pos = 0, -math.inf, None, 0
+    iter_num, best_mrr, best_iter, data_pos, last_saved = 0, -math.inf, None, 0, None
     if resume:
         iter_num, best_mrr, best_iter, data_pos = ckpt['iter_num'], ckpt['best_mrr'], ckpt['best_iter'], ckpt['data_pos']
         optimizer.load_state_dict(ckpt['optimizer'])
         if len(ckpt['rank_states']) == world:  # else new dropout streams; the data continues exactly all the same
             set_rng_state(ckpt['rank_states'][rank], dev)
         if master:
-            print(f"resuming from step {iter_num} of {ckpt_path} (best held-out MRR {best_mrr:.4f} at step {best_iter})")
+            print(f"resuming from step {iter_num} of {ckpt_path} (" + (
+                f"best held-out MRR {best_mrr:.4f} at step {best_iter})" if best_iter is not None else
+                f"no step beat the starting model yet, held-out MRR {best_mrr:.4f})"))
     start_iter, ckpt, orders = iter_num, None, {}
 
     def batch(pos):
@@ -491,6 +648,10 @@ def main(argv):
         # an undefined Spearman (every pair the same cosine) is null in the log, never NaN
         return {**record, 'sts_spearman': finetune.defined(numbers[4].item())} if sts else record
 
+    def kept():
+        """Which files hold what, for every line that ends the run (checkpoint.run_summary, as train.py says it)."""
+        return run_summary(out_dir, best_iter, best_mrr, last_saved, start_file, 'val_mrr', 'step')
+
     def save(record=None, improved=False):
         """Every rank's RNG state gathered; rank 0 writes ckpt.pt atomically and, when improved, links best.pt to it."""
         states = [rng_state(dev)] * world
@@ -498,14 +659,19 @@ def main(argv):
             dist.all_gather_object(states, states[0], group=flags)
         if not master:
             return
-        try:  # a replaced run goes once a model at least as good on the same held-out pairs (their InfoNCE) is saved
+        nonlocal last_saved
+        try:  # best.pt is the highest held-out MRR, and a replaced run goes once one at least as good on the same
+            # held-out pairs is saved (their InfoNCE is no measure across runs: fewer negatives, lower loss)
             said = save_run(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
                                  config=config, iter_num=iter_num, val_loss=record and record['val_loss'],
                                  val_mrr=record and record['probe_mrr'], best_mrr=best_mrr, best_iter=best_iter,
                                  data_pos=data_pos, rank_states=states, data_fingerprint=fingerprint,
-                                 data_dir=data_dir or None, **carried), out_dir, improved, key, unit='step')
+                                 data_dir=os.path.abspath(data_dir) if data_dir else None, heldout=heldout,
+                                 started_from=started_from, **carried),
+                            out_dir, improved, key, unit='step', measure='val_mrr')
         except CheckpointError as e:
-            die(e)
+            die(f'{e}; {kept()}')
+        last_saved = (iter_num, record and record['probe_mrr'])
         print('\n'.join(said))
 
     def log(record):
@@ -524,8 +690,8 @@ def main(argv):
         if iter_num % eval_interval == 0 or iter_num == max_iters:
             try:
                 record = evaluate()
-            except finetune.TaskError as e:  # NaN embeddings
-                die(f'{e} (step {iter_num}; the last checkpoint is intact)')
+            except finetune.TaskError as e:  # NaN embeddings, or a model that gives every text the same one
+                die(f'{e} (step {iter_num}): not saved; {kept()}')
             improved = record['probe_mrr'] > best_mrr and iter_num > start_iter
             if iter_num > start_iter or not resume:  # a new run's starting model is the first to beat
                 best_mrr = max(best_mrr, record['probe_mrr'])
@@ -552,8 +718,8 @@ def main(argv):
         sum_gradients(params)
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
         if not (math.isfinite(loss.item()) and math.isfinite(norm.item())):
-            die(f'the loss or its gradient is not finite at step {iter_num}: stopped without saving it (the last '
-                f'checkpoint is intact); lower learning_rate or check the data')
+            die(f'the loss or its gradient is not finite at step {iter_num}: stopped without saving it; {kept()}; lower '
+                f'learning_rate or check the data')
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         iter_num, data_pos = iter_num + 1, data_pos + GB
@@ -575,10 +741,9 @@ def main(argv):
         for p in plotting[-1:]:
             p.wait()
         how = f'stopped by {signal.Signals(stop[0]).name}' if stop else 'done'
-        print(f'{how}: the best model is {best_path} (step {best_iter}, held-out MRR {best_mrr:.4f}); export it with: '
-              f'python convert_hf.py {best_path} {os.path.join(out_dir, "st")}' if best_iter is not None else
-              f'{how}: no step beat the starting model (held-out MRR {best_mrr:.4f}), so there is no best.pt' +
-              (f'; the latest is {ckpt_path}' if os.path.exists(ckpt_path) else ''))
+        export = exportable(out_dir, start_file, best_iter)  # never worse than the model the run started from
+        print(f'{how}: {kept()}' + (f'; export with: python convert_hf.py {export} {os.path.join(out_dir, "st")}'
+                                    if export else ''))
     if ddp:
         dist.barrier()
         dist.destroy_process_group()

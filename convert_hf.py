@@ -10,19 +10,24 @@ import carries their configuration in the checkpoint, and the export writes it b
 came (MPNetModel, its trained pooler included: ckpt['hf_extra']), so that SentenceTransformer(export) is the
 same model with the trained encoder. The MLM head of such a model stays in the checkpoint.
 
-Export builds the folder beside OUT_DIR, reloads it with transformers, compares it with ours on a sample
-batch (a tolerance scaled to the depth and the values), checks that its tokenizer loads and encodes (one
-that does not is left out, with a note), and only then moves it into OUT_DIR. OUT_DIR, however spelled
-('.', a link, the folder you stand in), must be new, empty, or an earlier export holding no checkpoint; an
-earlier export stays until the new one is complete. A mismatch exits non-zero and writes nothing.
+Export builds the folder beside OUT_DIR (inside it, as .nano_mpnet.partial-PID, where OUT_DIR is a mount point or
+its parent cannot be written), reloads it with transformers, compares it with ours on a sample batch (a tolerance
+scaled to the depth and the values), checks that its tokenizer loads and encodes (one that does not is left out,
+with a note), and only then moves it into OUT_DIR. OUT_DIR, however spelled ('.', a link, the folder you stand in,
+a mount point), must be new, empty, or an earlier export holding no checkpoint; an earlier export stays until the
+new one is complete. A mismatch, a failed write (a full disk), Ctrl-C or SIGTERM exits non-zero in one line and
+leaves nothing half-written.
 HF parameter names appear only in HF_NAMES, HF_LAYER_NAMES and HF_EXTRA_NAMES below.
 """
 
 import contextlib
+import errno
 import glob
 import json
 import os
+import re
 import shutil
+import signal
 import sys
 import tempfile
 import zipfile
@@ -196,6 +201,16 @@ def tokenizer_problem(folder, vocab_size=None):
 def tokenizer_and_problem(name_or_dir, vocab_size=None):
     """({filename: text}, None) of a usable tokenizer given by a folder or a hub name, or ({}, why not)."""
     files = read_tokenizer_files(name_or_dir) if os.path.isdir(name_or_dir) else {}
+    try:
+        return _checked_tokenizer(name_or_dir, files, vocab_size)
+    except OSError as e:  # it is checked in a temporary folder: /tmp full, or a file size limit
+        where = tempfile.gettempdir()
+        raise ConvertError(f"could not write {where}/, where the tokenizer is checked ({e.strerror or e}; "
+                           f"{_size(shutil.disk_usage(where).free)} free there): free some space there, or set TMPDIR "
+                           f"to a folder on a disk with room") from None
+
+
+def _checked_tokenizer(name_or_dir, files, vocab_size):
     with tempfile.TemporaryDirectory() as tmp:
         if files:
             for name, text in files.items():
@@ -240,6 +255,10 @@ def read_sentence_transformers(folder):
             raise ConvertError(f"sentence-transformers module '{m.get('path') or m.get('name')}' ({m['type']}) cannot "
                                f"be carried through training and export: only {', '.join(ST_CARRIED)} modules after the "
                                f"Transformer can (others hold weights or code of their own)")
+    outside = next((m['path'] for m in modules if not _inside(m.get('path') or '')), None)
+    if outside is not None:
+        raise ConvertError(f"'{folder}/modules.json' puts a module at '{outside}', outside the folder: it cannot be "
+                           f"carried")
     transformer_path = modules[kinds.index('Transformer')]['path']
     names = ['modules.json', 'config_sentence_transformers.json', os.path.join(transformer_path, 'sentence_bert_config.json')]
     for m, kind in zip(modules, kinds):
@@ -255,6 +274,23 @@ def read_sentence_transformers(folder):
             except UnicodeDecodeError:
                 raise ConvertError(f"'{os.path.join(folder, name)}' is not a text file: this module cannot be carried") from None
     return carried, transformer_path
+
+
+def _inside(name, plain=False):
+    """Whether a relative path carried in a checkpoint stays inside the folder it is written into (with plain, a
+    file name alone)."""
+    if not isinstance(name, str) or os.path.isabs(name):
+        return False
+    parts = os.path.normpath(name).split(os.sep)
+    return parts[0] != '..' and (not plain or (len(parts) == 1 and parts[0] not in ('', '.')))
+
+
+def carried_outside(ckpt):
+    """The names among the files a checkpoint carries that lead out of an export folder ('../x', '/x'): none in a
+    checkpoint this project wrote. A checkpoint is data, loaded weights_only: it never writes elsewhere."""
+    return ([repr(ckpt.get('st_path'))] if not _inside(ckpt.get('st_path') or '') else []) + \
+        [repr(n) for n in ckpt.get('st_files') or {} if not _inside(n) or not _inside(os.path.basename(n), True)] + \
+        [repr(n) for n in ckpt.get('tokenizer_files') or {} if not _inside(n, plain=True)]
 
 
 def sentence_pooling(st_files):
@@ -324,16 +360,23 @@ def parity(model, hf, head=None, full_length=False):
     return diff, 1e-5 + 5e-6 * model.config.n_layer * theirs[keep].abs().max().item()
 
 
-def _tokenizer_config(text, max_positions, extended=False):
-    """The tokenizer's config for an export: model_max_length at most the model's positions (truncation
-    then stops where the model does; a model whose positions train.py extended reads all of them), and a class that transformers 4 also knows, giving only the inputs
-    MPNet takes (a generic fast tokenizer of transformers 4 adds token_type_ids, which MPNet refuses).
-    Text that is not a JSON object is left as it is, for the tokenizer check to name."""
+def _json_object(text):
+    """The dict a carried JSON file holds, or None (not JSON, or not an object: left as it is, for a check to name)."""
     try:
         cfg = json.loads(text)
     except ValueError:
-        return text
-    if not isinstance(cfg, dict):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def _tokenizer_config(text, max_positions, extended=False):
+    """The tokenizer's config for an export: model_max_length at most the model's positions (truncation
+    then stops where the model does; a model whose positions train.py extended reads all of them), and a class that
+    transformers 4 also knows, giving only the inputs MPNet takes (a generic fast tokenizer of transformers 4 adds
+    token_type_ids, which MPNet refuses). Text that is not a JSON object is left as it is, for the tokenizer check
+    to name."""
+    cfg = _json_object(text)
+    if cfg is None:
         return text
     length = cfg.get('model_max_length')
     cfg['model_max_length'] = min(length, max_positions) if isinstance(length, int) and not extended else max_positions
@@ -341,6 +384,17 @@ def _tokenizer_config(text, max_positions, extended=False):
         cfg['tokenizer_class'] = 'PreTrainedTokenizerFast'
     cfg['model_input_names'] = ['input_ids', 'attention_mask']
     return json.dumps(cfg, indent=2, ensure_ascii=False) + '\n'
+
+
+def _sentence_bert_config(text, max_positions, extended=False):
+    """sentence-transformers' Transformer config for an export: max_seq_length at most the model's positions (a
+    longer one indexes past the position table on a long text), and all of them when train.py extended the table
+    (the sentence model reads as far as it was trained to). Otherwise the text as it came."""
+    cfg = _json_object(text)
+    length = (cfg or {}).get('max_seq_length')
+    if cfg is None or not extended and not (isinstance(length, int) and length > max_positions):
+        return text
+    return json.dumps({**cfg, 'max_seq_length': max_positions}, indent=2) + '\n'
 
 
 def _load_sentence_transformer(folder):
@@ -379,11 +433,12 @@ def check_destination(out_dir, ckpt_path):
     if not os.path.isdir(dest):
         return dest
     try:
-        held = sorted(os.listdir(dest))
+        held = sorted(n for n in os.listdir(dest) if not _ours(n))  # not another export's work, still running
         if held and not os.path.isfile(os.path.join(dest, EXPORT_MARK)):
             raise ConvertError(f"'{out_dir}' is not empty and holds no earlier export ({EXPORT_MARK}): export into "
                                f"a new or empty folder (an earlier export is replaced whole, never mixed)")
-        for root, _, names in os.walk(dest):  # an export never holds a checkpoint: one put there is not ours to remove
+        for root, dirs, names in os.walk(dest):  # an export never holds a checkpoint: one put there is not ours to remove
+            dirs[:] = [d for d in dirs if not _ours(d)]
             for name in names:
                 if _is_checkpoint_like(os.path.join(root, name)):
                     raise ConvertError(f"'{os.path.join(root, name)}' is in the earlier export at '{out_dir}' but is "
@@ -393,18 +448,72 @@ def check_destination(out_dir, ckpt_path):
     return dest
 
 
+def _size(n):
+    return f'{n / 2**30:.2f} GiB' if n >= 2**30 else f'{n / 2**20:.1f} MiB' if n >= 2**20 else f'{n // 2**10} KiB'
+
+
+def _export_bytes(hf, tok_files, st_files):
+    """About how many bytes an export takes: its weights (tied ones once) and its text files."""
+    weights = sum(p.numel() * p.element_size() for p in hf.parameters())
+    return weights + sum(len(text.encode()) for text in [*tok_files.values(), *st_files.values()])
+
+
+def _write_failed(e, path, staging, out_dir, dest, need):
+    """The one line of a write into the export that failed (a full disk, a file size limit, a read-only folder):
+    the file as it would be in out_dir, why, what stays (the staging folder is gone), and the fix.
+    safetensors reports an I/O error as its own SafetensorError, with the OS error's number in the text."""
+    number = e.errno if isinstance(e, OSError) else next(map(int, re.findall(r'os error (\d+)', str(e))), None)
+    reason = os.strerror(number) if number else (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    if isinstance(e, OSError) and e.filename and str(e.filename).startswith(staging + os.sep):
+        path = e.filename
+    shown = (os.path.join(out_dir, os.path.relpath(path, staging)) if path and path.startswith(staging + os.sep)
+             else out_dir)
+    try:
+        free = f'; {_size(shutil.disk_usage(os.path.dirname(staging)).free)} free there'
+    except OSError:
+        free = ''
+    kept = ('the earlier export there is unchanged' if os.path.isfile(os.path.join(dest, EXPORT_MARK))
+            else 'nothing was written')
+    fix = {errno.ENOSPC: f'the export takes about {_size(need)}: free some space, or export to another disk',
+           errno.EDQUOT: f'the export takes about {_size(need)}: free some of your quota, or export to another disk',
+           errno.EFBIG: 'a file size limit (ulimit -f) or the file system caps the size of a file: raise the limit, '
+                        'or export to another disk'}.get(number, 'export into a folder on a writable disk')
+    return ConvertError(f'could not write {shown} ({reason}{free}): {kept}; {fix}')
+
+
+WORK = '.nano_mpnet'  # inside OUT_DIR when it must be: WORK.partial-PID (the new export), WORK.old-PID (the earlier)
+
+
+def _work_folders(dest):
+    """(staging, aside) of this process for dest: beside it (dest.partial-PID, dest.old-PID), where what a kill -9
+    leaves is in sight and never inside an export; inside an existing dest when beside cannot be: a volume mounted
+    as OUT_DIR (its parent is another file system, and a rename cannot cross one) or a parent this user cannot
+    write. _move_into renames between them and dest."""
+    inside = os.path.isdir(dest) and (os.path.ismount(dest) or not os.access(os.path.dirname(dest), os.W_OK))
+    base = os.path.join(dest, WORK) if inside else dest
+    return f'{base}.partial-{os.getpid()}', f'{base}.old-{os.getpid()}'
+
+
+def _ours(name):
+    return name.startswith(WORK + '.')
+
+
 def _mend_killed_exports(dest):
-    """A kill -9 during an export leaves dest.partial-PID (the unfinished new export) and, during the swap of
-    _move_into, dest.old-PID (the earlier export, moved aside). Once that process is gone, the earlier export
-    goes back into dest unless the new one arrived whole (its EXPORT_MARK, moved last, is there); then both
-    leftovers are removed, with one line each."""
+    """A kill -9 during an export leaves its staging folder (the unfinished new export) and, during the swap of
+    _move_into, its aside folder (the earlier export, moved out of dest): beside dest, or inside it (_work_folders).
+    Once that process is gone,
+    the earlier export goes back into dest unless the new one arrived whole (its EXPORT_MARK, moved last, is
+    there); then the leftovers are removed, with one line each."""
     from data import pid_alive
-    for left in sorted(glob.glob(glob.escape(dest) + '.old-*')) + sorted(glob.glob(glob.escape(dest) + '.partial-*')):
+    bases = [glob.escape(dest), glob.escape(os.path.join(dest, WORK))]
+    lefts = [left for kind in ('old', 'partial') for base in bases for left in sorted(glob.glob(f'{base}.{kind}-*'))]
+    for left in lefts:
         pid = left.rsplit('-', 1)[1]
         if not pid.isdigit() or pid_alive(int(pid)) or not os.path.isdir(left):
             continue
         if left.endswith(f'.old-{pid}') and not os.path.isfile(os.path.join(dest, EXPORT_MARK)):
-            for name in os.listdir(dest) if os.path.isdir(dest) else []:  # the new export's first files
+            first = [n for n in os.listdir(dest) if not _ours(n)] if os.path.isdir(dest) else []
+            for name in first:  # the new export's first files
                 path = os.path.join(dest, name)
                 shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
             os.makedirs(dest, exist_ok=True)
@@ -415,18 +524,18 @@ def _mend_killed_exports(dest):
         print(f'removed {left}: left by export process {pid}, which is gone')
 
 
-def _move_into(staging, dest):
+def _move_into(staging, aside, dest):
     """Put the complete export in staging at dest. A new dest is staging renamed. An existing one keeps its own
     folder (a shell standing in it stays there): its entries are moved aside, the new ones moved in, and only
     then is the old content removed; if a move fails, everything goes back where it was."""
     if not os.path.exists(dest):
         os.rename(staging, dest)
         return
-    aside = f'{dest}.old-{os.getpid()}'
     os.mkdir(aside)
     old, new = [], []
     try:
-        for name in sorted(os.listdir(dest), key=lambda n: n != EXPORT_MARK):  # the mark first: see _mend_killed_exports
+        held = [n for n in os.listdir(dest) if not _ours(n)]
+        for name in sorted(held, key=lambda n: n != EXPORT_MARK):  # the mark first: see _mend_killed_exports
             os.rename(os.path.join(dest, name), os.path.join(aside, name))
             old.append(name)
         for name in sorted(os.listdir(staging), key=lambda n: n == EXPORT_MARK):  # the mark last: dest is whole once it is there
@@ -478,8 +587,12 @@ def hf_model_of(model, special_ids=None, extra=None, encoder_only=False, classif
 def export(ckpt_path, out_dir):
     """Write an HF folder (plus the sentence-transformers modules the checkpoint carries) and check it against
     our model: MPNetForMaskedLM, or for a sentence model the MPNetModel it came as. The folder is built beside
-    out_dir and moved there only once it passed; an out_dir that is not empty must be an earlier export, whose
-    content stays until the new one is complete (check_destination, _move_into). Returns the diff."""
+    out_dir (_work_folders) and moved there only once it passed; an out_dir that is not empty must be an earlier
+    export, whose content stays until the new one is complete (check_destination, _move_into). A failed write is
+    one line naming the file (_write_failed). Returns the diff."""
+    from safetensors import SafetensorError  # a failed write of the weights (transformers writes them with it)
+    if os.path.isdir(ckpt_path):
+        raise ConvertError(_folder_given_as_checkpoint(ckpt_path, out_dir))
     ckpt = load_checkpoint(ckpt_path)
     _mend_killed_exports(os.path.realpath(out_dir))
     dest = check_destination(out_dir, ckpt_path)
@@ -490,6 +603,10 @@ def export(ckpt_path, out_dir):
     if broken:  # a diverged run's weights: any comparison with them is nan, and no user wants them
         raise ConvertError(f"'{ckpt_path}' holds non-finite weights ({broken} has nan or inf): it comes from a diverged "
                            f"run; export the run's best.pt or an earlier snapshot")
+    outside = carried_outside(ckpt)
+    if outside:
+        raise ConvertError(f"'{ckpt_path}' carries files to be written outside the export ({', '.join(outside[:3])}): "
+                           f"it was not made by this project's import or training; nothing was written")
     st_files, st_path = ckpt.get('st_files') or {}, ckpt.get('st_path') or ''
     extra = {k: v for k, v in (ckpt.get('hf_extra') or {}).items() if k in HF_EXTRA_NAMES}
     classifier = ckpt.get('classifier')  # a model fine-tuned by finetune.py --save
@@ -500,32 +617,38 @@ def export(ckpt_path, out_dir):
     tok_files = ckpt.get('tokenizer_files') or {}
     if not tok_files and ckpt.get('config', {}).get('tokenizer'):
         tok_files = tokenizer_files_of(ckpt['config']['tokenizer'])
-    staging = f'{dest}.partial-{os.getpid()}'  # beside the real path: the final move is a rename
+    staging, aside = _work_folders(dest)  # on dest's file system: the final moves are renames
     try:
         os.mkdir(staging)
     except OSError as e:
-        raise ConvertError(f"cannot write beside '{out_dir}' ({e.strerror}), where the export is built first: "
+        where = 'beside' if os.path.dirname(staging) != dest else 'into'
+        raise ConvertError(f"cannot write {where} '{out_dir}' ({e.strerror}), where the export is built first: "
                            f"choose a folder on a writable disk") from None
+    hf_dir = os.path.join(staging, st_path)  # sentence-transformers may keep it in a subfolder
+    writing = os.path.join(hf_dir, 'config.json')  # the file being written, named if the write fails
+    def put(name, text):  # a text file of the export, name relative to staging
+        nonlocal writing
+        writing = os.path.join(staging, name)
+        os.makedirs(os.path.dirname(writing), exist_ok=True)
+        with open(writing, 'w', encoding='utf-8') as f:
+            f.write(text)
     try:
-        hf_dir = os.path.join(staging, st_path)  # sentence-transformers may keep it in a subfolder
-        with quiet_transformers():
+        with quiet_transformers():  # config.json, then model.safetensors (safetensors reports its own errors)
             hf.save_pretrained(hf_dir, safe_serialization=True)
-        tok_paths = [os.path.join(hf_dir, n) for n in tok_files]
-        for path, (name, text) in zip(tok_paths, tok_files.items()):
-            with open(path, 'w', encoding='utf-8') as f:
-                f.write(_tokenizer_config(text, c.max_positions, extended) if name == 'tokenizer_config.json' else text)
+        for name, text in tok_files.items():
+            put(os.path.join(st_path, name),
+                _tokenizer_config(text, c.max_positions, extended) if name == 'tokenizer_config.json' else text)
         # an unusable tokenizer breaks every use of the export: it is left out, and the note says so
         tok_problem = tokenizer_problem(hf_dir, c.vocab_size) if tok_files else 'the checkpoint names none'
         if tok_files and tok_problem:
-            for path in tok_paths:
-                os.remove(path)
+            for name in tok_files:
+                os.remove(os.path.join(hf_dir, name))
         for name, text in st_files.items():
-            if extended and name == 'sentence_bert_config.json':  # the sentence model embeds the new length
-                text = json.dumps({**json.loads(text), 'max_seq_length': c.max_positions}, indent=2) + '\n'
-            os.makedirs(os.path.dirname(os.path.join(staging, name)), exist_ok=True)
-            with open(os.path.join(staging, name), 'w', encoding='utf-8') as f:
-                f.write(text)
+            if name == os.path.join(st_path, 'sentence_bert_config.json'):  # the Transformer module's, wherever it is
+                text = _sentence_bert_config(text, c.max_positions, extended)
+            put(name, text)
         # parity: reload the folder as a user would
+        writing = None
         with quiet_transformers():
             back = type(hf).from_pretrained(hf_dir).eval()
         diff, tol = parity(model, back, classifier['head'] if classifier else None, full_length=extended)
@@ -535,11 +658,11 @@ def export(ckpt_path, out_dir):
         if extra and st_files and not torch.equal(back.pooler.dense.weight, extra['pooler.weight']):
             raise ConvertError(f'internal: the exported pooler differs from the checkpoint\'s; nothing was written to {out_dir}')
         st_said = _load_sentence_transformer(staging) if st_files and not tok_problem else None
-        with open(os.path.join(staging, EXPORT_MARK), 'w') as f:
-            json.dump(dict(checkpoint=os.path.abspath(ckpt_path), iter_num=ckpt.get('iter_num'),
-                           val_loss=ckpt.get('val_loss'), max_diff=diff, tolerance=tol,
-                           compared='last hidden states' if st_files else
-                           'classifier logits' if classifier else 'logits'), f, indent=2)
+        put(EXPORT_MARK, json.dumps(dict(checkpoint=os.path.abspath(ckpt_path), iter_num=ckpt.get('iter_num'),
+                                         val_loss=ckpt.get('val_loss'), max_diff=diff, tolerance=tol,
+                                         compared='last hidden states' if st_files else
+                                         'classifier logits' if classifier else 'logits'), indent=2))
+        writing = staging
         umask = os.umask(0)
         os.umask(umask)
         for root, dirs, names in os.walk(staging):  # ordinary modes (safetensors writes 0600)
@@ -548,15 +671,18 @@ def export(ckpt_path, out_dir):
             for n in names:
                 os.chmod(os.path.join(root, n), 0o666 & ~umask)
         os.chmod(staging, 0o777 & ~umask)
-        _move_into(staging, dest)
-    except OSError as e:
-        raise ConvertError(f"could not write the export beside '{out_dir}' ({e.strerror or e}): "
-                           f"{'the earlier export there is unchanged' if os.path.isdir(dest) else 'nothing was written'}") from None
+        writing = dest
+        _move_into(staging, aside, dest)
+    except (OSError, SafetensorError) as e:
+        if isinstance(e, SafetensorError) and writing == os.path.join(hf_dir, 'config.json'):
+            writing = os.path.join(hf_dir, 'model.safetensors')
+        shutil.rmtree(staging, ignore_errors=True)  # before the free space is measured
+        raise _write_failed(e, writing, staging, out_dir, dest, _export_bytes(hf, tok_files, st_files)) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     what = 'hidden state' if st_files else 'logit'
-    print(f'wrote {dest} ({", ".join(sorted(os.listdir(dest)))}); max |{what} diff| vs transformers: {diff:.2e} '
-          f'(tolerance {tol:.1e})')
+    held = sorted(n for n in os.listdir(dest) if not _ours(n))
+    print(f'wrote {dest} ({", ".join(held)}); max |{what} diff| vs transformers: {diff:.2e} (tolerance {tol:.1e})')
     if st_files:
         print(f"note: a sentence model: it holds the encoder{' and its pooler' if extra else ''} (MPNetModel), as it "
               f"came in; the MLM head stays in {ckpt_path}")
@@ -568,6 +694,18 @@ def export(ckpt_path, out_dir):
     if st_said:
         print(st_said)
     return diff
+
+
+def _folder_given_as_checkpoint(folder, out_dir):
+    """What to say when CKPT is a folder: a run folder (give its checkpoint), an HF model (an export already; to
+    continue from it, import it), or anything else."""
+    run = next((n for n in ('best.pt', 'ckpt.pt') if os.path.isfile(os.path.join(folder, n))), None)
+    if run:
+        return f"'{folder}' is a run folder: give its checkpoint: python convert_hf.py {os.path.join(folder, run)} {out_dir}"
+    if os.path.isfile(os.path.join(folder, 'config.json')):
+        return (f"'{folder}' is an HF model folder, which needs no export; to train from it: python convert_hf.py "
+                f"--from_hf={folder} CKPT (or train.py --init_from={folder})")
+    return f"'{folder}' is a folder, not a checkpoint: give a checkpoint file (out_dir/best.pt, ckpt.pt or a snapshot)"
 
 
 def sample_batch(config, B=2, T=23, seed=0):
@@ -586,6 +724,13 @@ def hf_to_checkpoint(name_or_dir):
     """HF MPNetForMaskedLM or MPNetModel, or a sentence-transformers MPNet (hub name or folder) -> a checkpoint
     dict train.py can start from. Prints one line on what it found. head_fresh says the MLM head is new."""
     local = os.path.isdir(name_or_dir)
+    if os.path.isfile(name_or_dir):  # a file of an HF folder, or a checkpoint of this project
+        raise ConvertError(f"'{name_or_dir}' is a file, not an HF model: " + (
+            'it is a checkpoint of this project, which needs no import (train.py --init_from, finetune.py and '
+            'convert_hf.py CKPT OUT_DIR take it as it is)' if _is_checkpoint_like(name_or_dir) else
+            f"give the folder that holds its config.json, '{os.path.dirname(name_or_dir) or '.'}'"))
+    if not name_or_dir.strip():
+        raise ConvertError('the HF model to import is empty: give a folder or a hub name (--from_hf=NAME_OR_DIR)')
     if name_or_dir.startswith(('/', '.', '~')) and not local:
         raise ConvertError(f"HF model folder '{name_or_dir}' not found (give a local folder or a hub name)")
     if local and not os.path.isfile(os.path.join(name_or_dir, 'config.json')):
@@ -635,6 +780,10 @@ def hf_to_checkpoint(name_or_dir):
 
 
 def import_hf(name_or_dir, ckpt_path, overwrite=False):
+    if os.path.isdir(ckpt_path) or not os.path.basename(ckpt_path):  # 'out/' too
+        raise ConvertError(f"'{ckpt_path}' is a folder, but the import writes one checkpoint file: give its path, "
+                           f"e.g. {os.path.join(ckpt_path, 'ckpt.pt')}")
+    _remove_killed_writes(ckpt_path)
     if os.path.exists(ckpt_path) and not overwrite:
         raise ConvertError(f"'{ckpt_path}' already exists and may hold a trained model: choose another path, "
                            f"or pass --overwrite to replace it")
@@ -642,6 +791,17 @@ def import_hf(name_or_dir, ckpt_path, overwrite=False):
     save_checkpoint(ckpt, ckpt_path)
     print(f'wrote {ckpt_path}')
     return ckpt
+
+
+def _remove_killed_writes(ckpt_path):
+    """A kill -9 during an import's save leaves its temp file beside ckpt_path (checkpoint.save_checkpoint's
+    CKPT.PID.N.tmp, as large as a checkpoint); once that process is gone, the next import there removes it."""
+    from data import pid_alive
+    for left in glob.glob(glob.escape(ckpt_path) + '.*.tmp'):
+        pid = re.fullmatch(r'\.(\d+)\.\d+\.tmp', left[len(ckpt_path):])
+        if pid and not pid_alive(int(pid[1])) and os.path.isfile(left):
+            os.remove(left)
+            print(f'removed {left}: left by import process {pid[1]}, which is gone')
 
 
 HELP = """usage: python convert_hf.py CKPT OUT_DIR                       export a checkpoint to an HF folder
@@ -676,8 +836,15 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    from data import interruptible
+    got = []
     try:
-        main(sys.argv[1:])
+        with interruptible() as got:  # SIGTERM too raises KeyboardInterrupt: the staging folder or temp file goes
+            main(sys.argv[1:])
     except (ConvertError, CheckpointError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print(f'error: interrupted ({signal.Signals(got[0] if got else signal.SIGINT).name}): nothing half-written is '
+              f'left, and an earlier export or checkpoint there is unchanged', file=sys.stderr)
+        sys.exit(128 + (got[0] if got else signal.SIGINT))

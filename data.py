@@ -149,6 +149,12 @@ def _hash(x, *keys):
 def _uniform(x, *keys):  # floats in [0, 1)
     return (_hash(x, *keys) >> np.uint64(11)).astype(np.float64) / 2**53
 
+def text_digests(texts):
+    """A stable 64-bit id of each text's content [n] (uint64; '' for a row that is no text): what decides a document's
+    split, so that a text given twice is held out, or trained on, both times; never one of each."""
+    return np.array([int.from_bytes(hashlib.blake2b(t.encode('utf-8', 'surrogatepass') if isinstance(t, str) else b'',
+                                                    digest_size=8).digest(), 'little') for t in texts], np.uint64)
+
 def _permute(j, n, *keys):
     """A seeded bijection of [0, n), applied to the array j in O(len(j)) memory however large n is: a
     4-round Feistel network on the smallest even number of bits covering n, cycle-walking values that
@@ -360,6 +366,24 @@ def _source(dataset, text_field='text', streaming=False, txt_split='paragraph'):
                         f"pass --text_field=NAME")
     return ds, text_field, kind == 'text'
 
+def read_texts(dataset, text_field='text', txt_split='paragraph'):
+    """(texts, skipped) of a local or hub source read whole, as prepare reads it (_source: .txt split by txt_split,
+    CRLF or LF alike; .jsonl/.parquet by text_field), for the scripts that need the texts themselves (contrastive.py,
+    finetune.py's documents). Rows whose text is null, not a string or blank are skipped and counted, bytes of a .txt
+    file that are not UTF-8 replaced and said (as prepare does); a read error is
+    the one-line DataError naming file and line (bytes that are not UTF-8 in a JSON string surface only here)."""
+    ds, field, is_txt = _source(dataset, text_field, txt_split=txt_split)
+    try:
+        column = ds[field]
+        column = column if isinstance(column, list) else list(column)
+    except (ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
+        raise _read_error(dataset, *(_files(dataset) or (None, [])), e) from None
+    texts = [t for t in column if isinstance(t, str) and t.strip()]
+    n_bad = sum(t.count('\ufffd') for t in texts) if is_txt else 0
+    if n_bad:  # as prepare says it
+        print(f"warning: {n_bad:,} undecodable byte sequences in the .txt files of '{dataset}' were replaced by U+FFFD")
+    return texts, len(column) - len(texts)
+
 # -----------------------------------------------------------------------------
 # tokenizers
 
@@ -525,7 +549,9 @@ def _prepare(dataset, tokenizer, vocab_size, out_dir, val_frac, text_field, num_
             raise DataError(f"'{out_dir}' was prepared from an earlier version of '{dataset}' "
                             f"({', '.join(changes[:3])}{', ...' if len(changes) > 3 else ''}): re-prepare it with "
                             f"{prepare_command(settings, out_dir)} (a run resumed on it then reads other blocks)")
-        print(f"{out_dir} is already prepared with these settings from the same source")
+        print(f"{out_dir} is already prepared with these settings from the same source" + (
+            '' if old.get('split') == 'content' else ' (note: prepared before validation was held out by content, a '
+            'text given twice may be in both splits: data.py --overwrite re-prepares it)'))
         return out_dir
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, 'meta.json')):
         raise DataError(f"'{out_dir}' exists but is not a prepared dataset (no meta.json): delete it, or choose "
@@ -562,16 +588,22 @@ def _prepare_into(folder, out_dir, dataset, tokenizer, vocab_size, val_frac, tex
     n_docs = len(ds)
     if n_docs == 0:
         raise DataError(f"dataset '{dataset}' has no documents")
-    # val is held out by document: doc i is in val when hash(seed, i) < val_frac, and so is the doc with the
-    # smallest hash, so val is never empty (the minimum is found in chunks: no array of n_docs)
-    h_min = min(_uniform(np.arange(a, min(a + 2**20, n_docs)), seed).min() for a in range(0, n_docs, 2**20))
-    val_cut = max(val_frac, h_min)
+    # val is held out by document content: a doc is in val when hash(seed, its text) <= val_frac, and so is the doc with
+    # the smallest hash, so val is never empty; a text given twice is in one split only (the minimum is found in a pass
+    # over the texts: no array of n_docs)
+    def split_keys(texts):
+        return _uniform(text_digests([t if isinstance(t, str) and t else None for t in texts]), seed)
+    try:
+        val_cut = max(val_frac, min((split_keys(b[field]).min() for b in ds.select_columns([field]).iter(batch_size=4096)
+                                     if any(isinstance(t, str) and t for t in b[field])), default=0.0))
+    except (ValueError, OSError) as e:  # as for the map below
+        raise _read_error(dataset, *(_files(dataset) or (None, [])), e) from None
 
     if tokenizer == 'train':
         def train_texts():  # train documents only, so val stays unseen; a vocab needs a sample, not everything
             n_chars = 0
-            for a, batch in zip(range(0, n_docs, 1000), ds.select_columns([field]).iter(batch_size=1000)):
-                is_val = _uniform(np.arange(a, a + len(batch[field])), seed) <= val_cut
+            for batch in ds.select_columns([field]).iter(batch_size=1000):
+                is_val = split_keys(batch[field]) <= val_cut
                 texts = [t for t, v in zip(batch[field], is_val) if isinstance(t, str) and t and not v]
                 yield texts
                 n_chars += sum(map(len, texts))
@@ -585,12 +617,12 @@ def _prepare_into(folder, out_dir, dataset, tokenizer, vocab_size, val_frac, tex
     tok.save_pretrained(os.path.join(folder, 'tokenizer'))
 
     encoder, eos = _encoder(tok), ids['eos_id']
-    def tokenize(batch, indices):
+    def tokenize(batch):
         texts = batch[field]
         out = {'ids': [np.array(e.ids + [eos] if e.ids else [], dtype=np.int32)  # an empty doc adds nothing
                        for e in encoder.encode_batch_fast([t if isinstance(t, str) else '' for t in texts],
                                                           add_special_tokens=False)],
-               'val': (_uniform(indices, seed) <= val_cut).tolist(),
+               'val': (split_keys(texts) <= val_cut).tolist(),
                'not_text': [t is not None and not isinstance(t, str) for t in texts],  # a number, a list, ...
                'null': [t is None for t in texts]}
         if is_txt:  # undecodable byte sequences the reader replaced by U+FFFD
@@ -600,7 +632,7 @@ def _prepare_into(folder, out_dir, dataset, tokenizer, vocab_size, val_frac, tex
         os.environ['TOKENIZERS_PARALLELISM'] = 'false'
     # 256 documents a batch: enough for the Rust thread pool, and bounded even when documents are books
     try:
-        tokenized = ds.map(tokenize, batched=True, batch_size=256, with_indices=True, remove_columns=ds.column_names,
+        tokenized = ds.map(tokenize, batched=True, batch_size=256, remove_columns=ds.column_names,
                            num_proc=num_proc, desc='tokenizing', load_from_cache_file=False,
                            cache_file_name=os.path.join(folder, 'tokenized.arrow'))  # intermediate, removed below
     except (ValueError, OSError) as e:  # what the reader let through (bytes that are not UTF-8 in a JSON string)
@@ -640,7 +672,7 @@ def _prepare_into(folder, out_dir, dataset, tokenizer, vocab_size, val_frac, tex
     print(f"wrote {out_dir}: train.bin {n_tokens['train']:,} tokens ({n_split_docs['train']:,} docs), "
           f"val.bin {n_tokens['val']:,} tokens ({n_split_docs['val']:,} docs), {np.dtype(dtype).name}, vocab {len(tok):,}, "
           f"meta.json, tokenizer/ in {dt:.1f}s: {sum(n_tokens.values()) / dt:,.0f} tokens/s")
-    return dict(dataset=dataset, tokenizer='tokenizer', tokenizer_source=tokenizer, vocab_size=len(tok),
+    return dict(dataset=dataset, split='content', tokenizer='tokenizer', tokenizer_source=tokenizer, vocab_size=len(tok),
                 dtype=np.dtype(dtype).name, **ids, n_tokens=n_tokens, n_docs=n_split_docs, max_id=max_id,
                 n_undecodable=n_bad, n_skipped_rows=n_null + n_not_text)
 
@@ -868,7 +900,7 @@ class StreamingBatches:
     vocab_size, as load_meta does for prepared data."""
 
     def __init__(self, dataset, tokenizer, batch_size, block_size, seed=1337, rank=0, world_size=1, device='cpu',
-                 text_field='text', buffer_blocks=1000, held_out=0, txt_split='paragraph'):
+                 text_field='text', buffer_blocks=1000, held_out=0, txt_split='paragraph', held_texts=()):
         assert 0 <= rank < world_size and block_size >= 2
         if tokenizer == 'train':
             raise DataError("streaming needs an existing tokenizer: train one with data.py --tokenizer=train on a "
@@ -880,7 +912,8 @@ class StreamingBatches:
         self.ds, self.field, _ = _source(dataset, text_field, streaming=True, txt_split=txt_split)
         self.dataset, self.batch_size, self.block_size, self.seed = dataset, batch_size, block_size, seed
         self.rank, self.world_size, self.device, self.buffer_blocks = rank, world_size, device, buffer_blocks
-        self.held_out, self.n_skipped = held_out, 0
+        self.held_out, self.n_skipped, self.n_held_copies = held_out, 0, 0
+        self.held_texts = np.array(sorted(held_texts), np.uint64)  # digests of the held-out texts: their copies are skipped
         self.load_state_dict(dict(epoch=0, doc=held_out, pos=0, world_size=world_size, held_out=held_out))
 
     def _read_window(self):
@@ -903,6 +936,10 @@ class StreamingBatches:
                     self.n_skipped += not isinstance(text, str)
                     texts.append(text if isinstance(text, str) else '')
                 self._next_doc += 1
+            if len(self.held_texts) and texts:  # a copy of a held-out document later in the stream is never trained on
+                copy = np.isin(text_digests(texts), self.held_texts) & np.array([bool(t) for t in texts])
+                self.n_held_copies += int(copy.sum())
+                texts = [t for t, c in zip(texts, copy) if not c]
             for e in self.encoder.encode_batch_fast(texts, add_special_tokens=False):
                 if e.ids:
                     parts.append(np.array(e.ids + [self.meta['eos_id']], dtype=np.int64))
@@ -951,20 +988,22 @@ def _text_of(example, field, dataset):
 def stream_val_blocks(dataset, tokenizer, n_blocks, block_size, text_field='text', txt_split='paragraph'):
     """The validation set of a streaming run without a prepared data_dir: the first documents of the
     stream, packed in order into n_blocks fixed blocks (<s> + block_size-1 tokens), on the CPU.
-    Returns (blocks, n_docs); StreamingBatches(held_out=n_docs) never trains on those documents."""
+    Returns (blocks, n_docs, digests of their texts); StreamingBatches(held_out=n_docs, held_texts=digests) never
+    trains on those documents, nor on a copy of one later in the stream."""
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     encoder, ids = _encoder(tok), _special_ids(tok)
     ds, field, _ = _source(dataset, text_field, streaming=True, txt_split=txt_split)
-    need, parts, n, n_docs = n_blocks * (block_size - 1), [], 0, 0
+    need, parts, n, n_docs, held = n_blocks * (block_size - 1), [], 0, 0, set()
     for example in ds:
         n_docs += 1
         text = _text_of(example, field, dataset)
+        held |= set(text_digests([text]).tolist()) if isinstance(text, str) and text else set()
         doc = encoder.encode(text, add_special_tokens=False).ids if isinstance(text, str) else []
         if doc:
             parts.append(np.array(doc + [ids['eos_id']], dtype=np.int64))
             n += len(parts[-1])
         if n >= need:
-            return _batch(ids['bos_id'], np.concatenate(parts)[:need].reshape(n_blocks, block_size - 1), 'cpu'), n_docs
+            return _batch(ids['bos_id'], np.concatenate(parts)[:need].reshape(n_blocks, block_size - 1), 'cpu'), n_docs, held
     raise DataError(f"dataset '{dataset}' has {n:,} tokens, too few to hold out {n_blocks} validation blocks of "
                     f"{block_size} and still train: lower eval_iters, or pass a prepared --data_dir for validation")
 
@@ -979,15 +1018,16 @@ def training_data(c, rank, world_size, device, barrier=lambda: None):
         if c['streaming']:
             if data_dir:  # validation from a prepared folder of the same tokenizer; the stream is trained on whole
                 val_meta, _, _ = load_prepared(data_dir)
-                val_tokens, held_out = eval_blocks(data_dir, 'val', n_val, block_size), 0
+                val_tokens, held_out, held_texts = eval_blocks(data_dir, 'val', n_val, block_size), 0, ()
                 val_said = f'validation: {data_dir}/val.bin; the stream is trained on whole'
             else:  # the first documents of the stream, never trained on
-                val_tokens, held_out = stream_val_blocks(c['dataset'], c['tokenizer'], n_val, block_size,
-                                                         text_field=c['text_field'], txt_split=c['txt_split'])
-                val_said = f'validation: the first {held_out:,} documents of the stream, held out of training'
+                val_tokens, held_out, held_texts = stream_val_blocks(c['dataset'], c['tokenizer'], n_val, block_size,
+                                                                     text_field=c['text_field'], txt_split=c['txt_split'])
+                val_said = (f'validation: the first {held_out:,} documents of the stream, held out of training (and any '
+                            f'copy of one later in the stream)')
             train = StreamingBatches(c['dataset'], c['tokenizer'], c['batch_size'], block_size, c['seed'], rank,
                                      world_size, device, text_field=c['text_field'], held_out=held_out,
-                                     txt_split=c['txt_split'])
+                                     txt_split=c['txt_split'], held_texts=held_texts)
             if data_dir and val_meta['vocab_size'] != train.meta['vocab_size']:
                 raise DataError(f"data_dir '{data_dir}' was prepared with a tokenizer of {val_meta['vocab_size']} tokens, "
                                 f"the stream's has {train.meta['vocab_size']}: prepare it with --tokenizer={c['tokenizer']}")

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import data
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, carried_for_export, load_checkpoint, model_from_checkpoint, save_checkpoint
 from configurator import ConfigError, check_device, configure
 from convert_hf import ConvertError, hf_to_checkpoint, quiet_transformers, sentence_pooling
 from model import MPNet, MPNetConfig
@@ -58,7 +58,7 @@ eval_data: str = ''                     # retrieval: documents (.txt/.jsonl; '' 
 beir_split: str = 'test'                # beir: the judgments scored, qrels/{beir_split}.tsv (BEIR's sets: test; MS MARCO: dev)
 max_len: int = 128                      # tokens per example (pairs: both texts together), cut beyond
 max_train: int = 0                      # use only a fixed random subset of this many training examples (0 = all)
-max_eval: int = 0                       # ... and this many of each evaluation split
+max_eval: int = 0                       # ... and this many of each evaluation split (sts: pairs; beir: queries)
 max_pairs: int = 0                      # retrieval: at most this many document pairs (0 = as many as the text gives)
 # recipe (RoBERTa/MPNet GLUE fine-tuning)
 seeds: str = '1'                        # N (seeds 0..N-1) or a list '0,5,7': one run each, then mean and spread
@@ -320,7 +320,9 @@ def read_rows(path):
     text = read_text(path)
     if ext == '.jsonl':
         rows = []
-        for i, line in enumerate(text.split('\n'), 1):  # not splitlines(): JSON strings may hold U+2028 unescaped
+        # any line ending (Windows, old Mac, mixed): JSON strings hold no raw CR or LF, but may hold U+2028 unescaped,
+        # which splitlines() would split
+        for i, line in enumerate(re.split('\r\n|\r|\n', text), 1):
             if line.strip():
                 try:
                     rows.append((i, json.loads(line)))
@@ -351,30 +353,33 @@ def number(v):
         return None
 
 
-def value(path, line, row, column, flag):
-    """The non-empty value of row[column]; TaskError naming the file line, and the column missing or empty."""
+def value(path, line, row, column, flag, need=''):
+    """The non-empty value of row[column]; TaskError naming the file line, and the column missing or empty. A missing
+    column is named with the caller's setting that names it (flag), or, for a caller without one (flag None), with
+    what the file needs (need)."""
     if column not in row:
         sep = next((c for c in ';|' if len(row) == 1 and c in next(iter(row))), None)
-        raise TaskError(f"'{path}', line {line}: no '{column}' column (columns: {', '.join(map(str, row))}); name it with "
-                        f"--{flag}=" + (f"; the file looks '{sep}'-separated: save it comma-separated" if sep else ''))
+        raise TaskError(f"'{path}', line {line}: no '{column}' column (columns: {', '.join(map(str, row))}); " +
+                        (f"name it with --{flag}=" if flag else need) +
+                        (f"; the file looks '{sep}'-separated: save it comma-separated" if sep else ''))
     v = row[column]
     if v is None or (isinstance(v, str) and not v.strip()):
         raise TaskError(f"'{path}', line {line}: '{column}' is empty" + (' (null)' if v is None else ''))
     return v
 
 
-def text(path, line, row, column, flag='text_field'):
+def text(path, line, row, column, flag='text_field', need=''):
     """A text of a row: a string (a JSON null, NaN or number is no text: it would be embedded as 'None', 'nan')."""
-    v = value(path, line, row, column, flag)
+    v = value(path, line, row, column, flag, need)
     if not isinstance(v, str):
         raise TaskError(f"'{path}', line {line}: '{column}' is {json.dumps(v)}, not a text")
     return v
 
 
-def label(path, line, row, column):
+def label(path, line, row, column, flag='label_field', need=''):
     """A label or score of a row, as read: a text or a number; TaskError for one that reads as NaN or inf
     (a missing value written out, which would otherwise be a class or be ranked)."""
-    v = value(path, line, row, column, 'label_field')
+    v = value(path, line, row, column, flag, need)
     if not isinstance(v, (str, int, float)) or (number(v) is not None and not math.isfinite(number(v))):
         raise TaskError(f"'{path}', line {line}: '{column}' is {json.dumps(v)}: no score or label (a missing value?)")
     return v
@@ -546,6 +551,29 @@ class NonFiniteError(TaskError):
     """A model's outputs or loss hold NaN or inf: no score can be computed from them (train.py's probe catches it)."""
 
 
+class CollapsedError(TaskError):
+    """A model that gives every text the same embedding: no retrieval, STS or BEIR score of it means anything (its ties
+    would be ranked by the order of the input). A TaskError: train.py's probe catches it."""
+
+
+COLLAPSED = 1e-5  # normalised embeddings nearer than this are one (float noise); a random init's are ~1 apart
+
+
+def spread(emb, ref):
+    """The largest distance of the rows of emb [N, C] from ref [C], normalised embeddings (0: one embedding, 2: opposite)."""
+    return float((emb - ref).norm(dim=-1).max()) if len(emb) else 0.0
+
+
+def check_apart(spread, task):
+    """The one rule of every embedding score: a model whose normalised embeddings of different texts all lie within
+    COLLAPSED of the first (spread) cannot tell texts apart, and gets no score: CollapsedError. Exact equality is not
+    the test: mean pooling of one vector repeated gives it back only within float noise, which would then rank."""
+    if spread < COLLAPSED:
+        raise CollapsedError(f'the model gives every text the same embedding (collapsed): no {task} score is meaningful '
+                             f'(its embeddings of different texts are all within {COLLAPSED:g} of each other); score an '
+                             f'earlier snapshot, or check how it was trained')
+
+
 def pool(encoder, ids, mask, pooling, autocast=nullcontext(), chunk=64):
     """L2-normalised sentence embeddings [N, C] of padded (ids, mask), in chunks: <s> ('cls') or the mean
     over the attention mask ('mean', sentence-transformers' mean: <s> and </s> included). NonFiniteError for
@@ -563,12 +591,46 @@ def pool(encoder, ids, mask, pooling, autocast=nullcontext(), chunk=64):
     return F.normalize(out, dim=-1)
 
 
+def cut_tokens(tok, texts):
+    """(token ids of texts, <s> text </s>, each cut at max_len tokens as the tokenizer cuts, how many were cut)."""
+    ids = tok(texts, truncation=True, max_length=max_len + 1)['input_ids']  # one more: a text that fills it was cut
+    return [x if len(x) <= max_len else x[:max_len - 1] + x[-1:] for x in ids], sum(len(x) > max_len for x in ids)
+
+
+def embed(encoder, tok, texts, pooling, dev, autocast=nullcontext(), size=64):
+    """(pool()'s embeddings [N, C] of texts in their order, how many texts were cut at max_len tokens): batched by length
+    (little padding); a text given twice is embedded once, so that its copies score exactly alike (a tie, as equal texts are)."""
+    ids, cut = cut_tokens(tok, texts)
+    distinct = {}
+    which = torch.tensor([distinct.setdefault(tuple(x), len(distinct)) for x in ids], dtype=torch.long, device=dev)
+    distinct = list(distinct)
+    out = torch.empty(len(distinct), encoder.config.n_embd, device=dev)
+    for b in batches([len(x) for x in distinct], size):
+        out[torch.as_tensor(b, device=dev)] = pool(encoder, *pad([distinct[i] for i in b], dev), pooling, autocast, chunk=size)
+    return out[which], cut
+
+
+def length_said(ckpt, task, cut, total):
+    """The embedding tasks' one length rule, as their printed line says it: every text (a retrieval half too) is cut at
+    max_len tokens, <s> and </s> included, and how many were; a sentence-transformers model cuts at its own
+    max_seq_length (as does BEIR, which embeds with it), said with the flag that scores as it embeds; else, when texts
+    were cut, the most the model reads (an extended model: its longer max_positions)."""
+    said = f"{'halves' if task == 'retrieval' else 'texts'} cut at {max_len} tokens: {cut:,} of {total:,}"
+    own = json.loads((ckpt.get('st_files') or {}).get(  # the Transformer module's, in whatever subfolder it is
+        os.path.join(ckpt.get('st_path') or '', 'sentence_bert_config.json')) or '{}').get('max_seq_length')
+    most = ckpt['model_args']['max_positions']
+    if own and (own < max_len or own > max_len and cut):  # (none cut: cutting at own would change nothing)
+        return said + (f"; this sentence-transformers model cuts at {own}: pass --max_len={min(own, most)} to score as "
+                       f"{'BEIR does' if task == 'beir' else 'it embeds'}")
+    return said + (f'; the model reads up to {most}: --max_len={most} reads more of them' if cut and most > max_len else '')
+
+
 def retrieval_scores(encoder, ids, mask, pooling='mean', autocast=nullcontext()):
     """ids, mask [2, n, L] (data.probe_pairs: first and second halves of n documents) -> how often a first
     half's nearest second half is its own (acc1), the mean reciprocal rank of its own (mrr), and the mean
     cosine of unrelated halves (near 0: a spread-out space; near 1: everything looks alike). A tie with
-    another half counts as the expected value of breaking it at random: a model that gives every document
-    the same embedding scores chance (acc1 1/n), not a perfect 1."""
+    another half counts as the expected value of breaking it at random; a model that gives every half the
+    same embedding gets no score (CollapsedError)."""
     was = encoder.training
     encoder.eval()
     try:
@@ -578,7 +640,9 @@ def retrieval_scores(encoder, ids, mask, pooling='mean', autocast=nullcontext())
 
 
 def ranking(first, second):
-    """retrieval_scores' numbers from the normalised embeddings [n, C] of the first and the second halves."""
+    """retrieval_scores' numbers from the normalised embeddings [n, C] of the first and the second halves (n different
+    texts on each side, as retrieval_source gives them); CollapsedError for embeddings that are all one."""
+    check_apart(max(spread(first, first[0]), spread(second, first[0])), 'retrieval')
     n = first.size(0)
     acc1, mrr, unrelated = [], [], 0.0
     for i in range(0, n, 1024):  # bounded memory for many pairs
@@ -615,13 +679,16 @@ class Probe:
 
 def sts_scores(encoder, tok, pairs, pooling, dev, autocast=nullcontext()):
     """Spearman (and Pearson) of the cosine of each pair's embeddings against its human score (NaN: undefined,
-    the model gives every pair the same cosine)."""
+    the model gives every pair the same cosine), and how many texts were cut at max_len tokens; CollapsedError for
+    a model that gives every text the same embedding."""
     encoder.eval()
-    sides = [tok([p[k] for p in pairs], truncation=True, max_length=max_len)['input_ids'] for k in (0, 1)]
-    a, b = (pool(encoder, *pad(s, dev), pooling, autocast) for s in sides)
-    cos = (a * b).sum(-1).cpu().numpy()
+    texts = [p[k] for p in pairs for k in (0, 1)]
+    emb, cut = embed(encoder, tok, texts, pooling, dev, autocast)
+    if any(t != texts[0] for t in texts):
+        check_apart(spread(emb, emb[0]), 'STS')
+    cos = (emb[0::2] * emb[1::2]).sum(-1).cpu().numpy()
     gold = [p[2] for p in pairs]
-    return dict(spearman=spearman(cos, gold), pearson=pearson(cos, gold), pairs=len(pairs))
+    return dict(spearman=spearman(cos, gold), pearson=pearson(cos, gold), pairs=len(pairs), cut=cut)
 
 
 def prepared_dir(ckpt, name):
@@ -637,55 +704,117 @@ def prepared_dir(ckpt, name):
     return next((t for t in tried if os.path.isfile(os.path.join(t, 'val.bin'))), None), tried
 
 
-def retrieval_pairs(ckpt, tok, name=''):
-    """[2, n, L] halves of held-out documents: the given file's, or the checkpoint's validation text."""
+def retrieval_documents(path):
+    """(documents, what they are) of a .txt (blank-line separated paragraphs) or .jsonl file (--text_field, else 'text'),
+    read by data.py's one reader of text, as contrastive.py and train.py read the same file: any line ending; a .jsonl
+    row without a text is skipped and counted, as data.py skips it. TaskError for a .txt that is not UTF-8 (data.py
+    would read its bad bytes as U+FFFD, and UTF-16 as noise), saying how to convert it."""
+    if os.path.splitext(path)[1] not in ('.txt', '.jsonl'):
+        raise TaskError(f"--eval_data='{path}' is not a .txt or .jsonl file of documents for retrieval")
+    blank = False
+    if path.endswith('.txt'):
+        blank = not read_text(path).strip()  # (datasets' reader fails on a file of blank lines)
+        with open(path, 'rb') as f:
+            if f.read(2) in (b'\xff\xfe', b'\xfe\xff'):
+                raise TaskError(f"'{path}' is UTF-16 text: documents are read as UTF-8 (as contrastive.py and train.py "
+                                f"read them); convert it, e.g. iconv -f utf-16 -t utf-8 '{path}' > utf8.txt")
+    docs, skipped = ([], 0) if blank else data.read_texts(path, text_field or 'text', txt_split='paragraph')
+    if not docs:
+        raise TaskError(f"'{path}' holds no documents" + (' (paragraphs apart by a blank line)' if path.endswith('.txt') else
+                        f" ({skipped:,} rows without a text in '{text_field or 'text'}': name the text's key with --text_field=)"))
+    return docs, (f"{len(docs):,} {'paragraphs' if path.endswith('.txt') else 'documents'} of '{path}'" +
+                  (f" ({skipped:,} rows without a text skipped)" if skipped and path.endswith('.jsonl') else ''))
+
+
+def retrieval_source(ckpt, tok, name=''):
+    """(ids, mask [2, n, L], about) of the pairs --task=retrieval ranks: the first and second halves of held-out
+    documents (data.probe_pairs), of --eval_data; else the held-out pairs a contrastive.py checkpoint carries (those it
+    evaluated on); else the checkpoint's validation text. Every half is cut at max_len tokens, <s> and </s> included;
+    a pair with a half seen before is left out (a repeated document would be two right answers for each of its halves,
+    as contrastive.py leaves it out), and the first max_pairs are kept. about: said (what they are, for the printed
+    line), cut (how many halves were cut)."""
+    bos, eos = tok.bos_token_id, tok.eos_token_id
     if eval_data:
-        if os.path.splitext(eval_data)[1] not in ('.txt', '.jsonl'):
-            raise TaskError(f"--eval_data='{eval_data}' is not a .txt or .jsonl file of documents for retrieval")
-        if eval_data.endswith('.jsonl'):
-            rows, column = read_rows(eval_data), text_field or 'text'
-            if not any(column in r for _, r in rows):
-                raise TaskError(f"'{eval_data}': no row has a '{column}' field (keys: {', '.join(sorted({k for _, r in rows for k in r})[:10])})"
-                                f"; name the text's key with --text_field=")
-            docs = [text(eval_data, i, r, column) for i, r in rows]
-        else:
-            docs = [p for p in read_text(eval_data).split('\n\n') if p.strip()]
-        if not docs:
-            raise TaskError(f"'{eval_data}' holds no documents" + (' (paragraphs apart by a blank line)' if eval_data.endswith('.txt') else ''))
+        docs, said = retrieval_documents(eval_data)
         ids = tok(docs, add_special_tokens=False)['input_ids']
-        rows = [np.array([t for d in ids for t in (*d, tok.eos_token_id)])]
+        rows = [np.array([t for d in ids for t in (*d, eos)])]
+    elif 'heldout' in ckpt:  # contrastive.py's: ids, mask [2, n, L], source
+        held = ckpt['heldout']
+        if not (isinstance(held, dict) and all(torch.is_tensor(held.get(k)) and held[k].dim() == 3 and held[k].size(0) == 2
+                                               and held[k].shape == held['ids'].shape for k in ('ids', 'mask'))):
+            raise TaskError(f"'{name}': its heldout is not contrastive.py's held-out pairs (ids and mask [2, n, L]): "
+                            f"give the documents with --eval_data=FILE")
+        ids, mask, rows = held['ids'].long(), held['mask'].long(), None
+        said = f"the contrastive run's {ids.size(1):,} held-out pairs ({held.get('source') or 'source not recorded'})"
     else:
         found, tried = prepared_dir(ckpt, name)
         if not found:
             raise TaskError("--task=retrieval needs documents: --eval_data=FILE (.txt paragraphs or .jsonl 'text'); this model's "
                             "training data (its validation split) is not on this machine" +
                             (f" (tried {', '.join(os.path.join(t, 'val.bin') for t in tried)})" if tried else ''))
-        rows = [data.val_prefix(found, 2**31)]
-    ids, mask = data.probe_pairs(rows, tok.bos_token_id, tok.eos_token_id, 1, max_pairs or 2**31,
-                                 max_len=max_len - 2)
-    if ids.size(1) < 2:
-        raise TaskError(f'retrieval needs at least 2 documents of 32 tokens or more; found {ids.size(1)}')
-    return ids, mask
+        rows, said = [data.val_prefix(found, 2**31)], f"the validation documents of {found}"
+    if rows is not None:  # a token more than is kept: the halves that reach it are those cut
+        ids, mask = data.probe_pairs(rows, bos, eos, 1, 2**31, max_len=max_len - 1)
+    long = mask.sum(-1) > max_len  # [2, n]: cut, ending in </s> as the tokenizer cuts
+    if long.any():
+        ids, mask = ids[..., :max_len].clone(), mask[..., :max_len]
+        ids[..., max_len - 1][long] = eos
+    seen, keep, repeated = set(), [], 0
+    for i in range(ids.size(1)):
+        if len(keep) == (max_pairs or 2**31):
+            break
+        halves = [tuple(ids[s, i, :int(mask[s, i].sum())].tolist()) for s in (0, 1)]
+        if seen.isdisjoint(halves):
+            keep.append(i)
+        else:
+            repeated += 1
+        seen.update(halves)
+    if len(keep) < 2:
+        raise TaskError(f'--max_pairs={max_pairs} ranks one pair against nothing: give 2 or more (0: all)' if max_pairs == 1 else
+                        f'retrieval needs at least 2 documents of 32 tokens or more; found {len(keep)}' +
+                        (f' (and {repeated} repeated)' if repeated else ''))
+    keep = torch.tensor(keep)
+    ids, mask = ids[:, keep], mask[:, keep]
+    L = int(mask.sum(-1).max())
+    said = ((said if rows is None else f"{len(keep):,} pairs, the first and second halves of {said}") +
+            (f", the first {max_pairs:,} (--max_pairs)" if max_pairs and len(keep) == max_pairs else '') +
+            (f"; {repeated:,} repeated pairs left out (a half seen before would have two right answers)" if repeated else ''))
+    return ids[..., :L], mask[..., :L], dict(said=said, cut=int(long[:, keep].sum()))
 
 
-def sts_pairs(path):
-    """[(text, text, score)] of a file of scored pairs (columns sentence1, sentence2 and score or label, or
-    --text_field, --pair_field, --label_field); TaskError for a row without them, and for scores all equal
-    (a correlation with a constant is undefined, whatever the model)."""
+def retrieval_pairs(ckpt, tok, name=''):
+    """[2, n, L] ids and mask of the pairs --task=retrieval ranks (retrieval_source's, without what it says of them)."""
+    return retrieval_source(ckpt, tok, name)[:2]
+
+
+def sts_pairs(path, first='sentence1', second='sentence2', score='', flags=None, keep=0):
+    """[(text, text, score)] of a file of scored pairs: the columns first, second and score ('' = score if the file has
+    it, else label); flags: the caller's settings that name these three columns (finetune.py's ('text_field',
+    'pair_field', 'label_field')), named where a column is missing; without them (contrastive.py's --sts_data) the
+    error says what columns the file needs. keep: a fixed random subset of this many (0: all). TaskError for a row
+    without them, and for pairs that leave Spearman undefined, or a ranking of float noise, whatever the model: scores
+    all equal, or every pair one text twice (every cosine 1)."""
     rows = read_rows(path)
-    a, b = text_field or 'sentence1', pair_field or 'sentence2'
-    y = label_field or ('score' if rows and 'score' in rows[0][1] else 'label')
+    score = score or ('score' if rows and 'score' in rows[0][1] else 'label')
+    flag = dict(zip((first, second, score), flags or (None,) * 3))
+    need = f"a file of scored pairs needs columns {first}, {second} and {'score (or label)' if score in ('score', 'label') else score}"
     pairs = []
     for i, r in rows:
-        score = number(label(path, i, r, y))
-        if score is None:
-            raise TaskError(f"'{path}', line {i}: the score in '{y}' is {r[y]!r}, not a number")
-        pairs.append((text(path, i, r, a), text(path, i, r, b, 'pair_field'), score))
+        a, b = text(path, i, r, first, flag[first], need), text(path, i, r, second, flag[second], need)
+        y = number(label(path, i, r, score, flag[score], need))
+        if y is None:
+            raise TaskError(f"'{path}', line {i}: the score in '{score}' is {r[score]!r}, not a number")
+        pairs.append((a, b, y))
+    pairs = subset(pairs, keep)
+    where = f"'{path}'" + (f' (--max_eval={keep})' if keep else '')
     if len(pairs) < 2:
-        raise TaskError(f"'{path}': needs at least 2 scored pairs; found {len(pairs)}")
+        raise TaskError(f"{where}: needs at least 2 scored pairs; found {len(pairs)}")
     if len({p[2] for p in pairs}) == 1:
-        raise TaskError(f"'{path}': every pair has the score {pairs[0][2]:g}: Spearman and Pearson against a constant "
+        raise TaskError(f"{where}: every pair has the score {pairs[0][2]:g}: Spearman and Pearson against a constant "
                         f"are undefined; it needs pairs with different scores")
+    if all(a == b for a, b, _ in pairs):
+        raise TaskError(f"{where}: every pair is one text twice: every model's cosines are all 1, and Spearman undefined "
+                        f"(or a ranking of float noise); it needs pairs of different texts")
     return pairs
 
 
@@ -723,13 +852,14 @@ def beir_rows(path, what):
     return out
 
 
-def beir_data(folder, split):
+def beir_data(folder, split, keep=0):
     """A BEIR folder, checked: the corpus's texts as BEIR's SentenceBERT embeds them ((title + ' ' + text).strip(): a
     missing or null title is ''), and the queries that qrels/SPLIT.tsv gives a relevant document (score > 0) with
     their judgments {corpus index: score}. A judged query with no relevant document scores 0 whatever the model, as
     pytrec_eval scores it and BEIR averages it in (so that our numbers are BEIR's); they are counted. TaskError for
     what would give a wrong number: an unknown query, a score that is no whole number (pytrec_eval's are ints), a
-    pair judged twice differently, and qrels naming many documents the corpus lacks (another dataset's)."""
+    pair judged twice differently, and qrels naming many documents the corpus lacks (another dataset's). keep: a fixed
+    random subset of this many queries (0: all)."""
     if not os.path.isdir(folder):
         raise TaskError(f"--eval_data='{folder}': " + ('a file; --task=beir needs a BEIR folder (corpus.jsonl, queries.jsonl, '
                                                        f'qrels/{split}.tsv)' if os.path.isfile(folder) else 'folder not found'))
@@ -773,7 +903,7 @@ def beir_data(folder, split):
     if len(unknown) * 100 > len(rows):  # a few are the dataset's own (ArguAna's qrels name a document its corpus lacks); more: a mismatch
         raise TaskError(f"'{qrels_file}', line {unknown[0][0]}: document '{unknown[0][1]}' is not in corpus.jsonl ({len(unknown):,} of "
                         f"{len(rows):,} rows name documents it lacks): the qrels and corpus are of different datasets or versions")
-    kept = judged
+    kept = {q: judged[q] for q in subset(list(judged), keep)}
     if not any(s > 0 for j in judged.values() for s, _ in j.values()):
         raise TaskError(f"'{qrels_file}': no query has a relevant document (a score above 0): nothing to score")
     # a document the corpus lacks keeps its judgment, as in BEIR (unreachable: it counts in recall's denominator and the
@@ -783,16 +913,7 @@ def beir_data(folder, split):
                 queries=[queries[q][1]['text'] for q in kept],
                 qrels=[{index.get(d, missing.get(d)): s for d, (s, _) in kept[q].items()} for q in kept],
                 same=[index.get(q, -1) for q in kept], unanswerable=sum(not any(s > 0 for s, _ in j.values())
-                                                                      for j in judged.values()), unknown=unknown)
-
-
-def embed(encoder, tok, texts, pooling, dev, autocast=nullcontext(), size=64):
-    """pool()'s embeddings [N, C] of texts, cut at max_len tokens, batched by length (little padding), in their order."""
-    ids = tok(texts, truncation=True, max_length=max_len)['input_ids']
-    out = torch.empty(len(texts), encoder.config.n_embd, device=dev)
-    for b in batches([len(x) for x in ids], size):
-        out[torch.as_tensor(b, device=dev)] = pool(encoder, *pad([ids[i] for i in b], dev), pooling, autocast, chunk=size)
-    return out
+                                                                      for j in kept.values()), unknown=unknown, judged=len(judged))
 
 
 def stable_top_k(sim, k):
@@ -809,29 +930,47 @@ def stable_top_k(sim, k):
     return val, idx.gather(1, order)
 
 
-def beir_search(queries, chunks, k, same=None, block=1024):
+def tie_order(doc_ids):
+    """Each document's place [N] in trec_eval's order of equal scores (pytrec_eval's, so BEIR's): document id descending,
+    as strcmp orders them (Python orders str as UTF-8 orders its bytes)."""
+    place = torch.empty(len(doc_ids), dtype=torch.long)
+    place[torch.tensor(sorted(range(len(doc_ids)), key=doc_ids.__getitem__, reverse=True), dtype=torch.long)] = \
+        torch.arange(len(doc_ids))
+    return place
+
+
+def beir_search(queries, chunks, k, same=None, block=1024, tie=None):
     """Exact search: (scores, corpus indices) [nq, k] of the k best documents of each query (rows of L2-normalised
     embeddings: a dot product is a cosine) among corpus embeddings given as consecutive chunks, so that memory holds
-    one chunk and [block, chunk] scores. Ties rank in corpus order (trec_eval, in pytrec_eval, ranks them by document
-    id, descending: the two differ only where cosines are exactly equal, as for duplicate texts). same[q], the index
-    of a document with the query's own _id (-1: none), is never retrieved, as BEIR's search and
+    one chunk and [block, chunk] scores. Equal scores rank by tie[index] ascending (tie_order: trec_eval's document id
+    descending, so that the top k are those of trec_eval's whole ranking); without tie, in corpus order. same[q], the
+    index of a document with the query's own _id (-1: none), is never retrieved, as BEIR's search and
     EvaluateRetrieval(ignore_identical_ids=True) leave it out; with fewer than k documents, the slots left hold -inf."""
     nq, start, best = queries.size(0), 0, None
     same = torch.as_tensor([-1] * nq if same is None else same, device=queries.device)
+    tie = None if tie is None else tie.to(queries.device)
     for chunk in chunks:
+        n = chunk.size(0)
+        order = None if tie is None else tie[start:start + n].argsort()  # the chunk's columns in tie order
+        if order is not None:
+            chunk, column = chunk[order], order.argsort()
         found = []
-        for i in range(0, nq, block):
-            sim = queries[i:i + block] @ chunk.T
+        for i in range(0, nq, block):  # float64, kept as float32: a score is then one of the two embeddings alone, not
+            # of where a matrix kernel met them (its rounding differs by column), so that equal embeddings tie exactly
+            sim = (queries[i:i + block].double() @ chunk.double().T).float()
             own = same[i:i + block] - start
-            hit = ((own >= 0) & (own < chunk.size(0))).nonzero()[:, 0]
-            sim[hit, own[hit]] = -math.inf
+            hit = ((own >= 0) & (own < n)).nonzero()[:, 0]
+            sim[hit, own[hit] if order is None else column[own[hit]]] = -math.inf
             found.append(stable_top_k(sim, k))
-        val, idx = torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found]) + start
-        if best is not None:  # earlier chunks first: a stable sort keeps ties in corpus order
+        val, idx = torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
+        idx = (idx if order is None else order[idx]) + start
+        if best is not None:  # by score, equal scores by tie (or index): sorted by the second key, then stably by the first
             val, idx = torch.cat([best[0], val], 1), torch.cat([best[1], idx], 1)
-            val, order = val.sort(dim=1, descending=True, stable=True)
-            val, idx = val[:, :k], idx.gather(1, order)[:, :k]
-        best, start = (val, idx), start + chunk.size(0)
+            _, by = (idx if tie is None else tie[idx]).sort(dim=1)
+            val, idx = val.gather(1, by), idx.gather(1, by)
+            val, by = val.sort(dim=1, descending=True, stable=True)
+            val, idx = val[:, :k], idx.gather(1, by)[:, :k]
+        best, start = (val, idx), start + n
     return best
 
 
@@ -856,14 +995,31 @@ def beir_metrics(ranked, qrels):
 
 def beir_scores(encoder, tok, beir, pooling, dev, autocast=nullcontext(), chunk=16384):
     """nDCG@10, recall@100, MRR@10 of the model's exact cosine search over a BEIR folder (beir_data), the corpus embedded
-    a chunk at a time (memory: one chunk's texts' tokens and embeddings, not the whole corpus's)."""
+    a chunk at a time (memory: one chunk's texts' tokens and embeddings, not the whole corpus's); equal scores ranked as
+    trec_eval ranks them (tie_order), and MRR@10 on the same ranking. cut: how many texts were cut at max_len tokens.
+    CollapsedError for a model that gives every text the same embedding (its ranking would be the tie order's)."""
     encoder.eval()
-    queries = embed(encoder, tok, beir['queries'], pooling, dev, autocast)
-    texts = beir['texts']
-    chunks = (embed(encoder, tok, texts[i:i + chunk], pooling, dev, autocast) for i in range(0, len(texts), chunk))
-    val, idx = beir_search(queries, chunks, max(NDCG_AT, RECALL_AT, MRR_AT), beir['same'])
+    queries, cut = embed(encoder, tok, beir['queries'], pooling, dev, autocast)
+    texts, far = beir['texts'], [spread(queries, queries[0]), cut]
+    hashes, counts = np.unique(np.fromiter(map(hash, texts), np.int64, len(texts)), return_counts=True)
+    repeated, copied = set(hashes[counts > 1].tolist()), {}  # a text the corpus holds twice: one embedding for its copies
+
+    def chunks():
+        for i in range(0, len(texts), chunk):
+            emb, n = embed(encoder, tok, texts[i:i + chunk], pooling, dev, autocast)
+            for j, t in enumerate(texts[i:i + chunk]):
+                if hash(t) in repeated and t in copied:  # a copy in another chunk, embedded in another batch: float noise apart
+                    emb[j] = copied[t]
+                elif hash(t) in repeated:
+                    copied[t] = emb[j].clone()
+            far[0], far[1] = max(far[0], spread(emb, queries[0])), far[1] + n
+            yield emb
+
+    val, idx = beir_search(queries, chunks(), max(NDCG_AT, RECALL_AT, MRR_AT), beir['same'], tie=tie_order(beir['doc_ids']))
+    if any(t != texts[0] for ts in (texts, beir['queries']) for t in ts):
+        check_apart(far[0], 'BEIR')
     ranked = [[d for d, v in zip(row, vals) if v > -math.inf] for row, vals in zip(idx.tolist(), val.tolist())]
-    return dict(beir_metrics(ranked, beir['qrels']), queries=len(ranked), documents=len(texts))
+    return dict(beir_metrics(ranked, beir['qrels']), queries=len(ranked), documents=len(texts), cut=far[1])
 
 
 # -----------------------------------------------------------------------------------------------
@@ -950,6 +1106,9 @@ def save_finetuned(ckpt, weights, spec, config, result):
         raise NonFiniteError(f"the fine-tuned weights hold NaN or inf ({bad}): nothing saved to {save}")
     save_checkpoint(dict(model=encoder, model_args={**ckpt['model_args'], 'objective': 'mpnet'},
                          classifier=dict(head=head, labels=[str(n) for n in spec['labels']] if spec['labels'] else None),
+                         # what else the export follows (a context extension); a classifier is no sentence model
+                         **{k: v for k, v in carried_for_export(ckpt).items()
+                            if k not in ('st_files', 'st_path', 'hf_extra', 'tokenizer_files', 'special_ids')},
                          tokenizer_files=ckpt.get('tokenizer_files') or {}, special_ids=ckpt.get('special_ids'),
                          iter_num=ckpt.get('iter_num'), config=config, finetune=dict(task=spec['name'],
                          dev=defined(result['dev']), test=defined(result.get('test')))), save)
@@ -1024,9 +1183,11 @@ def append(path, record):
 
 # the settings that only some tasks read: given to another, they would be ignored without a word
 APPLIES = dict(problem=('local',), text_field=('local', 'sts', 'retrieval'), pair_field=('local', 'sts'),
-               label_field=('local', 'sts'), eval_data=('sts', 'retrieval', 'beir'), beir_split=('beir',))
-APPLIES_SAID = dict(local='a local labelled file (--task=FILE.csv or a folder)', sts='--task=sts',
-                    retrieval='--task=retrieval (a .jsonl of documents)', beir='--task=beir (a BEIR folder)')
+               label_field=('local', 'sts'), eval_data=('sts', 'retrieval', 'beir'), beir_split=('beir',),
+               max_train=('builtin', 'local'), max_eval=('builtin', 'local', 'sts', 'beir'), max_pairs=('retrieval',))
+APPLIES_SAID = dict(builtin='the built-in task or a GLUE task', local='a local labelled file (--task=FILE.csv or a folder)',
+                    sts='--task=sts (its pairs)',
+                    retrieval='--task=retrieval (a .jsonl of documents)', beir='--task=beir (its queries)')
 EMBEDDING = ('retrieval', 'sts', 'beir')  # tasks that embed with the model as it is and train nothing
 METRIC = dict(retrieval='mrr', sts='spearman', beir=f'ndcg@{NDCG_AT}')  # an embedding task's score
 
@@ -1081,27 +1242,27 @@ def main(argv):
             check_gold(spec)
         if task == 'sts' and not eval_data:
             raise TaskError("--task=sts needs --eval_data=FILE: pairs with human scores (columns sentence1, sentence2, score)")
-        pairs = sts_pairs(eval_data) if task == 'sts' else None
+        pairs = sts_pairs(eval_data, text_field or 'sentence1', pair_field or 'sentence2', label_field,
+                          ('text_field', 'pair_field', 'label_field'), max_eval) if task == 'sts' else None
         if task == 'beir' and not eval_data:
             raise TaskError(f"--task=beir needs --eval_data=FOLDER: a BEIR dataset (corpus.jsonl, queries.jsonl, qrels/{beir_split}.tsv)")
-        beir = beir_data(eval_data, beir_split) if task == 'beir' else None
+        beir = beir_data(eval_data, beir_split, max_eval) if task == 'beir' else None
         first = load_model(models[0])
     except (TaskError, CheckpointError, ConvertError, data.DataError) as e:
         die(e)
     metric = spec and score_name(spec['metrics']) or METRIC[task]
     if beir:
         print(f"beir {eval_data} ({beir_split}): {len(beir['texts']):,} documents, {len(beir['queries']):,} queries scored" +
+              (f" (a fixed random {len(beir['queries']):,} of {beir['judged']:,}: --max_eval)"
+               if len(beir['queries']) < beir['judged'] else '') +
               (f" ({beir['unanswerable']:,} of them without a relevant document in qrels/{beir_split}.tsv: each scores 0, "
                f"as in BEIR)" if beir['unanswerable'] else '') +
-              f"; exact cosine search; a document with its query's _id is never retrieved (as BEIR); metric {metric}")
+              f"; exact cosine search, equal scores ranked by document id, descending (as trec_eval); a document with its "
+              f"query's _id is never retrieved (as BEIR); metric {metric}")
         if beir['unknown']:
             line, doc = beir['unknown'][0]
             print(f"note: {len(beir['unknown']):,} judgment(s) name a document corpus.jsonl lacks (line {line}: '{doc}'): "
                   f"kept as BEIR keeps them, never retrieved")
-        said_len = json.loads(((first[0].get('st_files') or {}).get('sentence_bert_config.json')) or '{}').get('max_seq_length')
-        if said_len and said_len != max_len:
-            print(f"note: texts are cut at max_len {max_len} tokens; this sentence-transformers model (and BEIR with it) "
-                  f"cuts at {said_len}: pass --max_len={said_len} to score as BEIR does")
     if spec:
         baseline = ''
         if spec['num_labels'] > 1:  # on the score's own scale (accuracy/f1 mean: the mean of the two, as the score)
@@ -1121,6 +1282,7 @@ def main(argv):
                 raise TaskError(f"max_len {max_len} exceeds the model's max_positions "
                                 f"{ckpt['model_args']['max_positions']}: pass --max_len={ckpt['model_args']['max_positions']}")
             ids = {s: encode_split(tok, e) for s, e in spec['splits'].items()} if spec else None
+            halves = retrieval_source(ckpt, tok, name) if task == 'retrieval' else None
         except (TaskError, CheckpointError, ConvertError, data.DataError) as e:
             die(e)
         iter_num = ckpt.get('iter_num') if os.path.isfile(name) else None  # an HF model has no iteration of ours
@@ -1132,16 +1294,20 @@ def main(argv):
             encoder = (MPNet(MPNetConfig(**{**ckpt['model_args'], 'dropout': 0.0, 'attn_dropout': 0.0})) if scratch else
                        model_from_checkpoint(ckpt, name, dropout=0.0, attn_dropout=0.0)).to(dev)
             pooling = sentence_pooling(ckpt.get('st_files'))
+            if halves:
+                print(f"retrieval: {halves[2]['said']}")
             try:
                 result = (sts_scores(encoder, tok, pairs, pooling, dev, autocast) if task == 'sts' else
                           beir_scores(encoder, tok, beir, pooling, dev, autocast) if task == 'beir' else
-                          retrieval_scores(encoder, *(t.to(dev) for t in retrieval_pairs(ckpt, tok, name)), pooling, autocast))
-            except TaskError as e:
+                          retrieval_scores(encoder, halves[0].to(dev), halves[1].to(dev), pooling, autocast))
+            except TaskError as e:  # NaN embeddings, or a collapsed model
                 die(e)
-            record = dict(base, pooling=pooling, **result, score=result[metric], score_metric=metric)
+            cut = halves[2]['cut'] if halves else result.pop('cut')
+            record = dict(base, pooling=pooling, **result, texts_cut=cut, score=result[metric], score_metric=metric)
             print(f'{said}, {pooling} pooling: ' + ', '.join(
                 f'{k} {shown(v)}' + ('' if math.isfinite(v) else same) if isinstance(v, float) else f'{k} {v}'
-                for k, v in result.items()))
+                for k, v in result.items()) + '; ' + length_said(
+                ckpt, task, cut, result['queries'] + result['documents'] if beir else 2 * result['pairs']))
             runs = [record]
             append(out_file, record)
         else:

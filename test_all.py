@@ -865,7 +865,7 @@ def test_a_signal_saves_and_stops_a_second_one_quits_and_wandb_resumes_its_run(t
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, out[-2000:]
-    assert 'SIGTERM: stopping after this iteration, saving first (press Ctrl-C again' in out
+    assert 'SIGTERM: stopping after this iteration, saving first if it trained anything (press Ctrl-C again' in out
     assert 'stopped by SIGTERM at iter' in out and 'export with: python convert_hf.py' in out.strip().splitlines()[-1]
     first = load_ckpt(tmp_path / 'ckpt.pt')
     assert first['iter_num'] >= 5 and first['wandb_run_id']
@@ -1173,7 +1173,7 @@ def test_streaming_validation_is_held_out_of_training(env, tmp_path):
     docs = env.docs[:200]
     src = write_jsonl(tmp_path / 'stream.jsonl', docs)
     tok = data.load_tokenizer(env.tok_dir)
-    val, n_val = data.stream_val_blocks(src, env.tok_dir, n_blocks=6, block_size=33)
+    val, n_val, _ = data.stream_val_blocks(src, env.tok_dir, n_blocks=6, block_size=33)
     encoded = [tok.encode(t, add_special_tokens=False) + [2] for t in docs]
     val_stream = np.concatenate([np.array(e) for e in encoded[:n_val]])
     assert val.shape == (6, 33) and torch.equal(val[:, 1:].flatten(), torch.from_numpy(val_stream[:6 * 32]))
@@ -1186,6 +1186,32 @@ def test_streaming_validation_is_held_out_of_training(env, tmp_path):
                 assert find_slice(rank_stream, row[1:]) and not find_slice(val_stream, row[1:])
     with pytest.raises(data.DataError, match='held out its first'):
         data.StreamingBatches(src, env.tok_dir, 4, 33, held_out=3).load_state_dict(s.state_dict() | {'world_size': 1})
+
+
+def test_a_text_given_twice_is_in_one_split_only(env, tmp_path):
+    """Issue 40, finding 5 in data.py: the validation split was drawn by document index, so a document given twice
+    could be held out once and trained on once. Now by content, in prepared folders and streams alike."""
+    docs = env.docs[:150]
+    src = write_jsonl(tmp_path / 'twice.jsonl', docs + docs[::-1])
+    data.prepare(src, tokenizer=env.tok_dir, out_dir=str(tmp_path / 'prep'), val_frac=0.2)
+    meta = json.load(open(tmp_path / 'prep' / 'meta.json'))
+
+    def documents(split):
+        tokens = np.fromfile(tmp_path / 'prep' / f'{split}.bin', dtype=meta['dtype'])
+        return [tuple(d) for d in np.split(tokens, np.flatnonzero(tokens == meta['eos_id']) + 1) if len(d)]
+    train, val = documents('train'), documents('val')
+    assert meta['split'] == 'content' and 10 < len(val) < 120 and len(val) % 2 == 0
+    assert not set(train) & set(val) and len(train) + len(val) == 300
+    # a stream: copies of its first (held-out) documents later on are never trained on
+    src = write_jsonl(tmp_path / 'stream.jsonl', docs[:100] + docs[:100])
+    tok = data.load_tokenizer(env.tok_dir)
+    val, n_val, held = data.stream_val_blocks(src, env.tok_dir, n_blocks=6, block_size=33)
+    val_stream = np.concatenate([np.array(tok.encode(t, add_special_tokens=False) + [2]) for t in docs[:n_val]])
+    s = data.StreamingBatches(src, env.tok_dir, 4, 33, seed=3, held_out=n_val, held_texts=held, buffer_blocks=8)
+    while s.doc <= 100:  # until the window that read the copies is used up
+        for row in s.next().numpy():
+            assert not find_slice(val_stream, row[1:])
+    assert s.n_held_copies == n_val
 
 
 def test_streaming_run_says_where_validation_comes_from(env, tmp_path):
@@ -1361,6 +1387,359 @@ def test_export_check_holds_for_a_realistic_12_layer_model_and_catches_a_broken_
         hf.load_state_dict({**right, **broken}, strict=False)
         diff, tol = convert_hf.parity(model, hf)
         assert diff > 10 * tol, broken.keys()
+
+
+# ---- export and context extension against a hostile pass (issue 40): a full disk, a signal or a mount point is one
+# line and keeps the earlier export; an extended model exports its length in every layout; names stay inside
+
+def files_of(folder):
+    """{relative path: bytes} of every file under folder: what a failed export must leave as it was."""
+    return {os.path.relpath(os.path.join(root, n), folder): open(os.path.join(root, n), 'rb').read()
+            for root, _, names in os.walk(folder) for n in names}
+
+
+def file_size_limit(limit):
+    """preexec_fn: a write past limit bytes fails half-way with EFBIG 'File too large' (python ignores SIGXFSZ), as
+    on a full disk; the hard limit stays, so that a process may raise it again."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+
+def sentence_checkpoint(tmp_path):
+    """A sentence-transformers MPNet imported as a checkpoint: it carries tokenizer files and module files."""
+    hf_wordpiece().save_pretrained(tmp_path / 'tok')
+    folder = st_folder(tmp_path / 'st', str(tmp_path / 'tok'), legacy=True)
+    convert_hf.import_hf(str(folder), str(tmp_path / 'c.pt'))
+    return folder, tmp_path / 'c.pt'
+
+
+# ---- finding 10 (issue 40): a write that fails (a full disk, a file size limit) is one line naming the file,
+# and the earlier export or checkpoint stays, with no temp file left
+
+# in a process of its own, a file size limit set and raised for each case: every kind of file the export writes,
+# made the one file over the limit (the model's config, a tokenizer file, a sentence-transformers module's files),
+# and the weights into a new folder
+FAILING_WRITES = r"""
+import os, resource, sys, torch
+import convert_hf
+ckpt_path, hf, new, weights = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+for case, out, limit in (('config.json', hf, 300), ('tokenizer.json', hf, weights + 4096),
+                         ('1_Pooling/config.json', hf, weights + 4096), ('modules.json', hf, weights + 4096),
+                         ('model.safetensors', new, weights // 2)):
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    carried = ckpt['tokenizer_files'] if case == 'tokenizer.json' else ckpt['st_files']
+    if case in carried:
+        carried[case] += '\n' * 2 * limit  # still valid JSON
+    torch.save(ckpt, f'{ckpt_path}.case.pt')
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    try:
+        convert_hf.export(f'{ckpt_path}.case.pt', out)
+        print(case, 'written')
+    except convert_hf.ConvertError as e:
+        print(case, 'error:', e)
+    except Exception as e:
+        print(case, 'uncaught', type(e).__name__, str(e).splitlines()[0])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    os.remove(f'{ckpt_path}.case.pt')
+"""
+EFBIG_FIX = 'a file size limit (ulimit -f) or the file system caps the size of a file: raise the limit, or export to another disk'
+
+
+def test_finding10_a_full_disk_is_one_line_naming_the_file_and_keeps_the_earlier_export(tmp_path):
+    folder, ckpt = sentence_checkpoint(tmp_path)
+    hf = tmp_path / 'hf'
+    convert_hf.export(str(ckpt), str(hf))
+    env = {**os.environ, 'TMPDIR': str(tmp_path / 'tmp')}
+    (tmp_path / 'tmp').mkdir()
+    before, around = files_of(hf), sorted(os.listdir(tmp_path))
+    weights = len(before['model.safetensors'])
+    # the user's command, the weights cut short half-way
+    proc = subprocess.run([sys.executable, 'convert_hf.py', str(ckpt), str(hf)], cwd=HERE, env=env, text=True,
+                          capture_output=True, preexec_fn=file_size_limit(weights // 2), timeout=300)
+    assert_clean_error(proc, f'could not write {hf}/model.safetensors (File too large', ' free there):',
+                       f'the earlier export there is unchanged; {EFBIG_FIX}')
+    assert files_of(hf) == before and sorted(os.listdir(tmp_path)) == around and not os.listdir(tmp_path / 'tmp')
+    proc = subprocess.run([sys.executable, '-c', FAILING_WRITES, str(ckpt), str(hf), str(tmp_path / 'new'),
+                           str(weights)], cwd=HERE, env=env, text=True, capture_output=True, timeout=300)
+    said = dict(line.split(' ', 1) for line in proc.stdout.splitlines())
+    assert list(said) == ['config.json', 'tokenizer.json', '1_Pooling/config.json', 'modules.json',
+                          'model.safetensors'], proc.stdout + proc.stderr
+    for case, line in said.items():
+        where, kept = (tmp_path / 'new', 'nothing was written') if case == 'model.safetensors' else \
+            (hf, 'the earlier export there is unchanged')
+        assert line.startswith(f'error: could not write {where}/{case} (File too large'), line
+        assert line.endswith(f'{kept}; {EFBIG_FIX}'), line
+    assert files_of(hf) == before and sorted(os.listdir(tmp_path)) == around and not os.listdir(tmp_path / 'tmp')
+
+
+def test_finding10_an_import_that_cannot_write_is_one_line_and_keeps_the_checkpoint(tmp_path):
+    folder, ckpt = sentence_checkpoint(tmp_path)
+    env = {**os.environ, 'TMPDIR': str(tmp_path / 'tmp')}
+    (tmp_path / 'tmp').mkdir()
+    before, around = ckpt.read_bytes(), sorted(os.listdir(tmp_path))
+    tokenizer = (folder / 'tokenizer.json').stat().st_size
+    for limit, words in ((len(before) // 2, [f'could not write {ckpt} (File too large', 'the previous c.pt is unchanged']),
+                         # the import checks the tokenizer in a temporary folder first
+                         (tokenizer // 2, [f"could not write {tmp_path / 'tmp'}", 'File too large', 'TMPDIR'])):
+        proc = subprocess.run([sys.executable, 'convert_hf.py', f'--from_hf={folder}', str(ckpt), '--overwrite'],
+                              cwd=HERE, env=env, text=True, capture_output=True, preexec_fn=file_size_limit(limit),
+                              timeout=300)
+        assert_clean_error(proc, *words)
+        assert ckpt.read_bytes() == before and sorted(os.listdir(tmp_path)) == around
+        assert not os.listdir(tmp_path / 'tmp')
+
+
+def test_finding10_a_really_full_disk_says_how_much_the_export_needs(tmp_path):
+    folder, ckpt = sentence_checkpoint(tmp_path)
+    convert_hf.export(str(ckpt), str(tmp_path / 'hf'))
+    proc = in_private_mount(f'''
+        mkdir -p {tmp_path}/disk && mount -t tmpfs -o size=192k tmpfs {tmp_path}/disk
+        cp -r {tmp_path}/hf {tmp_path}/disk/
+        {sys.executable} convert_hf.py {ckpt} {tmp_path}/disk/hf 2>&1 || true
+        echo ===
+        ls -A {tmp_path}/disk {tmp_path}/disk/hf''')
+    if proc is None:
+        pytest.skip('unshare -m is not allowed here: no private tmpfs for the full-disk case')
+    said, listed = proc.stdout.split('===')
+    assert re.fullmatch(re.escape(f'error: could not write {tmp_path}/disk/hf/model.safetensors (No space left on device; ')
+                        + r'\d\d KiB free there\): the earlier export there is unchanged; the export takes about 1\d\d '
+                        r'KiB: free some space, or export to another disk', said.strip()), said
+    assert listed.split() == [f'{tmp_path}/disk:', 'hf', f'{tmp_path}/disk/hf:', '1_Pooling', 'config.json',
+                              'config_sentence_transformers.json', 'model.safetensors', 'modules.json',
+                              'nano_mpnet.json', 'sentence_bert_config.json', 'tokenizer.json',
+                              'tokenizer_config.json'], listed
+
+
+# ---- a sentence model's lengths in its export: every position of an extended table, never beyond the table
+
+def moved_into(folder, sub):
+    """folder with its Transformer module moved into the subfolder sub (the layout of older sentence-transformers
+    models, e.g. 0_BERT/), modules.json saying so."""
+    (folder / sub).mkdir()
+    for name in ('config.json', 'model.safetensors', 'sentence_bert_config.json', 'tokenizer.json', 'tokenizer_config.json'):
+        os.rename(folder / name, folder / sub / name)
+    modules = json.loads((folder / 'modules.json').read_text())
+    modules[0]['path'] = sub
+    (folder / 'modules.json').write_text(json.dumps(modules))
+    return folder
+
+
+def lengths(out, sub=''):
+    read = lambda name: json.loads((out / sub / name).read_text())
+    return (read('config.json')['max_position_embeddings'], read('sentence_bert_config.json')['max_seq_length'],
+            read('tokenizer_config.json')['model_max_length'])
+
+
+LONG_TEXT = ' '.join(['karito menslover understanding prefixedly'] * 60)  # over 200 tokens
+
+
+def st_reads(out):
+    """(max_seq_length, tokens of a long text) as SentenceTransformer loads the export; it embeds the long text."""
+    from sentence_transformers import SentenceTransformer
+    with convert_hf.quiet_transformers():
+        st = SentenceTransformer(str(out), device='cpu')
+    assert torch.isfinite(st.encode([LONG_TEXT], convert_to_tensor=True)).all()
+    return st.max_seq_length, st.tokenize([LONG_TEXT])['input_ids'].shape[1]
+
+
+@pytest.mark.parametrize('sub', ['', '0_Transformer'])
+def test_an_extended_sentence_model_exports_its_new_length_in_every_layout(tmp_path, sub):
+    # all-mpnet-base-v2's shape in small: 64 positions, max_seq_length 48 (its 512 and 384), then train.py
+    # --max_positions=96 (checkpoint.extend_checkpoint): the export reads all 96 in every file
+    hf_wordpiece().save_pretrained(tmp_path / 'tok')
+    folder = st_folder(tmp_path / 'st', str(tmp_path / 'tok'), legacy=True, max_seq_length=48)
+    if sub:
+        moved_into(folder, sub)
+    assert lengths(folder, sub)[:2] == (66, 48)
+    ckpt = convert_hf.hf_to_checkpoint(str(folder))
+    assert ckpt['st_path'] == sub
+    assert 'positions: 64 -> 96' in checkpoint.extend_checkpoint(ckpt, 96)
+    checkpoint.save_checkpoint(ckpt, str(tmp_path / 'long.pt'))
+    proc = run_here('convert_hf.py', str(tmp_path / 'long.pt'), str(tmp_path / 'out'))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'SentenceTransformer loads it: Transformer -> Pooling -> Normalize, max_seq_length 96' in proc.stdout
+    assert lengths(tmp_path / 'out', sub) == (98, 96, 96)
+    assert st_reads(tmp_path / 'out') == (96, 96)
+
+
+def test_a_sentence_model_made_here_at_384_tokens_and_extended_to_1024_reads_1024(tmp_path):
+    # contrastive.py's layout (all-mpnet-base-v2's: Transformer at the root, max_seq_length 384) on a model of 512
+    # positions, whose table train.py --max_positions=1024 then extended: the export reads 1024 in every file
+    from test_all import tiny_model
+    tok = hf_wordpiece()
+    model = tiny_model(vocab_size=len(tok), max_positions=512)
+    tok.save_pretrained(tmp_path / 'tok')
+    tokenizer_files = convert_hf.read_tokenizer_files(str(tmp_path / 'tok'))
+    tokenizer_files['tokenizer_config.json'] = json.dumps({**json.loads(tokenizer_files['tokenizer_config.json']),
+                                                           'model_max_length': 512})
+    modules = [dict(idx=i, name=str(i), path=path, type=f'sentence_transformers.models.{kind}') for i, (path, kind)
+               in enumerate((('', 'Transformer'), ('1_Pooling', 'Pooling'), ('2_Normalize', 'Normalize')))]
+    pooling = dict(word_embedding_dimension=32, pooling_mode_cls_token=False, pooling_mode_mean_tokens=True)
+    st_files = {'modules.json': json.dumps(modules), 'config_sentence_transformers.json': '{}',
+                '1_Pooling/config.json': json.dumps(pooling),
+                'sentence_bert_config.json': json.dumps(dict(max_seq_length=384, do_lower_case=False))}
+    ckpt = dict(model=model.state_dict(), model_args=vars(model.config), tokenizer_files=tokenizer_files,
+                st_files=st_files, st_path='', iter_num=5)
+    checkpoint.extend_checkpoint(ckpt, 1024)
+    checkpoint.save_checkpoint(ckpt, str(tmp_path / 'c.pt'))
+    convert_hf.export(str(tmp_path / 'c.pt'), str(tmp_path / 'out'))
+    assert lengths(tmp_path / 'out') == (1026, 1024, 1024)
+    assert st_reads(tmp_path / 'out')[0] == 1024
+
+
+def test_a_sentence_model_never_reads_past_its_position_table(tmp_path):
+    # a folder whose max_seq_length (384) exceeds its 64 positions: SentenceTransformer would index past the table
+    # on any long text (IndexError); the export reads what the model has
+    hf_wordpiece().save_pretrained(tmp_path / 'tok')
+    folder = st_folder(tmp_path / 'st', str(tmp_path / 'tok'), legacy=True, max_seq_length=384)
+    convert_hf.import_hf(str(folder), str(tmp_path / 'c.pt'))
+    convert_hf.export(str(tmp_path / 'c.pt'), str(tmp_path / 'out'))
+    assert lengths(tmp_path / 'out') == (66, 64, 64)
+    assert st_reads(tmp_path / 'out') == (64, 64)
+    # within the table, the length is the model's own choice, carried as it came
+    folder = st_folder(tmp_path / 'st40', str(tmp_path / 'tok'), legacy=True, max_seq_length=40)
+    convert_hf.import_hf(str(folder), str(tmp_path / 'c40.pt'))
+    convert_hf.export(str(tmp_path / 'c40.pt'), str(tmp_path / 'out40'))
+    assert (tmp_path / 'out40' / 'sentence_bert_config.json').read_text() == (folder / 'sentence_bert_config.json').read_text()
+    assert st_reads(tmp_path / 'out40') == (40, 40)
+
+
+# ---- wrong inputs: a folder where a file is meant and the other way round, named with what to give
+
+def test_a_folder_or_file_in_the_wrong_place_says_what_to_give_and_writes_nothing(tmp_path):
+    run = tmp_path / 'run'
+    run.mkdir()
+    ckpt = small_checkpoint(run / 'best.pt')
+    random_hf_mlm().save_pretrained(tmp_path / 'hf')
+    (tmp_path / 'empty').mkdir()
+    around = sorted(os.listdir(tmp_path))
+    for args, words in (
+            ([run, tmp_path / 'out'], [f"'{run}' is a run folder", f'convert_hf.py {ckpt} {tmp_path / "out"}']),
+            ([tmp_path / 'hf', tmp_path / 'out'], ['is an HF model folder', f'--from_hf={tmp_path / "hf"}']),
+            ([tmp_path / 'empty', tmp_path / 'out'], ['is a folder, not a checkpoint']),
+            ([f'--from_hf={tmp_path / "hf"}', run], [f"'{run}' is a folder", f'{run / "ckpt.pt"}']),
+            ([f'--from_hf={tmp_path / "hf"}', f'{tmp_path / "new"}/'], ['is a folder', f'{tmp_path / "new" / "ckpt.pt"}']),
+            ([f'--from_hf={ckpt}', tmp_path / 'c.pt'], ['is a checkpoint of this project', 'needs no import']),
+            ([f'--from_hf={tmp_path / "hf" / "config.json"}', tmp_path / 'c.pt'], ['is a file', repr(str(tmp_path / 'hf'))]),
+            (['--from_hf=', tmp_path / 'c.pt'], ['empty', '--from_hf=NAME_OR_DIR'])):
+        assert_clean_error(run_here('convert_hf.py', *map(str, args)), *words)
+    assert sorted(os.listdir(tmp_path)) == around and os.listdir(run) == ['best.pt']
+
+
+# ---- Ctrl-C and SIGTERM during an export or an import: one line, nothing half-written left, the earlier one kept
+
+def mid_size_checkpoint(path):
+    """A model whose export takes a second or so (21 MB of weights): long enough to be signalled in the middle."""
+    args = dict(vocab_size=8000, n_layer=4, n_head=4, n_embd=256, n_inner=1024, max_positions=128)
+    torch.manual_seed(0)
+    from model import MPNet, MPNetConfig
+    checkpoint.save_checkpoint(dict(model=MPNet(MPNetConfig(**args)).state_dict(), model_args=args, iter_num=3), str(path))
+    return path
+
+
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_mid_export_is_one_line_and_leaves_the_earlier_export_and_no_staging(tmp_path, sig):
+    ckpt = mid_size_checkpoint(tmp_path / 'c.pt')
+    convert_hf.export(str(ckpt), str(tmp_path / 'hf'))
+    before, around = files_of(tmp_path / 'hf'), sorted(os.listdir(tmp_path))
+    proc = subprocess.Popen([sys.executable, 'convert_hf.py', str(ckpt), str(tmp_path / 'hf')], cwd=HERE, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    while not [n for n in os.listdir(tmp_path) + os.listdir(tmp_path / 'hf') if '.partial-' in n] and proc.poll() is None:
+        time.sleep(0.01)  # until the new export is being built: signal it then
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, out + err
+    assert_clean_error(subprocess.CompletedProcess([], proc.returncode, out, err), f'interrupted ({sig.name})',
+                       'an earlier export or checkpoint there is unchanged')
+    assert files_of(tmp_path / 'hf') == before and sorted(os.listdir(tmp_path)) == around
+
+
+def test_an_import_killed_while_saving_leaves_a_temp_file_that_the_next_import_removes(tmp_path):
+    random_hf_mlm().save_pretrained(tmp_path / 'hf')
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()  # a PID that is gone
+    killed, live = tmp_path / f'c.pt.{dead.pid}.123456.tmp', tmp_path / f'c.pt.{os.getpid()}.1.tmp'
+    killed.write_bytes(b'half a checkpoint')
+    live.write_bytes(b'another import, still writing')
+    proc = run_here('convert_hf.py', f'--from_hf={tmp_path / "hf"}', str(tmp_path / 'c.pt'))
+    assert proc.returncode == 0, proc.stderr
+    assert f'removed {killed}: left by import process {dead.pid}, which is gone' in proc.stdout
+    assert sorted(os.listdir(tmp_path)) == ['c.pt', live.name, 'hf']
+
+
+# ---- a checkpoint is data: the file names it carries never lead out of the export folder
+
+@pytest.mark.parametrize('change', [{'st_files': '../../outside.txt'}, {'st_files': '/tmp/outside.txt'},
+                                    {'tokenizer_files': '../outside.txt'}, {'st_path': '../../outside'}])
+def test_a_checkpoint_whose_file_names_lead_out_of_the_export_is_refused(tmp_path, change):
+    hf_wordpiece().save_pretrained(tmp_path / 'tok')
+    folder = st_folder(tmp_path / 'a' / 'b' / 'st', str(tmp_path / 'tok'), legacy=True)
+    ckpt = convert_hf.hf_to_checkpoint(str(folder))
+    (key, name), = change.items()
+    if key == 'st_path':
+        ckpt['st_path'] = name
+    else:
+        ckpt[key][name] = 'written where it should not be'
+    torch.save(ckpt, tmp_path / 'a' / 'b' / 'c.pt')
+    around = {root: sorted(names) for root, _, names in os.walk(tmp_path)}
+    assert_clean_error(run_here('convert_hf.py', str(tmp_path / 'a' / 'b' / 'c.pt'), str(tmp_path / 'a' / 'b' / 'hf')),
+                       'carries files to be written outside the export', repr(name), 'nothing was written')
+    assert {root: sorted(names) for root, _, names in os.walk(tmp_path)} == around
+    assert not os.path.exists('/tmp/outside.txt')
+    # a sentence-transformers folder whose modules.json leads out of it is refused at the import
+    modules = json.loads((folder / 'modules.json').read_text())
+    modules[1]['path'] = '../../tok'
+    (folder / 'modules.json').write_text(json.dumps(modules))
+    assert_clean_error(run_here('convert_hf.py', f'--from_hf={folder}', str(tmp_path / 'd.pt')), "'../../tok'",
+                       'outside the folder')
+
+
+# ---- an OUT_DIR that is a mount point (a volume mounted for the export, a drive's root): its parent is another
+# file system, which a rename cannot cross; the export is built inside it
+
+def test_export_into_a_mount_point_and_over_an_earlier_export_there(tmp_path):
+    ckpt = small_checkpoint(tmp_path / 'c.pt')
+    py = f'{sys.executable} convert_hf.py {ckpt} {tmp_path}/volume'
+    proc = in_private_mount(f'''
+        mkdir -p {tmp_path}/volume && mount -t tmpfs tmpfs {tmp_path}/volume
+        {py} 2>&1 || true
+        echo ---; ls -A {tmp_path}/volume; echo ===
+        {py} 2>&1 || true
+        echo ---; ls -A {tmp_path}/volume; echo ===
+        sh -c true & wait $!
+        mkdir {tmp_path}/volume/.nano_mpnet.old-$! {tmp_path}/volume/.nano_mpnet.partial-$!
+        mv {tmp_path}/volume/nano_mpnet.json {tmp_path}/volume/config.json {tmp_path}/volume/.nano_mpnet.old-$!/
+        echo half > {tmp_path}/volume/config.json
+        {py} 2>&1 || true
+        echo ---; ls -A {tmp_path}/volume; echo ===
+        ls -A {tmp_path}''')
+    if proc is None:
+        pytest.skip('unshare -m is not allowed here: no private tmpfs to mount')
+    (first, first_ls), (again, again_ls), (mended, mended_ls), (around,) = \
+        [part.split('---') for part in proc.stdout.split('===')]
+    files = ['config.json', 'model.safetensors', 'nano_mpnet.json', 'tokenizer.json', 'tokenizer_config.json']
+    assert first.strip().startswith(f'wrote {tmp_path}/volume (config.json,'), proc.stdout + proc.stderr
+    assert first_ls.split() == again_ls.split() == mended_ls.split() == files, proc.stdout  # nothing hidden left
+    # killed while swapping (inside the volume): the earlier export back, then replaced; the leftovers removed
+    assert 'restored the earlier export' in mended and mended.count('removed ') == 2, mended
+    assert 'error' not in proc.stdout and around.split() == ['c.pt', 'volume']
+
+
+def test_an_export_killed_mid_build_is_mended_by_the_next_one(tmp_path):
+    ckpt = mid_size_checkpoint(tmp_path / 'c.pt')
+    convert_hf.export(str(ckpt), str(tmp_path / 'hf'))
+    before = files_of(tmp_path / 'hf')
+    proc = subprocess.Popen([sys.executable, 'convert_hf.py', str(ckpt), str(tmp_path / 'hf')], cwd=HERE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = tmp_path / f'hf.partial-{proc.pid}'
+    while not (staging / 'model.safetensors').exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.kill()  # kill -9 while the new export is being built
+    proc.wait()
+    assert staging.is_dir() and files_of(tmp_path / 'hf') == before
+    proc = run_here('convert_hf.py', str(ckpt), str(tmp_path / 'hf'))
+    assert proc.returncode == 0, proc.stderr
+    assert f'removed {staging}: left by export process' in proc.stdout
+    assert sorted(files_of(tmp_path / 'hf')) == sorted(before) and sorted(os.listdir(tmp_path)) == ['c.pt', 'hf']
 
 
 # ==============================================================================================
@@ -3749,30 +4128,6 @@ def test_a_binary_dev_split_without_the_positive_class_is_refused(tiny, tmp_path
                        "no example of label 'pos'", 'F1')
 
 
-def test_a_model_that_gives_every_pair_the_same_score_is_undefined_and_never_a_mean(tiny, tmp_path):
-    run = tmp_path / 'run'  # a run folder: its scores.jsonl must not get a 0.0
-    run.mkdir()
-    (run / 'metrics.jsonl').write_text('{"iter": 7, "val_loss": 6.5}\n')
-    path = save_model(run / 'best.pt', constant_model(tiny).state_dict(), tiny)
-    gold = sts_file(tmp_path / 'sts.tsv', [i % 5 for i in range(12)])
-    out = tmp_path / 'r.jsonl'
-    proc = run_here('finetune.py', path, '--task=sts', f'--eval_data={gold}', f'--out_file={out}', '--max_len=32')
-    assert proc.returncode == 0, proc.stderr
-    assert 'spearman undefined (the model gives every pair the same score)' in proc.stdout
-    assert 'not added to' in proc.stdout and not (run / 'scores.jsonl').exists()
-    record, = records(out)
-    assert record['spearman'] is None and record['score'] is None and record['pearson'] is None
-    assert 'NaN' not in out.read_text()  # json would write NaN, which is no JSON
-
-
-def test_retrieval_ties_count_as_chance_not_as_a_win(tiny):
-    """A model that embeds every document alike used to find each one's other half first: acc1 1.0."""
-    ids = torch.randint(5, len(tiny.tok), (2, 9, 20))
-    got = finetune.retrieval_scores(constant_model(tiny), ids, torch.ones_like(ids))
-    assert got['acc1'] == pytest.approx(1 / 9)  # the expected value of breaking the 9-way tie at random
-    assert got['mrr'] == pytest.approx(sum(1 / r for r in range(1, 10)) / 9)
-
-
 # -----------------------------------------------------------------------------------------------
 # 2. NaN or inf read from a file is refused, naming the file and its line
 
@@ -4066,7 +4421,7 @@ def test_retrieval_on_another_key_names_text_field_and_the_keys(tiny, tmp_path):
     docs = write(tmp_path / 'd.jsonl', ''.join(json.dumps(dict(body=e[0], id=i)) + '\n' for i, e in enumerate(tiny.task['splits']['test'][:20])))
     proc = run_here('finetune.py', tiny.ckpts[0], '--task=retrieval', f'--eval_data={docs}', '--max_len=64',
                     f'--out_file={tmp_path / "r.jsonl"}')
-    assert_clean_error(proc, "no row has a 'text' field", 'body, id', '--text_field')
+    assert_clean_error(proc, "no column 'text'", 'body, id', '--text_field')
 
 
 def test_a_relative_data_dir_is_found_beside_the_run_and_the_tried_paths_are_said(tiny, tmp_path, monkeypatch):
@@ -4192,6 +4547,381 @@ def test_a_save_path_another_run_wrote_meanwhile_is_kept(tiny, tmp_path, monkeyp
                     f'--out_file={out}')
     assert_clean_error(proc, 'appeared while this ran')
     assert save.read_bytes() == other and len(records(out)) == 1  # the seed's record stays: its numbers are true
+
+
+# -----------------------------------------------------------------------------------------------
+# issue 40: the embedding tasks against a hostile pass: a collapsed model gets no score, BEIR ties as pytrec_eval,
+# every task says where it cuts, one reader of text (any line ending), flags named only where they exist,
+# --max_eval for BEIR and STS, a contrastive checkpoint's own held-out pairs
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """datasets' cache in a temp folder: data.py's reader of .txt and .jsonl files caches what it read."""
+    import datasets
+    monkeypatch.setattr(datasets.config, 'HF_DATASETS_CACHE', str(tmp_path / 'hf_cache'))
+
+
+def settings(monkeypatch, **kw):
+    """finetune.py's settings, as its command line sets them, for a call of its functions."""
+    for k, v in {'eval_data': '', 'text_field': '', 'max_pairs': 0, 'max_eval': 0, 'max_len': 64, **kw}.items():
+        monkeypatch.setattr(finetune, k, v)
+
+
+def paragraphs(tiny, n=60):
+    """n different texts of 40 words or more (each gives a retrieval pair: two halves of 16 tokens or more)."""
+    texts = [e[0] for e in tiny.task['splits']['train'] if len(e[0].split()) >= 40]
+    return [' '.join(t.split()) for t in texts[:n]]
+
+
+# -----------------------------------------------------------------------------------------------
+# finding 3: a model that cannot tell texts apart gets no score from any task
+
+def collapsed(tiny, how):
+    model = constant_model(tiny)  # the last LayerNorm outputs 0 for every token: every embedding is 0
+    with torch.no_grad():
+        if how == 'constant output':  # every token's output is the same vector: mean pooling gives it back within float noise
+            model.blocks[-1].ln_2.bias.copy_(torch.randn(64, generator=torch.Generator().manual_seed(1)))
+        if how == 'all weights zero':
+            for p in model.parameters():
+                p.zero_()
+    return model
+
+
+@pytest.mark.parametrize('how', ['zero output', 'constant output', 'all weights zero'])
+def test_f3_a_collapsed_model_gets_no_score_from_retrieval_sts_or_beir(tiny, tmp_path, monkeypatch, how):
+    settings(monkeypatch, max_len=64)
+    model = collapsed(tiny, how)
+    ids = torch.randint(5, len(tiny.tok), (2, 9, 20), generator=torch.Generator().manual_seed(0))
+    error = getattr(finetune, 'CollapsedError', finetune.TaskError)  # a TaskError: train.py's probe catches it
+    for pooling in ('mean', 'cls'):
+        with pytest.raises(error, match='same embedding .collapsed.: no retrieval score'):
+            finetune.retrieval_scores(model, ids, torch.ones_like(ids), pooling)  # before: chance, acc1 1/9
+    pairs = [(f'a text about cats {i}', f'another text about dogs {i}', float(i % 4)) for i in range(8)]
+    with pytest.raises(error, match='same embedding .collapsed.: no STS score'):
+        finetune.sts_scores(model, tiny.tok, pairs, 'mean', 'cpu')  # before: 'undefined', or a Spearman of float noise
+    beir = finetune.beir_data(tiny_beir(tiny, tmp_path / 'b')[0], 'test')
+    with pytest.raises(error, match='same embedding .collapsed.: no BEIR score'):
+        finetune.beir_scores(model, tiny.tok, beir, 'mean', 'cpu', chunk=7)  # before: the corpus order's ndcg@10
+
+
+def test_f3_a_collapsed_checkpoint_is_one_line_from_the_command_line_and_writes_nothing(tiny, tmp_path):
+    path = save_model(tmp_path / 'flat.pt', constant_model(tiny).state_dict(), tiny)
+    out = tmp_path / 'r.jsonl'
+    proc = run_here('finetune.py', path, '--task=beir', f'--eval_data={tiny_beir(tiny, tmp_path / "b")[0]}', '--max_len=64',
+                    f'--out_file={out}')
+    assert_clean_error(proc, 'the model gives every text the same embedding (collapsed)', 'BEIR')
+    assert not out.exists()
+
+
+def test_f3_near_is_not_collapsed(tiny):
+    """A random init's embeddings are ~1 apart; a model whose every output is one vector plus a thousandth of a text's
+    own is ~1e-3 apart, and still ranks by the text: neither is collapsed (COLLAPSED is float noise, 1e-5)."""
+    torch.manual_seed(0)
+    random_init = MPNet(MPNetConfig(vocab_size=len(tiny.tok), **TINY)).eval()
+    near = MPNet(MPNetConfig(vocab_size=len(tiny.tok), **TINY)).eval()
+    near.load_state_dict(random_init.state_dict())
+    with torch.no_grad():
+        near.blocks[-1].ln_2.weight.mul_(1e-3)
+        near.blocks[-1].ln_2.bias.copy_(torch.randn(64, generator=torch.Generator().manual_seed(1)))
+    ids = torch.randint(5, len(tiny.tok), (2, 9, 20), generator=torch.Generator().manual_seed(0))
+    for model, lo, hi in ((random_init, 0.1, 2), (near, 1e-4, 1e-2)):
+        for pooling in ('cls', 'mean'):
+            emb = finetune.pool(model, ids.flatten(0, 1), torch.ones_like(ids.flatten(0, 1)), pooling)
+            assert lo < finetune.spread(emb, emb[0]) < hi, (lo, pooling)
+            assert finetune.retrieval_scores(model, ids, torch.ones_like(ids), pooling)['pairs'] == 9
+
+
+# -----------------------------------------------------------------------------------------------
+# finding 4: BEIR's ties ranked as trec_eval (in pytrec_eval) ranks them: score descending, then document id descending
+
+def test_f4_two_identical_documents_rank_as_pytrec_eval_ranks_them(tiny, tmp_path, monkeypatch):
+    settings(monkeypatch, max_len=64)
+    texts = paragraphs(tiny, 8)
+    same_text = texts[0][:150]
+    docs = [('a', None, same_text), ('b', None, same_text)] + [(f'c{i}', None, t[:150]) for i, t in enumerate(texts[1:])]
+    folder = write_beir(tmp_path / 'b', docs, [('q', same_text)], [('q', 'b', 1)])
+    beir = finetune.beir_data(folder, 'test')
+    torch.manual_seed(0)
+    model = MPNet(MPNetConfig(vocab_size=len(tiny.tok), **TINY)).eval()
+    got = finetune.beir_scores(model, tiny.tok, beir, 'mean', 'cpu')
+    # trec_eval ranks 'b' above 'a' (equal scores, ids descending): the relevant document is first. pytrec_eval, run once by
+    # hand on {'q': {'a': s, 'b': s}} against {'q': {'b': 1}}: ndcg_cut_10 1.0, recip_rank 1.0 (corpus order gave 0.6309, 0.5)
+    assert got['ndcg@10'] == 1.0 and got['mrr@10'] == 1.0
+    # against a loop: every text embedded alone, the whole matrix sorted by (-score, id descending)
+    emb = [finetune.pool(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), 'mean')[0]
+           for ids in tiny.tok(beir['queries'] + beir['texts'], truncation=True, max_length=64)['input_ids']]
+    sim = emb[0][None] @ torch.stack(emb[1:]).T
+    ranked = reference_search(sim, 100, [-1], beir["doc_ids"])
+    assert ranked[0][:2] == [1, 0]
+    ref = reference_metrics(ranked, beir['qrels'])[0]
+    assert (got['ndcg@10'], got['recall@100'], got['mrr@10']) == pytest.approx(ref)
+
+
+def test_f4_copies_of_a_text_in_different_chunks_tie_exactly_and_rank_by_id(tiny, tmp_path, monkeypatch):
+    """6 texts, each under 5 ids spread over the corpus among 12 others: whatever chunk and batch (padded to another
+    length) a copy is embedded in, it scores as its copies do to the bit, and they rank by id descending; the search
+    equals a loop over every text embedded alone and scored in float64."""
+    settings(monkeypatch, max_len=64)
+    every = paragraphs(tiny, 18)
+    texts = [t[:120] for t in every[:6]]
+    fillers = [t[:40 + 25 * i] for i, t in enumerate(every[6:])]  # of other lengths: chunks padded to other lengths
+    gen = torch.Generator().manual_seed(0)
+    names = [f'd{i}' for i in torch.randperm(100, generator=gen)[:42].tolist()]
+    order = torch.randperm(42, generator=gen).tolist()
+    docs = [(names[k], None, texts[k % 6] if k < 30 else fillers[k - 30]) for k in order]
+    names = [n for n, _, _ in docs]
+    copies = [[n for n, _, t in docs if t == texts[j]] for j in range(6)]
+    queries = [(f'q{j}', texts[j][:60]) for j in range(6)]
+    folder = write_beir(tmp_path / 'b', docs, queries, [(f'q{j}', copies[j][j % 5], 1 + j % 2) for j in range(6)])
+    beir = finetune.beir_data(folder, 'test')
+    torch.manual_seed(0)
+    model = MPNet(MPNetConfig(vocab_size=len(tiny.tok), **TINY)).eval()
+    got = finetune.beir_scores(model, tiny.tok, beir, 'mean', 'cpu', chunk=7)  # copies in 6 chunks of 7
+    every = sorted(set(beir['queries'] + beir['texts']))
+    emb = {t: finetune.pool(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), 'mean')[0].double()
+           for t, ids in zip(every, tiny.tok(every, truncation=True, max_length=64)['input_ids'])}
+    sim = torch.tensor([[float(emb[q] @ emb[d]) for d in beir['texts']] for q in beir['queries']]).float()
+    ranked = reference_search(sim, 100, [-1] * 6, beir["doc_ids"])
+    ref = reference_metrics(ranked, beir['qrels'])
+    for i, name in enumerate(('ndcg@10', 'recall@100', 'mrr@10')):
+        assert got[name] == pytest.approx(sum(r[i] for r in ref) / 6, abs=1e-12), name
+
+
+def test_f4_pytrec_eval_breaks_ties_by_document_id_descending():
+    """The rule the two tests above follow, checked against pytrec_eval itself where it is installed."""
+    pytrec_eval = pytest.importorskip('pytrec_eval')
+    ids = ['a', 'b', 'B', 'aa', '10', '9', '\u00e9', 'z', 'Z', '_']
+    for target in ids:
+        rr = pytrec_eval.RelevanceEvaluator({'q': {target: 1}}, {'recip_rank'}).evaluate({'q': dict.fromkeys(ids, 1.0)})
+        assert round(1 / rr['q']['recip_rank']) == sorted(ids, reverse=True).index(target) + 1, target
+
+
+# -----------------------------------------------------------------------------------------------
+# finding 7: one length rule for the three embedding tasks, said in the printed line
+
+def st_model(tiny, tmp_path, max_seq_length=48):
+    return save_model(tmp_path / 'st.pt', torch.load(tiny.ckpts[0], weights_only=True)['model'], tiny,
+                      st_files={'sentence_bert_config.json': json.dumps({'max_seq_length': max_seq_length})})
+
+
+@pytest.mark.parametrize('task', ['retrieval', 'sts', 'beir'])
+def test_f7_every_embedding_task_says_where_it_cuts_and_the_models_own_length(tiny, tmp_path, hf_cache, task):
+    texts = paragraphs(tiny, 20)
+    data_file = {'retrieval': lambda: write(tmp_path / 'd.jsonl', ''.join(json.dumps({'text': t}) + '\n' for t in texts)),
+                 'sts': lambda: write(tmp_path / 's.tsv', 'sentence1\tsentence2\tscore\n' +
+                                      ''.join(f'{t}\t{texts[(i + 1) % 20]}\t{i % 5}\n' for i, t in enumerate(texts))),
+                 'beir': lambda: tiny_beir(tiny, tmp_path / 'b')[0]}[task]()
+    for model, own, max_len in ((st_model(tiny, tmp_path), 48, 32), (tiny.ckpts[0], None, 32)):
+        proc = run_here('finetune.py', model, f'--task={task}', f'--eval_data={data_file}', f'--max_len={max_len}',
+                        f'--out_file={tmp_path / "r.jsonl"}')
+        assert proc.returncode == 0, proc.stderr
+        line = next(l for l in proc.stdout.splitlines() if 'pooling:' in l)
+        assert f'cut at {max_len} tokens' in line, line  # before: nothing said (retrieval, sts) or a note only for beir
+        if own:  # a sentence-transformers model: what it (and BEIR with it) cuts at
+            assert f'cuts at {own}: pass --max_len={own}' in line, line
+        else:  # the model reads up to its max_positions (64): how to read more of the texts cut
+            assert '--max_len=64' in line, line
+        cut = records(tmp_path / 'r.jsonl')[-1]['texts_cut']
+        assert cut > 0 and f'{cut:,} of ' in line
+
+
+# -----------------------------------------------------------------------------------------------
+# finding 8: .txt documents read by data.py's one reader: Windows and old Mac line endings, and mixed
+
+@pytest.mark.parametrize('ending', ['\r\n', '\r', 'mixed'])
+def test_f8_retrieval_reads_txt_paragraphs_with_any_line_ending(tiny, tmp_path, monkeypatch, hf_cache, ending):
+    texts = paragraphs(tiny, 60)  # each of two lines, the paragraphs a blank line apart
+    if ending == 'mixed':  # Windows lines, and every other blank line a Unix one (a file edited on both)
+        body = ''.join(t.replace(' ', '\r\n', 1) + ('\n\n' if i % 2 else '\r\n\r\n') for i, t in enumerate(texts))
+    else:
+        body = (2 * ending).join(t.replace(' ', ending, 1) for t in texts) + ending
+    settings(monkeypatch, eval_data=write(tmp_path / 'docs.txt', body))
+    ids, mask = finetune.retrieval_pairs({}, tiny.tok)
+    assert ids.shape[1] == 60  # before: 1 document (CRLF, CR: 'needs at least 2 documents'), 31 (mixed)
+
+
+def test_f8_jsonl_csv_and_tsv_with_other_line_endings_read_the_same_rows(tmp_path):
+    rows = [dict(sentence1=f'text {i}', sentence2=f'other {i}', score=i % 3) for i in range(6)]
+    for ending in ('\r\n', '\r'):
+        jsonl = write(tmp_path / 'p.jsonl', ''.join(json.dumps(r) + ending for r in rows))
+        assert finetune.read_rows(jsonl) == list(enumerate(rows, 1)), repr(ending)  # before, '\r': "line 1: not a JSON object"
+        for ext, sep in (('csv', ','), ('tsv', '\t')):
+            table = write(tmp_path / f'p.{ext}', ending.join([sep.join(rows[0])] + [sep.join(map(str, r.values())) for r in rows]) + ending)
+            assert finetune.read_rows(table) == [(i, {k: str(v) for k, v in r.items()}) for i, r in enumerate(rows, 2)]
+
+
+# -----------------------------------------------------------------------------------------------
+# finding 15: sts_pairs names the flags of the caller that has them, else the columns the file needs
+
+def test_f15_sts_pairs_names_flags_only_when_its_caller_has_them(tmp_path):
+    path = write(tmp_path / 's.csv', 'a,b,human\n' + ''.join(f'text {i},other {i},{i % 4}\n' for i in range(8)))
+    with pytest.raises(finetune.TaskError) as e:
+        finetune.sts_pairs(path)  # contrastive.py's --sts_data: it has no --text_field
+    assert "no 'sentence1' column (columns: a, b, human)" in str(e.value) and '--' not in str(e.value)
+    assert 'sentence1, sentence2 and score' in str(e.value)
+    flags = ('text_field', 'pair_field', 'label_field')
+    with pytest.raises(finetune.TaskError, match="no 'sentence1' column .*--text_field="):
+        finetune.sts_pairs(path, flags=flags)
+    with pytest.raises(finetune.TaskError, match="no 'y' column .*--label_field="):
+        finetune.sts_pairs(path, 'a', 'b', 'y', flags=flags)
+    assert finetune.sts_pairs(path, 'a', 'b', 'human')[1] == ('text 1', 'other 1', 1.0)
+    bad = write(tmp_path / 'bad.csv', 'sentence1,sentence2,score\nx,y,1\nx,y,high\n')
+    with pytest.raises(finetune.TaskError, match="line 3: the score in 'score' is 'high', not a number"):
+        finetune.sts_pairs(bad)
+
+
+# -----------------------------------------------------------------------------------------------
+# finding 19: --max_eval is honoured by beir (and sts): a fixed random subset of queries; --max_pairs is retrieval's alone
+
+def test_f19_max_eval_limits_beir_queries_and_max_pairs_is_refused_for_beir(tiny, tmp_path):
+    folder = tiny_beir(tiny, tmp_path / 'b')[0]
+    out = tmp_path / 'r.jsonl'
+    proc = run_here('finetune.py', tiny.ckpts[0], '--task=beir', f'--eval_data={folder}', '--max_len=64', '--max_eval=5',
+                    f'--out_file={out}')
+    assert proc.returncode == 0, proc.stderr
+    assert '5 queries scored (a fixed random 5 of 14: --max_eval)' in proc.stdout, proc.stdout
+    assert records(out)[0]['queries'] == 5
+    again = run_here('finetune.py', tiny.ckpts[0], '--task=beir', f'--eval_data={folder}', '--max_len=64', '--max_eval=5',
+                     f'--out_file={out}')
+    assert again.returncode == 0, again.stderr
+    assert records(out)[1]['ndcg@10'] == records(out)[0]['ndcg@10']  # the same subset each time
+    for args, flag in ((['--task=beir', f'--eval_data={folder}', '--max_pairs=5'], '--max_pairs'),
+                       (['--task=retrieval', '--max_eval=5'], '--max_eval'),
+                       (['--task=sts', f'--eval_data={sts_file(tmp_path / "s.tsv", [1, 2, 3])}', '--max_train=5'], '--max_train')):
+        assert_clean_error(run_here('finetune.py', tiny.ckpts[0], *args, f'--out_file={tmp_path / "x.jsonl"}'), flag, 'does not apply')
+    assert not (tmp_path / 'x.jsonl').exists()
+
+
+def test_f19_max_eval_limits_sts_pairs_and_a_subset_with_one_score_is_refused(tiny, tmp_path):
+    gold = sts_file(tmp_path / 's.tsv', [i % 5 for i in range(30)])
+    out = tmp_path / 'r.jsonl'
+    proc = run_here('finetune.py', tiny.ckpts[0], '--task=sts', f'--eval_data={gold}', '--max_eval=12', '--max_len=32',
+                    f'--out_file={out}')
+    assert proc.returncode == 0, proc.stderr
+    assert records(out)[0]['pairs'] == 12
+    flat = sts_file(tmp_path / 'f.tsv', [3] * 29 + [4])
+    with pytest.raises(finetune.TaskError, match='every pair has the score 3'):
+        finetune.sts_pairs(flat, keep=2)
+
+
+# -----------------------------------------------------------------------------------------------
+# finding 22: a contrastive.py checkpoint's held-out pairs are what --task=retrieval scores without --eval_data
+
+def heldout(tiny, n=7, L=30, source='data/held.txt'):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.full((2, n, L), 1, dtype=torch.long)
+    for s in range(2):
+        for i in range(n):
+            length = int(torch.randint(10, L - 1, (1,), generator=gen))
+            ids[s, i, :length + 2] = torch.tensor([0, *torch.randint(5, len(tiny.tok), (length,), generator=gen).tolist(), 2])
+    return dict(ids=ids, mask=(ids != 1).long(), source=source)
+
+
+def test_f22_retrieval_scores_a_contrastive_checkpoints_held_out_pairs(tiny, tmp_path, monkeypatch):
+    settings(monkeypatch, max_len=64)
+    held = heldout(tiny)
+    ids, mask = finetune.retrieval_pairs({'heldout': held}, tiny.tok, 'run/best.pt')  # before: "not on this machine"
+    L = ids.size(2)
+    assert torch.equal(ids, held['ids'][..., :L]) and (held['ids'][..., L:] == 1).all() and torch.equal(mask, held['mask'][..., :L])
+    settings(monkeypatch, max_len=64, max_pairs=4)
+    assert finetune.retrieval_pairs({'heldout': held}, tiny.tok)[0].shape[1] == 4
+    settings(monkeypatch, max_len=16)  # cut at max_len as every text is: <s> 14 tokens </s>
+    ids, mask = finetune.retrieval_pairs({'heldout': held}, tiny.tok)
+    assert ids.shape[2] == 16 and (ids == 2).sum() == 14 and (mask.sum(-1) <= 16).all()  # one </s> a half
+    long = held['mask'].sum(-1) > 16
+    assert (ids[..., 15][long] == 2).all() and torch.equal(ids[..., :15], held['ids'][..., :15])
+    state = torch.load(tiny.ckpts[0], weights_only=True)['model']
+    path = save_model(tmp_path / 'c.pt', state, tiny, heldout=held)
+    out = tmp_path / 'r.jsonl'
+    proc = run_here('finetune.py', path, '--task=retrieval', '--max_len=64', f'--out_file={out}')
+    assert proc.returncode == 0, proc.stderr
+    assert "the contrastive run's 7 held-out pairs (data/held.txt)" in proc.stdout, proc.stdout
+    assert records(out)[0]['pairs'] == 7
+    bad = save_model(tmp_path / 'bad.pt', state, tiny, heldout=dict(held, ids=held['ids'][0]))
+    assert_clean_error(run_here('finetune.py', bad, '--task=retrieval', '--max_len=64', f'--out_file={out}'), 'heldout', '[2, n, L]')
+
+
+# -----------------------------------------------------------------------------------------------
+# our own hostile pass
+
+def test_repeated_documents_are_one_pair_each_in_retrieval(tiny, tmp_path, monkeypatch, hf_cache):
+    """Two copies of a document are two right answers for each of its halves: the second copy is left out (as
+    contrastive.py leaves a repeated held-out pair out), so that a perfect model can score 1."""
+    texts = paragraphs(tiny, 12)
+    path = write(tmp_path / 'd.jsonl', ''.join(json.dumps({'text': t}) + '\n' for t in texts + texts[:5]))
+    settings(monkeypatch, eval_data=path)
+    ids, mask, about = finetune.retrieval_source({}, tiny.tok)
+    assert ids.shape[1] == 12 and '5 repeated pairs left out' in about['said']  # before: 17 pairs, 5 of them tied twice
+
+
+def test_an_sts_file_whose_every_pair_is_one_text_twice_is_refused(tmp_path):
+    """Every cosine is 1 for every model: Spearman is undefined, or a ranking of float noise."""
+    path = write(tmp_path / 's.tsv', 'sentence1\tsentence2\tscore\n' + ''.join(f'text {i}\ttext {i}\t{i % 4}\n' for i in range(8)))
+    with pytest.raises(finetune.TaskError, match="every pair is one text twice"):
+        finetune.sts_pairs(path)
+
+
+@pytest.mark.parametrize('encoding', ['utf-16', 'cp1252'])
+def test_a_txt_file_in_another_encoding_is_read_right_or_refused_never_scored_as_garbage(tiny, tmp_path, monkeypatch, hf_cache, encoding):
+    texts = [t.replace('module', 'caf\u00e9') for t in paragraphs(tiny, 6)]
+    settings(monkeypatch, eval_data=write(tmp_path / 'docs.txt', '\n\n'.join(texts), encoding))
+    try:
+        ids, mask = finetune.retrieval_pairs({}, tiny.tok)
+    except finetune.TaskError as e:
+        assert 'docs.txt' in str(e) and 'iconv' in str(e)
+    else:  # read right: the documents' first halves
+        want = [tiny.tok(t, add_special_tokens=False)['input_ids'] for t in texts]
+        assert [row[1:3].tolist() for row in ids[0]] == [w[:2] for w in want]
+
+
+def test_jsonl_documents_without_a_text_are_skipped_and_counted_as_data_py_does(tiny, tmp_path, monkeypatch, hf_cache):
+    texts = paragraphs(tiny, 6)
+    path = write(tmp_path / 'd.jsonl', '\ufeff' + ''.join(json.dumps({'text': t}) + '\r\n' for t in texts) + '{"text": null}\n{"text": "  "}\n')
+    settings(monkeypatch, eval_data=path)
+    ids, mask, about = finetune.retrieval_source({}, tiny.tok)
+    assert ids.shape[1] == 6 and '2 rows without a text skipped' in about['said']
+
+
+def test_ties_that_remain_count_as_chance_as_before():
+    """test_retrieval_ties_count_as_chance_not_as_a_win's rule, now that a model with one embedding for every text gets
+    no score: two halves that embed alike still count as the expected value of breaking their tie at random."""
+    first = torch.nn.functional.normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    second = first.clone()
+    second[1] = second[0]  # the first half 0 finds halves 0 and 1 alike, and so does 1
+    got = finetune.ranking(first, second)
+    sim = (first @ second.T).tolist()
+    acc1, mrr = [], []
+    for i in range(5):
+        above = sum(s > sim[i][i] for s in sim[i])
+        ties = sum(s == sim[i][i] for s in sim[i]) - 1
+        acc1.append((above == 0) / (ties + 1))
+        mrr.append(np.mean([1 / (1 + above + k) for k in range(ties + 1)]))
+    assert got['acc1'] == pytest.approx(np.mean(acc1)) and got['mrr'] == pytest.approx(np.mean(mrr))
+    assert got['acc1'] == pytest.approx((0.5 + 0.5 * (sim[1][0] >= max(sim[1])) + 3) / 5)
+
+
+def test_documents_that_give_no_pairs_say_why(tiny, tmp_path, monkeypatch, hf_cache):
+    path = write(tmp_path / 'd.jsonl', ''.join(json.dumps({'body': t, 'text': None}) + '\n' for t in paragraphs(tiny, 4)))
+    settings(monkeypatch, eval_data=path)
+    with pytest.raises(finetune.TaskError, match=r"holds no documents \(4 rows without a text in 'text': name the text's key with --text_field="):
+        finetune.retrieval_pairs({}, tiny.tok)  # before: "line 1: 'text' is empty (null)"
+    settings(monkeypatch, eval_data=path, text_field='body', max_pairs=1)
+    with pytest.raises(finetune.TaskError, match='--max_pairs=1 ranks one pair against nothing'):
+        finetune.retrieval_pairs({}, tiny.tok)  # before: "needs at least 2 documents of 32 tokens or more; found 1"
+
+
+def test_a_collapsed_snapshot_of_a_run_adds_nothing_to_its_scores(tiny, tmp_path):
+    """test_a_model_that_gives_every_pair_the_same_score_is_undefined_and_never_a_mean, now that such a model is
+    refused: one line, no record, nothing in the run's scores.jsonl."""
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'metrics.jsonl').write_text('{"iter": 7, "val_loss": 6.5}\n')
+    path = save_model(run / 'best.pt', constant_model(tiny).state_dict(), tiny)
+    out = tmp_path / 'r.jsonl'
+    proc = run_here('finetune.py', path, '--task=sts', f'--eval_data={sts_file(tmp_path / "sts.tsv", [i % 5 for i in range(12)])}',
+                    f'--out_file={out}', '--max_len=32')
+    assert_clean_error(proc, 'same embedding (collapsed): no STS score')
+    assert not out.exists() and not (run / 'scores.jsonl').exists()
 
 
 # ==============================================================================================
@@ -4456,7 +5186,8 @@ def test_overwrite_keeps_the_replaced_run_until_a_model_as_good_is_saved(contras
     proc = contrastive_cli(contrastive_run, *CONTRASTIVE_RUN, f'--out_dir={out}', *short, '--overwrite=True',
                            '--learning_rate=1e-9')  # no better than its start, nor than the run it replaced
     assert proc.returncode == 0 and (out / 'replaced' / 'best.pt').exists(), proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert json.loads((out / 'replaced' / 'replaced.json').read_text())['key'].startswith('contrastive: held-out pairs')
+    kept = json.loads((out / 'replaced' / 'replaced.json').read_text())
+    assert kept['key'].startswith('contrastive: held-out pairs') and kept['measure'] == 'val_mrr'
     shutil.rmtree(out)
     assert contrastive_cli(contrastive_run, *CONTRASTIVE_RUN, f'--out_dir={out}', *short).returncode == 0
     proc = contrastive_cli(contrastive_run, *CONTRASTIVE_RUN, f'--out_dir={out}', '--overwrite=True',
@@ -4474,7 +5205,8 @@ def test_a_run_killed_between_its_checkpoint_and_best_pt_is_mended_on_resume(con
         f.write('{"iter": 11, "loss": 1.0}\n{"iter": 1')  # and a record of a later step, and a torn line
     proc = contrastive_cli(contrastive_run, *args, '--init_from=resume')  # at max_iters already: mends, trains nothing
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert 'metrics.jsonl: dropped 2 records logged after step 10 by the interrupted run (those steps run again) and 1 lines' in proc.stdout, proc.stdout[-3000:]
+    # the step-11 record is dropped; the evaluation at step 10 is measured again at start: replaced, not counted
+    assert 'metrics.jsonl: dropped 1 records logged after step 10 by the interrupted run (those steps run again) and 1 lines' in proc.stdout, proc.stdout[-3000:]
     assert checkpoint.same_file(str(out / 'best.pt'), str(out / 'ckpt.pt'))
     assert f"the best model is {out / 'best.pt'} (step 10" in proc.stdout.strip().splitlines()[-1]
 
@@ -4542,7 +5274,8 @@ def test_bad_input_is_one_line_and_writes_nothing(contrastive_run, tmp_path, mon
         ([f'--dataset={files["good"]}', '--batch_size=1'], ['a batch of one pair has no negatives']),
         ([f'--dataset={files["same"]}'], ['every anchor text', 'is the same']),
         ([f'--dataset={files["short"]}', '--pairs=halves'], ['32 tokens or more to split into halves', '--pairs=simcse']),
-        ([f'--dataset={files["good"]}', '--batch_size=8', '--mini_batch_size=16'], ['mini_batch_size (16) is larger']),
+        ([f'--dataset={files["good"]}', '--batch_size=8', '--mini_batch_size=17', '--val_frac=0.3'], ['mini_batch_size (17) is larger than a step',
+                                                                                  "16 texts"]),
         ([f'--dataset={files["good"]}', f'--init_from={no_tokenizer}'], ['carries no tokenizer', '--tokenizer=']),
         ([f'--dataset={files["good"]}', '--max_len=500'], ["exceeds the model's max_positions 64"]),
         ([f'--dataset={files["good"]}', '--lr=0.1'], ["unknown config key 'lr'", 'learning_rate']),
@@ -4621,6 +5354,224 @@ def test_shipped_config_files_and_help():
     assert proc.returncode == 0 and '--mini_batch_size=0' in proc.stdout and 'gradient caching' in proc.stdout
 
 
+# ---- contrastive.py: no model lost, held-out text never trained on, resume checked, bad input one line (issue 40)
+
+def test_a_replaced_run_is_released_only_by_the_measure_that_picks_best_pt(tmp_path):
+    """Finding 1: contrastive.py picks best.pt by held-out MRR; a replaced run went by InfoNCE, which a smaller batch
+    lowers, so the only model left was the worse one. Now the same measure, on the same held-out pairs, releases it."""
+    out = str(tmp_path)
+    def save(it, loss, mrr, key='pairs A'):
+        return checkpoint.save_run(dict(iter_num=it, val_loss=loss, val_mrr=mrr), out, True, key, unit='step',
+                                   measure='val_mrr')
+    save(12, 1.9301, 0.6325)  # run A
+    said, _ = checkpoint.replace_run(out)
+    assert 'held-out MRR 0.6325' in said and 'same held-out data' in said
+    said = save(16, 1.5431, 0.6042)  # run B: a lower InfoNCE, a worse MRR
+    assert not any('removed' in line for line in said) and (tmp_path / 'replaced' / 'best.pt').exists()
+    summary = checkpoint.run_summary(out, 16, 0.6042, (16, 0.6042), None, 'val_mrr', 'step')
+    assert 'step 16, held-out MRR 0.6042' in summary and 'replaced keeps the replaced run' in summary
+    said = save(18, 9.0, 0.9, key='pairs B')  # a higher MRR on other held-out pairs is no comparison
+    assert not any('removed' in line for line in said) and (tmp_path / 'replaced').exists()
+    said = save(20, 9.0, 0.6325)  # as good on the same pairs, whatever its InfoNCE
+    assert f'removed {tmp_path / "replaced"}' in said[-1] and 'held-out MRR 0.6325' in said[-1]
+    assert not (tmp_path / 'replaced').exists()
+    # train.py's measure is unchanged: the lowest validation loss
+    checkpoint.save_run(dict(iter_num=5, val_loss=2.0), out, True, 'k')
+    checkpoint.replace_run(out)
+    assert not any('removed' in l for l in checkpoint.save_run(dict(iter_num=6, val_loss=2.5), out, True, 'k'))
+    assert 'val loss 1.9000' in checkpoint.save_run(dict(iter_num=7, val_loss=1.9), out, True, 'k')[-1]
+
+
+def test_a_run_that_saved_no_model_says_so_and_overwrite_does_not_park_its_log_for_good(contrastive_run, tmp_path):
+    """Finding 17: a run stopped by a non-finite loss before its first save said 'the last checkpoint is intact';
+    overwrite=True then moved its lone log into replaced/, which nothing could ever release."""
+    out = tmp_path / 'out'
+    proc = contrastive_cli(contrastive_run, *CONTRASTIVE_RUN, f'--out_dir={out}', '--learning_rate=1e30', '--warmup_iters=0',
+                           '--eval_interval=5')
+    assert_clean_error(proc, 'not finite at step 1', 'no checkpoint was saved', 'lower learning_rate')
+    assert 'intact' not in proc.stderr and sorted(os.listdir(out)) == ['metrics.jsonl', 'train.lock']
+    proc = contrastive_cli(contrastive_run, *CONTRASTIVE_RUN, f'--out_dir={out}', '--max_iters=2', '--eval_interval=2')
+    assert_clean_error(proc, 'already holds a run (metrics.jsonl', 'it saved no model', '--overwrite=True')
+    proc = contrastive_cli(contrastive_run, *CONTRASTIVE_RUN, f'--out_dir={out}', '--max_iters=2', '--eval_interval=2',
+                           '--overwrite=True')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"removed {out / 'replaced'}: the replaced run had saved no model" in proc.stdout
+    assert not (out / 'replaced').exists() and 'replaced' not in proc.stdout.strip().splitlines()[-1]
+
+
+def test_a_second_signal_during_a_save_leaves_no_temp_file(tmp_path):
+    """Finding 18: the second Ctrl-C quits at once (os._exit), which skipped save_checkpoint's clean-up: a 217 MB
+    temp file stayed beside ckpt.pt."""
+    script = f'''
+import os, signal, sys, time
+sys.path.insert(0, {HERE!r})
+import torch, checkpoint
+stop = checkpoint.stop_on_signals(True, 'step')
+os.kill(os.getpid(), signal.SIGINT)  # the first: stop after this step, saving first
+class Again:  # the second arrives while the checkpoint is being written
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+        return (int, (1,))
+checkpoint.save_checkpoint({{'x': torch.ones(1000), 'y': Again()}}, {str(tmp_path / 'ckpt.pt')!r})
+'''
+    proc = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130 and 'SIGINT again: quitting without saving' in proc.stderr, proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_held_out_text_is_never_trained_on_by_content(contrastive_run, tmp_path, monkeypatch):
+    """Finding 5: raw text was held out by document index, so a document given twice was held out once and trained
+    on once; --eval_data equal to --dataset evaluated on training text. Now held out by content, duplicates dropped."""
+    import datasets
+    monkeypatch.setattr(datasets.config, 'HF_DATASETS_CACHE', tmp_path / 'hf_cache')
+    docs = topic_docs(200, seed=4)
+    twice = write_rows(tmp_path / 'twice.jsonl', [{'text': d} for d in docs + docs[::-1]])
+    hf_wordpiece().save_pretrained(tmp_path / 'tok')
+    tok = data.load_tokenizer(str(tmp_path / 'tok'))
+    for k, v in dict(dataset=twice, val_frac=0.2, eval_data='', data_dir='', text_field='text', txt_split='paragraph',
+                     pairs='halves').items():
+        monkeypatch.setattr(contrastive, k, v)
+    tokens, train_docs, held, said = contrastive.raw_text(tok, tok.eos_token_id)
+    held_docs = contrastive.split_documents(held, tok.eos_token_id)
+    held_ids = set(contrastive.digests(held, held_docs).tolist())
+    assert 20 < len(held_ids) == len(held_docs) < 80  # each held-out text once
+    assert not held_ids & set(contrastive.digests(tokens, train_docs).tolist())  # and never trained on
+    assert len(train_docs) == 2 * (200 - len(held_ids))
+    # labelled pairs, each given twice: a held-out pair's texts are in no training pair
+    pairs = [(d[:60], d[60:140]) for d in docs]
+    tokens, spans = contrastive.encode(tok, [p[k] for k in (0, 1) for p in pairs + pairs])
+    monkeypatch.setattr(contrastive, 'max_len', 64)
+    train, evaluation, dropped = contrastive.heldout_pairs(tokens, spans.reshape(2, -1, 2), (0, 2))
+    seen = set(contrastive.digests(tokens, contrastive.clip(train)).ravel().tolist())
+    first = [tokens[a:b].tolist() for a, b in contrastive.clip(spans.reshape(2, -1, 2))[0]]
+    held_anchors = {tuple(r[1:r.index(2)]) for r in evaluation[0][0].tolist()}
+    assert held_anchors and not held_anchors & {tuple(f) for f, d in zip(first, contrastive.digests(tokens, contrastive.clip(spans.reshape(2, -1, 2)))[0].tolist()) if d in seen}
+    # the same file to train on and to evaluate on: refused, nothing trained
+    proc = contrastive_here(str(contrastive_run / 'start.pt'), *CONTRASTIVE_RUN, f'--dataset={twice}', f'--eval_data={twice}',
+                            f'--out_dir={tmp_path / "out"}')
+    assert_clean_error(proc, 'every training document', 'also held out', 'evaluate on other text')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_resume_refuses_other_data_held_out_pairs_or_loss_and_a_finished_run_drops_nothing(contrastive_run, tmp_path):
+    """Finding 6: --init_from=resume with another --eval_data and --scale went on silently (best.pt compared MRRs of
+    two held-out sets); resuming a run that ended normally said it dropped a record of an interrupted run."""
+    out = tmp_path / 'out'
+    shutil.copytree(contrastive_run / 'out', out)
+    other = write_rows(tmp_path / 'other.jsonl', [{'text': d} for d in topic_docs(40, seed=9)])
+    before = (out / 'metrics.jsonl').read_text()
+    for args, words in (([f'--eval_data={other}'], ['held-out pairs', 'best.pt was picked']),
+                        (['--scale=5.0'], ["the loss ({'scale': 20.0", "'scale': 5.0"]),
+                        (['--val_frac=0.3'], ['the training pairs']),
+                        ([f'--eval_data={other}', '--scale=5.0'], ['held-out pairs', 'the loss'])):
+        proc = contrastive_cli(contrastive_run, *CONTRASTIVE_RUN, f'--out_dir={out}', '--init_from=resume', '--max_iters=50', *args)
+        assert_clean_error(proc, "init_from='resume' but", *words, '--out_dir=NEW')
+        assert (out / 'metrics.jsonl').read_text() == before
+    proc = contrastive_cli(contrastive_run, *CONTRASTIVE_RUN, f'--out_dir={out}', '--init_from=resume', '--eval_interval=20')
+    assert proc.returncode == 0 and 'dropped' not in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # this stop's own pass: resuming with another model given first went on from the run's own weights, silently
+    other = shutil.copyfile(contrastive_run / 'start.pt', tmp_path / 'other.pt')
+    proc = contrastive_here(str(other), f'--dataset={contrastive_run / "corpus.jsonl"}', *CONTRASTIVE_RUN, f'--out_dir={out}',
+                            '--init_from=resume', '--max_iters=50')
+    assert_clean_error(proc, f"a run that started from {contrastive_run / 'start.pt'}, not from {other}")
+
+
+def test_an_extended_model_keeps_its_length_through_contrastive_training(contrastive_run, tmp_path):
+    """Finding 2: contrastive.py dropped what the checkpoint carries for the export (positions_extended): an
+    all-mpnet-base-v2 extended to 1,024 came out with max_seq_length 384 and model_max_length 512."""
+    ckpt = checkpoint.load_checkpoint(str(contrastive_run / 'start.pt'))
+    checkpoint.extend_checkpoint(ckpt, 96)
+    torch.save(ckpt, tmp_path / 'long.pt')
+    proc = contrastive_here(str(tmp_path / 'long.pt'), f'--dataset={contrastive_run / "corpus.jsonl"}', *CONTRASTIVE_RUN,
+                            '--max_iters=2', '--eval_interval=2', f'--out_dir={tmp_path / "out"}')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trained = checkpoint.load_checkpoint(str(tmp_path / 'out' / 'ckpt.pt'))
+    assert trained['positions_extended'] == [[64, 96]] and trained['model_args']['max_positions'] == 96
+    assert {k for k in checkpoint.EXPORT_KEYS if k != 'st_path'} <= set(trained)  # st_path: '' for a model without one
+    convert_hf.export(str(tmp_path / 'out' / 'ckpt.pt'), str(tmp_path / 'st'))
+    assert json.load(open(tmp_path / 'st' / 'sentence_bert_config.json'))['max_seq_length'] == 96
+    assert json.load(open(tmp_path / 'st' / 'tokenizer_config.json'))['model_max_length'] == 96
+
+
+def test_the_checkpoint_records_the_held_out_pairs_it_was_picked_on(contrastive_run):
+    """Finding 22 (contrastive side): a contrastive checkpoint did not record where its held-out text is, so
+    finetune.py --task=retrieval said it 'is not on this machine'. It now carries the pairs themselves."""
+    best = checkpoint.load_checkpoint(str(contrastive_run / 'out' / 'best.pt'))
+    held = best['heldout']
+    evals = contrastive_records(contrastive_run / 'out')[1]
+    assert held['ids'].shape[0] == 2 and held['ids'].size(1) > 100 and held['mask'].shape == held['ids'].shape
+    assert 'corpus.jsonl' in held['source'] and 'by content' in held['source']
+    assert f"evaluation: {held['ids'].size(1)} held-out pairs" in (contrastive_run / 'run.stdout').read_text()
+    model = checkpoint.model_from_checkpoint(best, 'best.pt')
+    assert finetune.retrieval_scores(model, held['ids'], held['mask'])['mrr'] == pytest.approx(
+        max(e['probe_mrr'] for e in evals), abs=1e-6)
+
+
+def contrastive_input_cases(tmp_path):
+    docs = topic_docs(300, seed=5)
+    rows = lambda name, r: write_rows(tmp_path / name, r)
+    bad = tmp_path / 'latin1.jsonl'
+    bad.write_bytes(b'{"text": "caf\xe9 ' + docs[0].encode() + b'"}\n')
+    import pyarrow as pa, pyarrow.parquet as pq
+    pq.write_table(pa.table({'text': [None if i % 5 == 0 else d for i, d in enumerate(docs)]}), tmp_path / 'nulls.parquet')
+    prepared = tmp_path / 'prep'
+    return [  # (finding, arguments, words of the one line; None: the run goes on, and the words are in its output)
+        (9, [f'--dataset={bad}'], ["latin1.jsonl' line 1 is not UTF-8", 'fix or remove that line']),
+        (11, [f"--dataset={rows('short.jsonl', [{'text': ' '.join(d.split()[:3])} for d in docs])}", '--pairs=simcse'],
+         ['the longest', '--eval_data=PAIRS.jsonl']),
+        (12, [f"--dataset={contrastive_run_corpus(tmp_path)}", '--val_frac=0.999'], ['val_frac=0.999 holds out every document', 'lower --val_frac']),
+        (13, [f"--eval_data={rows('one_pair.jsonl', [{'anchor': docs[0][:50], 'positive': docs[0][50:100]}])}"],
+         ["one_pair.jsonl' gives fewer than 2 held-out pairs", 'give more pairs']),
+        (14, [f"--dataset={rows('one_doc.jsonl', [{'text': docs[0]}] + [{'text': 'a b'}] * 30)}", '--val_frac=0.01'],
+         ['gives 1 training pair', 'a batch needs 2']),
+        (19, ['--init_from=elsewhere.pt'], ['two models', '--init_from=elsewhere.pt', 'give one']),
+        (19, [f'--data_dir={prepared}'], ['both name the raw text', 'give one']),
+        (20, ['--pairs=labelled', f"--dataset={rows('scored.jsonl', [dict(sentence1=d[:40], sentence2=d[40:80], score=i % 2) for i, d in enumerate(docs)])}"],
+         ["has a 'score' column (2 values: 0, 1)", 'every row as a positive', '--sts_data=']),
+        (16, ['--pairs=labelled', '--batch_size=4', '--mini_batch_size=5', '--max_iters=1', '--eval_interval=1',
+              f"--dataset={rows('triplets.jsonl', [dict(anchor=d[:40], positive=d[40:90], negative=e[:50]) for d, e in zip(docs, docs[1:])])}"],
+         None, ['4 a step (4 x 1 process, embedded 5 texts at a time)']),
+        (21, [f'--dataset={tmp_path / "nulls.parquet"}', '--max_iters=1', '--eval_interval=1'], None,
+         ["skipped 60 rows whose 'text' is null, blank or not text"]),
+        # this stop's own hostile pass: pairs whose positive is their anchor (a perfect held-out score, nothing learnt)
+        ('own', ['--pairs=labelled', f"--dataset={rows('itself.jsonl', [dict(anchor=d[:60], positive=d[:60]) for d in docs])}"],
+         ['every positive is the same text as its anchor']),
+        ('own', ['--pairs=labelled', '--max_iters=1', '--eval_interval=1', f"--dataset={rows('some_itself.jsonl', [dict(anchor=d[:60], positive=d[:60] if i % 3 == 0 else d[60:120]) for i, d in enumerate(docs)])}"],
+         None, ['; 100 whose positive is their anchor left out']),
+        # ... and a .txt file in latin-1: its bytes replaced without a word
+        ('own', [f"--dataset={latin1_txt(tmp_path, docs)}", '--max_iters=1', '--eval_interval=1'], None,
+         ['undecodable byte sequences in the .txt files', 'were replaced by U+FFFD']),
+    ]
+
+
+def latin1_txt(tmp_path, docs):
+    (tmp_path / 'latin1.txt').write_bytes('\n\n'.join(d.replace('a', '\xe9') for d in docs).encode('latin-1'))
+    return tmp_path / 'latin1.txt'
+
+
+def contrastive_run_corpus(tmp_path):
+    return write_rows(tmp_path / 'corpus.jsonl', [{'text': d} for d in topic_docs(100, seed=6)])
+
+
+@pytest.mark.parametrize('case', range(13))
+def test_contrastive_input_that_cannot_work_is_one_line_and_what_is_skipped_is_said(contrastive_run, tmp_path, monkeypatch, case):
+    """Findings 9, 11-14, 16, 19-21: a traceback, misleading advice, settings ignored without a word, a scored file
+    trained as positives, null rows skipped uncounted, and triplets refused a valid mini-batch."""
+    import datasets
+    monkeypatch.setattr(datasets.config, 'HF_DATASETS_CACHE', tmp_path / 'hf_cache')
+    finding, args, words, *said = contrastive_input_cases(tmp_path)[case]
+    out = tmp_path / 'out'
+    proc = contrastive_here(str(contrastive_run / 'start.pt'), f'--dataset={contrastive_run / "corpus.jsonl"}',
+                            *CONTRASTIVE_RUN, f'--out_dir={out}', *args)
+    if words is None:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert all(w in proc.stdout for w in said[0]), (finding, proc.stdout[-3000:])
+    else:
+        assert_clean_error(proc, *words)
+        assert not out.exists(), finding
+
+
 # ==============================================================================================
 # issue 27: finetune.py --task=beir: a BEIR folder scored as BEIR scores it (pytrec_eval's nDCG@10 and recall@100, BEIR's
 # MRR@10), an exact search that keeps memory bounded and ties in corpus order, and bad folders refused in one line
@@ -4693,24 +5644,31 @@ def test_beir_metrics_match_pytrec_eval():
     assert got['mrr@10'] == pytest.approx(sum(s['recip_rank'] for s in mrr10.values()) / len(mrr10), abs=1e-12)
 
 
-def reference_search(sim, k, same):
-    """Each row's k best columns by (score descending, column ascending), its own column left out: a Python sort."""
+def reference_search(sim, k, same, doc_ids=None):
+    """Each row's k best columns by (score descending, then column ascending, or with doc_ids, document id descending
+    in strcmp order: trec_eval's tie rule), its own column left out: a Python sort."""
     out = []
     for q, row in enumerate(sim.tolist()):
-        order = sorted((c for c in range(len(row)) if c != same[q]), key=lambda c: (-row[c], c))
-        out.append(order[:k])
+        cols = sorted((c for c in range(len(row)) if c != same[q]), key=(lambda c: doc_ids[c]) if doc_ids else None,
+                      reverse=bool(doc_ids))
+        out.append(sorted(cols, key=lambda c: -row[c])[:k])  # stable: ties stay in the tie order
     return out
 
 
+@pytest.mark.parametrize('by_id', [False, True])
 @pytest.mark.parametrize('k', [5, 100])
-def test_chunked_search_equals_a_whole_stable_sort_also_with_ties(k):
+def test_chunked_search_equals_a_whole_stable_sort_also_with_ties(k, by_id):
+    """Ties in corpus order (tie=None), or as pytrec_eval breaks them: by document id, descending (issue 40, finding 4)."""
     gen = torch.Generator().manual_seed(0)
     queries = torch.randint(-2, 3, (23, 4), generator=gen).float()  # few distinct dot products: ties everywhere
     corpus = torch.randint(-2, 3, (61, 4), generator=gen).float()
     same = [int(x) for x in torch.randint(-1, 61, (23,), generator=gen)]
-    want = reference_search(queries @ corpus.T, k, same)
+    doc_ids = [str(i) for i in torch.randperm(200, generator=gen)[:61].tolist()] if by_id else None  # '9' > '10' > '1'
+    want = reference_search(queries @ corpus.T, k, same, doc_ids)
+    tie = finetune.tie_order(doc_ids) if by_id else None
     for chunk, block in ((61, 1024), (7, 5), (1, 2)):
-        val, idx = finetune.beir_search(queries, (corpus[i:i + chunk] for i in range(0, 61, chunk)), k, same, block=block)
+        val, idx = finetune.beir_search(queries, (corpus[i:i + chunk] for i in range(0, 61, chunk)), k, same, block=block,
+                                        tie=tie)
         got = [[c for c, v in zip(r, vs) if v > -math.inf] for r, vs in zip(idx.tolist(), val.tolist())]
         assert got == want, (chunk, block)
         if k > 61:  # one slot per query left for the document left out

@@ -29,12 +29,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from checkpoint import (CheckpointError, checkpoint_bytes, claim_run_dir, exportable, extend_checkpoint, load_checkpoint,
-                        model_from_checkpoint, ranks_disagree, ready_run_dir, restore_random_state, run_summary, save_run,
-                        stop_on_signals, validation_key)
+from checkpoint import (CheckpointError, carried_for_export, checkpoint_bytes, claim_run_dir, exportable, extend_checkpoint,
+                        load_checkpoint, model_from_checkpoint, ranks_disagree, ready_run_dir, restore_random_state,
+                        run_summary, save_run, stop_on_signals, validation_key)
 from configurator import CHOICES, ConfigError, check_device, check_relations, configure
 from convert_hf import ConvertError, hf_to_checkpoint, read_tokenizer_files, sentence_pooling, tokenizer_files_of
-from finetune import Probe, TaskError
+from finetune import CollapsedError, Probe, TaskError
 from model import MPNet, MPNetConfig
 from permute import n_pred, permute_batch, vocab_tables
 from plot import BackgroundCurves
@@ -291,14 +291,19 @@ head_only_until = (ckpt.get('head_only_until', 0) if resuming else
 if master and head_only_until > iter_num:
     print(f'head warmup: until iter {head_only_until} only the new MLM head trains (lr {head_warmup_lr:g}), '
           f'then everything (head_warmup_iters=0 turns this off)')
-carried = {k: ckpt[k] for k in ('st_files', 'st_path', 'hf_extra', 'positions_extended') if ckpt is not None and k in ckpt}  # for export
+carried = {k: v for k, v in carried_for_export(ckpt).items() if k not in ('tokenizer_files', 'special_ids')}  # the data's own
 wandb_run_id = ckpt.get('wandb_run_id') if init_from == 'resume' else None  # a resumed run goes on logging there
 if master and init_from == 'resume':
     print(f'resuming from iter {iter_num} of {ckpt_path}' +
           (f" (val loss {ckpt['val_loss']:.4f})" if ckpt.get('val_loss') is not None else ''))
 probe_pooling = sentence_pooling(carried.get('st_files'))  # the probe pools as the sentence model does
-tokenizer_files = (read_tokenizer_files(meta['tokenizer']) if os.path.isdir(str(meta['tokenizer']))
-                   else tokenizer_files_of(meta['tokenizer'])) if master else {}
+tokenizer_files, tok_error = {}, None
+try:  # rank 0 writes the checkpoints that carry them
+    tokenizer_files = (read_tokenizer_files(meta['tokenizer']) if os.path.isdir(str(meta['tokenizer']))
+                       else tokenizer_files_of(meta['tokenizer'])) if master else {}
+except (ConvertError, OSError) as e:  # e.g. a full temp folder
+    tok_error = f'cannot read the tokenizer files the checkpoints carry: {e}'
+stop_unless_ranks_agree(None, tok_error, 'tokenizer')
 special_ids = dict(bos_token_id=meta['bos_id'], pad_token_id=meta['pad_id'], eos_token_id=meta['eos_id'])
 ckpt = None  # free the memory
 metrics_path = os.path.join(out_dir, 'metrics.jsonl')
@@ -372,8 +377,12 @@ def evaluate():
 
 
 def embedding_probe():
+    """The probe's numbers, or None for a model that gives every text the same embedding (no score is meaningful;
+    the validation loss still judges the run)."""
     try:
         return probe_pairs(raw_model, probe_pooling, device, autocast)
+    except CollapsedError:
+        return None
     except TaskError as e:
         die(f'probe at iter {iter_num}: {e}: nothing saved; {kept()} (lower learning_rate, or check the data)')
 
@@ -490,13 +499,15 @@ while True:
         record = dict(iter=iter_num, val_loss=val_loss, val_acc=val_acc, objective=objective, **by_position)  # plot.py compares runs
         if probe:
             scores = embedding_probe()
-            record.update(probe_found=scores['acc1'], probe_mrr=scores['mrr'], probe_cos=scores['unrelated_cos'])
+            if scores:
+                record.update(probe_found=scores['acc1'], probe_mrr=scores['mrr'], probe_cos=scores['unrelated_cos'])
         if master:
             print(f'iter {iter_num}: val loss {val_loss:.4f}' + (f" (positions < {short}: {by_position['val_loss_near']:.4f}, "
                   f">= {short}: {by_position['val_loss_far']:.4f})" if by_position else '') +
                   f', val acc {val_acc:.4f}, best {best_val_loss:.4f}' +
                   (f", probe: {record['probe_found']:.3f} of halves find their other half (MRR "
                    f"{record['probe_mrr']:.3f}, {probe_pairs.n} pairs), unrelated cosine {record['probe_cos']:.3f}"
+                   if probe and scores else ', probe: no score (every text gets the same embedding: collapsed)'
                    if probe else ''))
         log(record)
         snapshot_due = snapshot_interval and iter_num % snapshot_interval == 0
