@@ -292,13 +292,14 @@ def raw_text(tok, eos):
             raise data.DataError(f"'{dataset}' holds no text" + (f" in '{text_field}' (--text_field names the column)"
                                                                    if skipped else ''))
         tokens, docs = encode(tok, texts)
-        ids = digests(tokens, docs)
-        out = data._uniform(ids, SPLIT_SEED) < (0 if eval_data else val_frac)
+        ids = digests(tokens, docs)  # what the model sees: equal texts are equal tokens
+        # data.py's rule on the text itself (the same split whatever the tokenizer, as prepare draws it)
+        out = data._uniform(data.text_digests(texts), SPLIT_SEED) < (0 if eval_data else val_frac)
         first = np.zeros(len(docs), bool)
         first[np.unique(ids, return_index=True)[1]] = True  # a text given twice is held out (and evaluated) once
         held = np.concatenate([x for a, b in docs[out & first] for x in (tokens[a:b], [eos])]) if out.any() else None
         held_ids = set(ids[out].tolist())
-        if out.all():
+        if out.all() and text_pairs(docs).shape[1]:  # (none long enough: said as such by load)
             raise data.DataError(f"val_frac={val_frac} holds out every document of '{dataset}' ({len(docs):,}): lower "
                                  f"--val_frac, or give --eval_data=FILE and train on all of it")
         if out.any() and not eval_data:
@@ -310,7 +311,7 @@ def raw_text(tok, eos):
     if not keep.all():
         said.append(f"dropped {int((~keep).sum()):,} training documents whose text is also held out (in "
                     f"{eval_data or os.path.join(data_dir, 'val.bin')}): held-out text is never trained on")
-    if not keep.any():
+    if len(docs) and not keep.any():
         raise data.DataError(f"every training document of '{data_dir or dataset}' is also held out"
                              + (f" in --eval_data='{eval_data}'" if eval_data else '') + ": nothing is left to train on; "
                              "evaluate on other text than you train on")
