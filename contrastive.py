@@ -39,7 +39,7 @@ from torch.nn import functional as F
 from torch.nn.attention import sdpa_kernel
 
 import data
-import finetune
+import evaluation
 from checkpoint import (CheckpointError, carried_for_export, check_free_space, checkpoint_bytes, claim_run_dir, exportable,
                         model_from_checkpoint, mend_resumed_run, replace_run, run_summary, save_run, stop_on_signals)
 from configurator import ConfigError, check_device, configure
@@ -119,7 +119,7 @@ def collate(seqs, bos, eos, device='cpu'):
 
 def embed(model, seqs, special, pooling, autocast=nullcontext()):
     """Sentence embeddings [N, C] (fp32, not normalised) of token arrays: <s> ('cls') or the mean over the text
-    and its <s> </s> ('mean'), as sentence-transformers pools (and finetune.pool, which adds no autograd)."""
+    and its <s> </s> ('mean'), as sentence-transformers pools (and evaluation.pool, which adds no autograd)."""
     ids, mask = collate(seqs, *special, device=next(model.parameters()).device)
     with autocast:
         h = model.encode(ids, mask)
@@ -222,14 +222,14 @@ def labelled_pairs(path, tok):
     """(tokens, spans) of a file of pairs or triplets, its columns picked as sentence-transformers does: by the
     names it knows, else in order. A file whose score or label column says some rows are not positives is refused:
     every row trains as a positive."""
-    rows = finetune.read_rows(path)
+    rows = evaluation.read_rows(path)
     columns = [c for c in (rows[0][1] if rows else {}) if c not in NOT_TEXT]
     scored = [c for c in (rows[0][1] if rows else {}) if c in NOT_TEXT[:4]]
     values = sorted({str(r.get(scored[0])) for _, r in rows}) if scored else []
     # sentence-transformers' MNRL takes (anchor, positive) rows only: scores or labels that differ (or all say 0)
     # belong to other losses; a label that is the same positive value on every row says nothing
-    if len(values) > 1 or values and float(finetune.number(values[0]) or 0) <= 0:
-        raise finetune.TaskError(
+    if len(values) > 1 or values and float(evaluation.number(values[0]) or 0) <= 0:
+        raise evaluation.TaskError(
             f"'{path}' has a '{scored[0]}' column ({len(values)} value{'s' * (len(values) != 1)}: "
             f"{', '.join(values[:5])}{', ...' * (len(values) > 5)}): contrastive.py trains every row as a positive pair; "
             f"keep only the positive rows and drop the column (a scored file is for evaluation: --sts_data=)")
@@ -238,18 +238,18 @@ def labelled_pairs(path, tok):
               if anchor_field or positive_field or named[0] and named[1] else (columns + ['', ''])[:3])
     picked = [(c, role) for c, role in zip(picked, COLUMNS) if c]
     if len(picked) < 2:
-        raise finetune.TaskError(
+        raise evaluation.TaskError(
             f"'{path}' has {len(columns)} text column{'s' * (len(columns) != 1)} ({', '.join(columns) or 'none'}): a pair "
             f"needs two (anchor/positive, sentence1/sentence2 or query/document; --anchor_field= and --positive_field= "
             f"name others); for raw text, build the pairs from it with --pairs=halves or --pairs=simcse")
-    tokens, spans = encode(tok, [finetune.text(path, line, r, c, f'{role}_field') for c, role in picked for line, r in rows])
+    tokens, spans = encode(tok, [evaluation.text(path, line, r, c, f'{role}_field') for c, role in picked for line, r in rows])
     for i in np.flatnonzero(spans[:, 1] == spans[:, 0])[:1]:
-        raise finetune.TaskError(f"'{path}', line {rows[i % len(rows)][0]}: '{picked[i // len(rows)][0]}' has no tokens")
+        raise evaluation.TaskError(f"'{path}', line {rows[i % len(rows)][0]}: '{picked[i // len(rows)][0]}' has no tokens")
     spans = spans.reshape(len(picked), len(rows), 2)
     ids = digests(tokens, clip(spans))
     itself = ids[0] == ids[1]  # a positive that is its anchor (as the model sees them) teaches nothing and scores 1
     if itself.all():
-        raise finetune.TaskError(f"'{path}': every {picked[1][0]} is the same text as its {picked[0][0]} (within max_len "
+        raise evaluation.TaskError(f"'{path}': every {picked[1][0]} is the same text as its {picked[0][0]} (within max_len "
                                  f"{max_len}): a pair needs two different texts that mean the same")
     print(f"{path}: {len(rows):,} {'triplets' if len(picked) == 3 else 'pairs'} ({' / '.join(c for c, _ in picked)})" +
           (f"; {int(itself.sum()):,} whose {picked[1][0]} is their {picked[0][0]} left out (they teach nothing)"
@@ -330,7 +330,7 @@ def heldout_texts(tok, eos):
 
 def is_pairs_file(path):
     """Whether --eval_data is a file of pairs (.csv/.tsv, or .jsonl rows without the text field) or of documents."""
-    first = finetune.read_rows(path)[:1] if path.endswith('.jsonl') else []
+    first = evaluation.read_rows(path)[:1] if path.endswith('.jsonl') else []
     return path.endswith(('.csv', '.tsv')) or bool(first) and text_field not in first[0][1]
 
 
@@ -428,11 +428,11 @@ def load(tok, special, ckpt, name, GB):
     if pairs == 'labelled':
         tokens, spans = labelled_pairs(dataset, tok)
         held_ids = heldout_texts(tok, special[1]) if eval_data else ()
-        spans, evaluation, dropped = heldout_pairs(tokens, spans, special, held_ids=held_ids)
+        spans, eval_set, dropped = heldout_pairs(tokens, spans, special, held_ids=held_ids)
         said = [f"dropped {dropped:,} training pairs holding a held-out text ({eval_data or 'val_frac'}): held-out "
                 f"text is never trained on"] if dropped else []
         if not spans.shape[1]:
-            raise finetune.TaskError(f"every pair of '{dataset}' is held out" + (
+            raise evaluation.TaskError(f"every pair of '{dataset}' is held out" + (
                 f" or shares a text with --eval_data='{eval_data}'" if eval_data else f" (val_frac={val_frac})") +
                 ": nothing is left to train on; lower --val_frac, or evaluate on other text than you train on")
     else:
@@ -441,27 +441,28 @@ def load(tok, special, ckpt, name, GB):
         if not spans.shape[1]:
             raise data.DataError(f"no training document of '{source}' has {2 * MIN_HALF} tokens or more to split into "
                                  f"halves: give longer documents (--txt_split=file for .txt files), or use --pairs=simcse")
-        evaluation = data.probe_pairs([held], *special, 1, eval_pairs, max_len=max_len - 2) if held is not None else None
+        eval_set = data.probe_pairs([held], *special, 1, eval_pairs, max_len=max_len - 2) if held is not None else None
     if spans.shape[1] < 2:
-        raise finetune.TaskError(f"'{source}' gives {spans.shape[1]} training pair" + (
+        raise evaluation.TaskError(f"'{source}' gives {spans.shape[1]} training pair" + (
             f" once val_frac={val_frac} is held out" if val_frac and not eval_data and not data_dir else '') +
             ": a batch needs 2 or more (the other pairs of a batch are each pair's negatives): give more text" +
             (", or lower --val_frac" if val_frac and not eval_data and not data_dir else ''))
     for k in (0, 1):
         if len(set(text_ids(tokens, spans[k:k + 1])[0].tolist())) < 2:
-            raise finetune.TaskError(f"every {('anchor', 'positive')[k]} text of '{source}' is the same: no "
+            raise evaluation.TaskError(f"every {('anchor', 'positive')[k]} text of '{source}' is the same: no "
                                      f"pair of a batch has a negative (the texts of the other pairs)")
     if eval_data:  # a pairs file, or documents (read as finetune.py --task=retrieval reads them: their halves)
         if is_pairs_file(eval_data):
-            evaluation = heldout_pairs(*labelled_pairs(eval_data, tok), special, eval_pairs)[1]
+            eval_set = heldout_pairs(*labelled_pairs(eval_data, tok), special, eval_pairs)[1]
         else:
-            evaluation = finetune.retrieval_pairs(ckpt, tok, name)
-        if evaluation is None or evaluation[0].size(1) < 2:
-            raise finetune.TaskError(f"--eval_data='{eval_data}' gives fewer than 2 "
+            eval_set = evaluation.retrieval_pairs(ckpt, tok, name, eval_data=eval_data, max_len=max_len,
+                                                  max_pairs=eval_pairs, text_field=text_field)
+        if eval_set is None or eval_set[0].size(1) < 2:
+            raise evaluation.TaskError(f"--eval_data='{eval_data}' gives fewer than 2 "
                                      f"held-out pairs with distinct texts: retrieval needs 2 or more; give more pairs "
                                      f"(or documents of {2 * MIN_HALF}+ tokens)")
-    if evaluation is None or evaluation[0].size(1) < 2:
-        n = 0 if evaluation is None else evaluation[0].size(1)
+    if eval_set is None or eval_set[0].size(1) < 2:
+        n = 0 if eval_set is None else eval_set[0].size(1)
         if pairs == 'labelled':
             why = f"val_frac={val_frac} holds out {n} pair(s) with distinct texts: raise --val_frac"
         elif held is None:
@@ -474,12 +475,12 @@ def load(tok, special, ckpt, name, GB):
                        f"and no document of '{source}' is that long (the longest: {longest} tokens): give pairs to "
                        f"evaluate on with --eval_data=PAIRS.jsonl (anchor, positive)" if longest < 2 * MIN_HALF else
                        "2 or more are needed: raise --val_frac"))
-        raise finetune.TaskError(f"too little to evaluate on: {why}, or give --eval_data=FILE (documents, or pairs)")
+        raise evaluation.TaskError(f"too little to evaluate on: {why}, or give --eval_data=FILE (documents, or pairs)")
     if spans.shape[1] < GB:
-        raise finetune.TaskError(f'{spans.shape[1]:,} training pairs, fewer than one batch of {GB:,} (batch_size x '
+        raise evaluation.TaskError(f'{spans.shape[1]:,} training pairs, fewer than one batch of {GB:,} (batch_size x '
                                  f'processes): lower batch_size')
-    sts = finetune.sts_pairs(sts_data) if sts_data else None
-    return tokens, spans, evaluation, sts, said
+    sts = evaluation.sts_pairs(sts_data) if sts_data else None
+    return tokens, spans, eval_set, sts, said
 
 
 # -----------------------------------------------------------------------------------------------
@@ -538,30 +539,28 @@ def main(argv):
         die('batch_size=1: a batch of one pair has no negatives (the other pairs of a batch are its negatives): '
             'use batch_size >= 2')
     ckpt_path, metrics_path = (os.path.join(out_dir, n) for n in ('ckpt.pt', 'metrics.jsonl'))
-    finetune.tokenizer, finetune.max_len, finetune.eval_data, finetune.text_field, finetune.max_pairs = (
-        tokenizer, max_len, eval_data, text_field, eval_pairs)  # what its readers and scores read
     error, name = None, ckpt_path if resume else init_from
     try:  # everything is checked before anything is written
         if resume and not os.path.isfile(ckpt_path):
             raise CheckpointError(f"init_from='resume' but {ckpt_path} does not exist: set --out_dir to the run's folder")
-        ckpt, tok = finetune.load_model(name)
+        ckpt, tok = evaluation.load_model(name, tokenizer)
         if resume and 'data_pos' not in ckpt:
             raise CheckpointError(f"{ckpt_path} was not written by contrastive.py: start a new run from it instead")
         if max_len > ckpt['model_args']['max_positions']:
-            raise finetune.TaskError(f"max_len {max_len} exceeds the model's max_positions {ckpt['model_args']['max_positions']}")
+            raise evaluation.TaskError(f"max_len {max_len} exceeds the model's max_positions {ckpt['model_args']['max_positions']}")
         special = tuple(data._special_ids(tok)[k] for k in ('bos_id', 'eos_id'))
-        tokens, spans, evaluation, sts, said = load(tok, special, ckpt, name, GB)
+        tokens, spans, eval_set, sts, said = load(tok, special, ckpt, name, GB)
         if mini_batch_size > len(spans) * batch_size:  # texts, not pairs: K texts a pair
-            raise finetune.TaskError(
+            raise evaluation.TaskError(
                 f"mini_batch_size ({mini_batch_size}) is larger than a step's {len(spans) * batch_size} texts on each "
                 f"process ({len(spans)} x batch_size {batch_size}): use at most that (0 = no gradient caching)")
         # what the run is: its training pairs, its held-out pairs (which best.pt's MRR is measured on), its loss
         fingerprint = dict(tokenizer=data.tokenizer_fingerprint(tok), pairs=f'{spans.shape[1]} x {digest(clip(spans))}',
                            loss=dict(scale=scale, symmetric=symmetric))
-        key = f'contrastive: held-out pairs {digest(evaluation[0].numpy())}'  # the measure is MRR: scale plays no part
+        key = f'contrastive: held-out pairs {digest(eval_set[0].numpy())}'  # the measure is MRR: scale plays no part
         if resume:
             check_resume(ckpt, fingerprint, key, ckpt_path, models[0] if models else None)
-    except (CheckpointError, ConvertError, data.DataError, finetune.TaskError) as e:
+    except (CheckpointError, ConvertError, data.DataError, evaluation.TaskError) as e:
         error = str(e)
     agree(error)
     model_args = {**ckpt['model_args'], 'dropout': dropout, 'attn_dropout': dropout}
@@ -577,7 +576,7 @@ def main(argv):
                       special_ids=ckpt.get('special_ids') or dict(bos_token_id=special[0], pad_token_id=1,
                                                                   eos_token_id=special[1]))}
     pooling = sentence_pooling(carried['st_files'])  # as the sentence-transformers model pools (mean if new)
-    heldout = dict(ids=evaluation[0], mask=evaluation[1], source=eval_data or (
+    heldout = dict(ids=eval_set[0], mask=eval_set[1], source=eval_data or (
         f'{data_dir}/val.bin' if data_dir else f'{dataset} (val_frac={val_frac}, held out by content)'))  # finetune.py's
     if master:
         print('config:\n' + '\n'.join(f'  {k} = {config[k]!r}' for k in config_keys))
@@ -586,7 +585,7 @@ def main(argv):
         print(f"{spans.shape[1]:,} training {'triplets' if len(spans) == 3 else 'pairs'} ({pairs}), {GB:,} a step "
               f"({batch_size} x {world} process{'es' * (world > 1)}"
               f"{f', embedded {mini_batch_size} texts at a time' if mini_batch_size else ''}); {pooling} pooling; "
-              f"evaluation: {evaluation[0].size(1)} held-out pairs" + (f', {len(sts)} STS pairs' if sts else ''))
+              f"evaluation: {eval_set[0].size(1)} held-out pairs" + (f', {len(sts)} STS pairs' if sts else ''))
 
     start_file = init_from if os.path.isfile(init_from) else None  # the checkpoint this run starts from (it may move)
     started_from = ckpt.get('started_from') if resume else os.path.abspath(init_from) if os.path.exists(init_from) else init_from
@@ -635,11 +634,11 @@ def main(argv):
         """Held-out retrieval as finetune.py --task=retrieval scores it, the InfoNCE of all held-out pairs at once, STS;
         under train.py's probe names, which plot.py draws. Rank 0's numbers decide for every rank."""
         model.eval()  # the held-out pairs embedded once: their InfoNCE and their ranking
-        first, second = finetune.pool(model, evaluation[0].flatten(0, 1).to(dev), evaluation[1].flatten(0, 1).to(dev),
-                                      pooling, autocast).view(2, evaluation[0].size(1), -1)
+        first, second = evaluation.pool(model, eval_set[0].flatten(0, 1).to(dev), eval_set[1].flatten(0, 1).to(dev),
+                                      pooling, autocast).view(2, eval_set[0].size(1), -1)
         val_loss = F.cross_entropy(scale * first @ second.T, torch.arange(first.size(0), device=dev)).item()
-        found = finetune.ranking(first, second)
-        rho = finetune.sts_scores(model, tok, sts, pooling, dev, autocast)['spearman'] if sts else math.nan
+        found = evaluation.ranking(first, second)
+        rho = evaluation.sts_scores(model, tok, sts, pooling, dev, autocast, max_len)['spearman'] if sts else math.nan
         model.train()
         numbers = torch.tensor([val_loss, found['acc1'], found['mrr'], found['unrelated_cos'], rho], dtype=torch.float64)
         if ddp:
@@ -647,7 +646,7 @@ def main(argv):
         record = dict(iter=iter_num, val_loss=numbers[0].item(), probe_found=numbers[1].item(),
                       probe_mrr=numbers[2].item(), probe_cos=numbers[3].item(), objective='contrastive')
         # an undefined Spearman (every pair the same cosine) is null in the log, never NaN
-        return {**record, 'sts_spearman': finetune.defined(numbers[4].item())} if sts else record
+        return {**record, 'sts_spearman': evaluation.defined(numbers[4].item())} if sts else record
 
     def kept():
         """Which files hold what, for every line that ends the run (checkpoint.run_summary, as train.py says it)."""
@@ -691,7 +690,7 @@ def main(argv):
         if iter_num % eval_interval == 0 or iter_num == max_iters:
             try:
                 record = evaluate()
-            except finetune.TaskError as e:  # NaN embeddings, or a model that gives every text the same one
+            except evaluation.TaskError as e:  # NaN embeddings, or a model that gives every text the same one
                 die(f'{e} (step {iter_num}): not saved; {kept()}')
             improved = record['probe_mrr'] > best_mrr and iter_num > start_iter
             if iter_num > start_iter or not resume:  # a new run's starting model is the first to beat
@@ -699,8 +698,8 @@ def main(argv):
             best_iter = iter_num if improved else best_iter
             if master:
                 print(f"step {iter_num}: held-out MRR {record['probe_mrr']:.4f} (top-1 {record['probe_found']:.3f}, "
-                      f"{evaluation[0].size(1)} pairs), InfoNCE {record['val_loss']:.4f}, unrelated cosine "
-                      f"{record['probe_cos']:.3f}" + (f", STS Spearman {finetune.shown(record['sts_spearman'])}" if sts else ''))
+                      f"{eval_set[0].size(1)} pairs), InfoNCE {record['val_loss']:.4f}, unrelated cosine "
+                      f"{record['probe_cos']:.3f}" + (f", STS Spearman {evaluation.shown(record['sts_spearman'])}" if sts else ''))
             log(record)
             if iter_num > start_iter:
                 save(record, improved)

@@ -59,6 +59,7 @@ import checkpoint
 import configurator
 import contrastive
 import convert_hf
+import evaluation
 import finetune
 import plot
 
@@ -3822,15 +3823,15 @@ def test_head_and_classifier_match_transformers():
 
 def test_metrics_on_hand_computed_examples():
     pred, gold = [1, 1, 0, 0, 1, 0], [1, 0, 0, 1, 1, 0]  # tp 2, fp 1, fn 1, tn 2
-    assert finetune.accuracy(pred, gold) == pytest.approx(4 / 6)
-    assert finetune.f1(pred, gold) == pytest.approx(2 * 2 / (3 + 3))
-    assert finetune.matthews(pred, gold) == pytest.approx((2 * 2 - 1 * 1) / 9)  # sqrt(3*3*3*3)
-    assert math.isnan(finetune.matthews([1, 1, 1], [1, 0, 1]))  # one predicted class: undefined, never a 0 (issue 26)
-    assert finetune.pearson([1, 2, 3], [2, 4, 6.5]) == pytest.approx(4.5 / math.sqrt(2 * 61 / 6))  # centred: -1 0 1; -13/6 -1/6 14/6
+    assert evaluation.accuracy(pred, gold) == pytest.approx(4 / 6)
+    assert evaluation.f1(pred, gold) == pytest.approx(2 * 2 / (3 + 3))
+    assert evaluation.matthews(pred, gold) == pytest.approx((2 * 2 - 1 * 1) / 9)  # sqrt(3*3*3*3)
+    assert math.isnan(evaluation.matthews([1, 1, 1], [1, 0, 1]))  # one predicted class: undefined, never a 0 (issue 26)
+    assert evaluation.pearson([1, 2, 3], [2, 4, 6.5]) == pytest.approx(4.5 / math.sqrt(2 * 61 / 6))  # centred: -1 0 1; -13/6 -1/6 14/6
     # ranks with ties: x -> 1, 2.5, 2.5, 4; y -> 1, 2, 3, 4; rho = 4.5 / sqrt(4.5 * 5)
-    assert list(finetune.ranks([1, 5, 5, 9])) == [1, 2.5, 2.5, 4]
-    assert finetune.spearman([1, 5, 5, 9], [0, 1, 2, 3]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
-    assert finetune.scores(('f1', 'accuracy'), pred, gold)['score'] == pytest.approx((4 / 6 + 4 / 6) / 2)
+    assert list(evaluation.ranks([1, 5, 5, 9])) == [1, 2.5, 2.5, 4]
+    assert evaluation.spearman([1, 5, 5, 9], [0, 1, 2, 3]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+    assert evaluation.scores(('f1', 'accuracy'), pred, gold)['score'] == pytest.approx((4 / 6 + 4 / 6) / 2)
 
 
 def test_metrics_match_scipy_and_sklearn():
@@ -3839,22 +3840,22 @@ def test_metrics_match_scipy_and_sklearn():
     rng = np.random.default_rng(0)
     for _ in range(5):
         gold, pred = rng.integers(0, 2, 97), rng.integers(0, 2, 97)
-        assert finetune.accuracy(pred, gold) == pytest.approx(metrics.accuracy_score(gold, pred))
-        assert finetune.f1(pred, gold) == pytest.approx(metrics.f1_score(gold, pred))
-        assert finetune.matthews(pred, gold) == pytest.approx(metrics.matthews_corrcoef(gold, pred))
+        assert evaluation.accuracy(pred, gold) == pytest.approx(metrics.accuracy_score(gold, pred))
+        assert evaluation.f1(pred, gold) == pytest.approx(metrics.f1_score(gold, pred))
+        assert evaluation.matthews(pred, gold) == pytest.approx(metrics.matthews_corrcoef(gold, pred))
         x, y = rng.normal(size=53), rng.integers(0, 6, 53)  # y with many ties, as STS-B's scores
         x[:10] = x[10:20]  # ties in x too
-        assert finetune.pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0])
-        assert finetune.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0])
+        assert evaluation.pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0])
+        assert evaluation.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0])
 
 
 def test_max_train_keeps_a_fixed_random_subset_not_the_first_rows():
     examples = [(f'text {i}', None, i // 100) for i in range(1300)]  # sorted by label, as pydocs' file is
-    got = finetune.subset(examples, 48)
-    assert len(got) == 48 and got == finetune.subset(examples, 48)  # the same subset in every run and seed
+    got = evaluation.subset(examples, 48)
+    assert len(got) == 48 and got == evaluation.subset(examples, 48)  # the same subset in every run and seed
     assert got == sorted(got, key=lambda e: int(e[0].split()[1]))  # in the file's order
     assert len({e[2] for e in got}) >= 8  # first 48 rows would be label 0 alone
-    assert finetune.subset(examples, 0) is examples and finetune.subset(examples, 5000) is examples
+    assert evaluation.subset(examples, 0) is examples and evaluation.subset(examples, 5000) is examples
 
 
 # -----------------------------------------------------------------------------------------------
@@ -3883,11 +3884,11 @@ def test_pairs_are_encoded_as_hf_mpnet_does_and_batches_are_length_sorted(tiny):
     a, b = (tiny.tok(t, add_special_tokens=False)['input_ids'] for t in ('a cat', 'the dog'))
     assert ids == [bos, *a, eos, eos, *b, eos]  # <s> a </s></s> b </s>
     lengths = [random.Random(i).randint(3, 60) for i in range(500)]
-    got = finetune.batches(lengths, 16, np.random.default_rng(0))
+    got = evaluation.batches(lengths, 16, np.random.default_rng(0))
     assert sorted(np.concatenate(got).tolist()) == list(range(500))  # each example once
     padding = sum(16 * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in got[:-1])
     assert padding < 0.1 * sum(lengths)  # length-sorted buckets: little padding
-    assert got[0].tolist() != finetune.batches(lengths, 16, np.random.default_rng(1))[0].tolist()
+    assert got[0].tolist() != evaluation.batches(lengths, 16, np.random.default_rng(1))[0].tolist()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -3911,7 +3912,7 @@ def test_retrieval_scores_against_a_loop_and_a_known_answer(pooling):
     docs = [[rng.randrange(5, 101) for _ in range(rng.randrange(32, 70))] for _ in range(13)]
     ids, mask = data.probe_pairs([np.array([t for d in docs for t in (*d, 2)])], 0, 2, 1, 1000, max_len=40)
     assert ids.shape[:2] == (2, 13)  # every document of 32 tokens or more gives a pair
-    got = finetune.retrieval_scores(model, ids, mask, pooling)
+    got = evaluation.retrieval_scores(model, ids, mask, pooling)
     halves = [[row[m.bool()].tolist() for row, m in zip(ids[s], mask[s])] for s in (0, 1)]
     first, second = (torch.stack([reference_embedding(model, h, pooling) for h in hs]) for hs in halves)
     sim = first @ second.T
@@ -3921,7 +3922,7 @@ def test_retrieval_scores_against_a_loop_and_a_known_answer(pooling):
     assert got['acc1'] == pytest.approx(np.mean([r == 1 for r in rank]))
     assert got['mrr'] == pytest.approx(np.mean([1 / r for r in rank]), abs=1e-6)
     assert got['unrelated_cos'] == pytest.approx(((sim.sum() - sim.trace()) / (13 * 12)).item(), abs=1e-5)
-    same = finetune.retrieval_scores(model, torch.stack([ids[0], ids[0]]), torch.stack([mask[0], mask[0]]), pooling)
+    same = evaluation.retrieval_scores(model, torch.stack([ids[0], ids[0]]), torch.stack([mask[0], mask[0]]), pooling)
     assert same['acc1'] == 1.0 and same['mrr'] == 1.0  # a half finds itself first
 
 
@@ -3933,7 +3934,7 @@ def test_sts_scores_and_retrieval_from_the_command_line(tiny, tmp_path):
     cos = [float(reference_embedding(model, tiny.tok(a)['input_ids'], 'mean') @
                  reference_embedding(model, tiny.tok(b)['input_ids'], 'mean')) for a, b in pairs]
     scored = [(a, b, 5 * c) for (a, b), c in zip(pairs, cos)]  # human scores that are the cosines: rho = 1
-    got = finetune.sts_scores(model, tiny.tok, scored, 'mean', 'cpu')
+    got = evaluation.sts_scores(model, tiny.tok, scored, 'mean', 'cpu')
     assert got['spearman'] == pytest.approx(1.0) and got['pearson'] == pytest.approx(1.0, abs=1e-5)
     docs = tmp_path / 'docs.jsonl'
     docs.write_text(''.join(json.dumps({'text': e[0]}) + '\n' for e in tiny.task['splits']['test']))
@@ -4082,22 +4083,22 @@ FAST = ('--epochs=1', '--max_len=32', '--batch_size=8')
 def test_undefined_metrics_are_nan_and_defined_ones_match_scipy_and_sklearn():
     stats = pytest.importorskip('scipy.stats')
     metrics = pytest.importorskip('sklearn.metrics')
-    assert math.isnan(finetune.pearson([1, 2, 3], [2, 2, 2]))  # a constant side: no correlation to speak of
-    assert math.isnan(finetune.spearman([3, 3, 3], [1, 2, 3]))
-    assert math.isnan(finetune.matthews([1, 1, 1], [1, 0, 1]))  # one predicted class (sklearn's convention: 0)
-    assert math.isnan(finetune.f1([0, 0, 0], [0, 0, 0]))  # no positive on either side
-    assert math.isnan(finetune.scores(('accuracy', 'f1'), [0, 0], [0, 0])['score'])  # a mean with an undefined part
-    assert finetune.f1([1, 0, 0], [0, 1, 0]) == 0.0 == metrics.f1_score([0, 1, 0], [1, 0, 0])  # defined: 0
+    assert math.isnan(evaluation.pearson([1, 2, 3], [2, 2, 2]))  # a constant side: no correlation to speak of
+    assert math.isnan(evaluation.spearman([3, 3, 3], [1, 2, 3]))
+    assert math.isnan(evaluation.matthews([1, 1, 1], [1, 0, 1]))  # one predicted class (sklearn's convention: 0)
+    assert math.isnan(evaluation.f1([0, 0, 0], [0, 0, 0]))  # no positive on either side
+    assert math.isnan(evaluation.scores(('accuracy', 'f1'), [0, 0], [0, 0])['score'])  # a mean with an undefined part
+    assert evaluation.f1([1, 0, 0], [0, 1, 0]) == 0.0 == metrics.f1_score([0, 1, 0], [1, 0, 0])  # defined: 0
     rng = np.random.default_rng(1)
     for _ in range(5):  # where defined, still scipy's and sklearn's numbers
         gold, pred = rng.integers(0, 2, 41), rng.integers(0, 2, 41)
-        assert finetune.f1(pred, gold) == pytest.approx(metrics.f1_score(gold, pred))
-        assert finetune.matthews(pred, gold) == pytest.approx(metrics.matthews_corrcoef(gold, pred))
+        assert evaluation.f1(pred, gold) == pytest.approx(metrics.f1_score(gold, pred))
+        assert evaluation.matthews(pred, gold) == pytest.approx(metrics.matthews_corrcoef(gold, pred))
         x, y = rng.normal(size=41), rng.integers(0, 5, 41)
-        assert finetune.pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0])
-        assert finetune.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0])
-    assert finetune.defined({'a': math.nan, 'b': [1.0, math.nan]}) == {'a': None, 'b': [1.0, None]}
-    assert finetune.shown(math.nan) == finetune.shown(None) == 'undefined'
+        assert evaluation.pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0])
+        assert evaluation.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0])
+    assert evaluation.defined({'a': math.nan, 'b': [1.0, math.nan]}) == {'a': None, 'b': [1.0, None]}
+    assert evaluation.shown(math.nan) == evaluation.shown(None) == 'undefined'
 
 
 def test_sts_scores_all_equal_are_refused_before_any_model_work(tiny, tmp_path):
@@ -4148,7 +4149,7 @@ def test_non_finite_labels_are_refused_in_every_problem(tiny, tmp_path):
         assert_clean_error(proc, 'train.csv', 'line 42', '"nan"')
     jsonl = write(tmp_path / 't.jsonl', ''.join(json.dumps(dict(text=f'text {i}', label=i % 2)) + '\n' for i in range(30)) +
                   '{"text": "a text", "label": NaN}\n')
-    with pytest.raises(finetune.TaskError, match='line 31'):
+    with pytest.raises(evaluation.TaskError, match='line 31'):
         finetune.local_task(jsonl)
 
 
@@ -4161,11 +4162,11 @@ def test_non_finite_embeddings_are_an_error_in_retrieval_and_sts(tiny):
         model.blocks[0].ln_1.bias[0] = float('nan')
     ids = torch.randint(5, len(tiny.tok), (2, 6, 20))
     error = getattr(finetune, 'NonFiniteError', ())  # train.py's probe catches it (a TaskError)
-    with pytest.raises(finetune.TaskError, match='non-finite') as e:
-        finetune.retrieval_scores(model.train(), ids, torch.ones_like(ids))
+    with pytest.raises(evaluation.TaskError, match='non-finite') as e:
+        evaluation.retrieval_scores(model.train(), ids, torch.ones_like(ids))
     assert isinstance(e.value, error) and model.training  # the caller's mode is restored
     with pytest.raises(error, match='non-finite'):
-        finetune.sts_scores(model, tiny.tok, [('a cat', 'a dog', 1.0), ('a car', 'a bus', 2.0)], 'mean', 'cpu')
+        evaluation.sts_scores(model, tiny.tok, [('a cat', 'a dog', 1.0), ('a car', 'a bus', 2.0)], 'mean', 'cpu')
 
 
 def test_a_checkpoint_with_non_finite_weights_is_refused_at_load(tiny, tmp_path):
@@ -4195,7 +4196,7 @@ def test_non_finite_weights_are_never_saved(tiny, tmp_path, monkeypatch):
     state['blocks.0.ln_1.bias'][0] = float('inf')
     head = finetune.ClassificationHead(64, 2, 0.0).state_dict()
     spec = dict(name='t', labels=['a', 'b'])
-    with pytest.raises(finetune.TaskError, match='NaN or inf'):
+    with pytest.raises(evaluation.TaskError, match='NaN or inf'):
         finetune.save_finetuned({'model_args': {}}, (state, head), spec, {}, {'dev': {'score': 0.5}})
     assert not (tmp_path / 'ft.pt').exists()
 
@@ -4228,7 +4229,7 @@ def test_a_row_with_more_or_fewer_fields_than_the_header_names_file_and_line(tin
     proc = run_here('finetune.py', tiny.ckpts[0], f'--task={task}', f'--out_file={tmp_path / "r.jsonl"}')
     assert_clean_error(proc, 'train.csv', 'line 42', *words)
     single = write(tmp_path / 'one.csv', f'text,label\n{row}\n' + ''.join(f'text {i},{i % 2}\n' for i in range(40)))
-    with pytest.raises(finetune.TaskError, match=r"one.csv', line 2: "):
+    with pytest.raises(evaluation.TaskError, match=r"one.csv', line 2: "):
         finetune.local_task(single)
 
 
@@ -4251,8 +4252,8 @@ def test_the_score_is_named_and_the_majority_baseline_is_on_its_scale(tiny, tmp_
     assert record['score'] == pytest.approx((record['dev']['accuracy'] + record['dev']['f1']) / 2)
     score, = records(run / 'scores.jsonl')
     assert score['metric'] == 'accuracy/f1 mean'
-    assert finetune.score_name(('pearson', 'spearman')) == 'pearson/spearman mean'
-    assert finetune.score_name(('accuracy',)) == 'accuracy'
+    assert evaluation.score_name(('pearson', 'spearman')) == 'pearson/spearman mean'
+    assert evaluation.score_name(('accuracy',)) == 'accuracy'
 
 
 # -----------------------------------------------------------------------------------------------
@@ -4289,12 +4290,12 @@ def test_a_fine_tuned_model_saved_in_a_run_folder_is_no_snapshot_of_it(tiny, tmp
 @pytest.mark.parametrize('line', ['{"text": null, "label": 1}', '{"text": NaN, "label": 1}', '{"text": 5, "label": 1}'])
 def test_a_json_text_that_is_null_nan_or_a_number_is_refused(tmp_path, line):
     path = write(tmp_path / 't.jsonl', ''.join(json.dumps(dict(text=f'text {i}', label=i % 2)) + '\n' for i in range(30)) + line + '\n')
-    with pytest.raises(finetune.TaskError, match=r"t.jsonl', line 31: 'text' is"):
+    with pytest.raises(evaluation.TaskError, match=r"t.jsonl', line 31: 'text' is"):
         finetune.local_task(path)
     sts = write(tmp_path / 's.jsonl', json.dumps(dict(sentence1='a', sentence2='b', score=1)) + '\n' +
                 json.dumps(dict(sentence1='a', sentence2=None, score=2)) + '\n')
-    with pytest.raises(finetune.TaskError, match=r"s.jsonl', line 2: 'sentence2' is empty \(null\)"):
-        finetune.sts_pairs(sts)
+    with pytest.raises(evaluation.TaskError, match=r"s.jsonl', line 2: 'sentence2' is empty \(null\)"):
+        evaluation.sts_pairs(sts)
 
 
 def test_the_summary_of_several_models_says_what_its_score_is(tiny, tmp_path):
@@ -4317,7 +4318,7 @@ def test_a_cp1252_csv_says_it_is_not_utf8_and_how_to_convert(tiny, tmp_path):
 def test_a_field_over_csv_s_default_limit_is_read(tmp_path):
     long = 'word ' * 30_000  # 150,000 characters: over csv's default 131,072
     path = write(tmp_path / 't.csv', 'text,label\n' + f'{long},1\n' + ''.join(f'text {i},{i % 2}\n' for i in range(40)))
-    rows = finetune.read_rows(path)
+    rows = evaluation.read_rows(path)
     assert rows[0] == (2, {'text': long, 'label': '1'}) and len(rows) == 41
 
 
@@ -4374,14 +4375,14 @@ def test_ctrl_c_is_one_line_exit_130_and_keeps_finished_records(tiny, tmp_path):
 
 def test_a_utf8_bom_is_not_part_of_the_first_column(tmp_path):
     body = 'text,label\n' + ''.join(f'text {i},{i % 2}\n' for i in range(40))
-    assert finetune.read_rows(write(tmp_path / 't.csv', '\ufeff' + body))[0] == (2, {'text': 'text 0', 'label': '0'})
+    assert evaluation.read_rows(write(tmp_path / 't.csv', '\ufeff' + body))[0] == (2, {'text': 'text 0', 'label': '0'})
     jsonl = write(tmp_path / 't.jsonl', '\ufeff' + json.dumps(dict(text='a', label=1)) + '\n')
-    assert finetune.read_rows(jsonl) == [(1, {'text': 'a', 'label': 1})]
+    assert evaluation.read_rows(jsonl) == [(1, {'text': 'a', 'label': 1})]
 
 
 def test_an_empty_value_is_said_to_be_empty_not_a_missing_column(tmp_path):
     path = write(tmp_path / 't.csv', 'text,label\n' + ''.join(f'text {i},{i % 2}\n' for i in range(40)) + 'a text,\n')
-    with pytest.raises(finetune.TaskError, match=r"t.csv', line 42: 'label' is empty"):
+    with pytest.raises(evaluation.TaskError, match=r"t.csv', line 42: 'label' is empty"):
         finetune.local_task(path)
 
 
@@ -4391,7 +4392,7 @@ def test_row_numbers_are_file_lines_also_after_multi_line_quoted_texts(tmp_path)
         w.writerow(['text', 'label'])
         w.writerows([(f'a text\nover\nthree lines {i}', i % 2) for i in range(30)])  # lines 2-4, 5-7, ...
         w.writerow(['the last text', ''])  # line 92
-    with pytest.raises(finetune.TaskError, match=r"line 92: 'label' is empty"):
+    with pytest.raises(evaluation.TaskError, match=r"line 92: 'label' is empty"):
         finetune.local_task(str(tmp_path / 't.csv'))
 
 
@@ -4401,11 +4402,11 @@ def test_a_quoted_tsv_and_a_glue_tsv_with_bare_quotes_both_read_right(tmp_path):
         w = csv.writer(f, delimiter='\t')
         w.writerow(['text', 'label'])
         w.writerows((t, i % 2) for i, t in enumerate(texts))
-    rows = finetune.read_rows(str(tmp_path / 'quoted.tsv'))
+    rows = evaluation.read_rows(str(tmp_path / 'quoted.tsv'))
     assert [r['text'] for _, r in rows] == texts and [line for line, _ in rows][:2] == [2, 4]
     glue = ['"the movie" is good', 'a "so-called" hit', '" an opening quote alone', 'it\'s fine']  # GLUE: quotes are text
     path = write(tmp_path / 'glue.tsv', 'sentence\tlabel\n' + ''.join(f'{t}\t{i % 2}\n' for i, t in enumerate(glue)))
-    assert [r['sentence'] for _, r in finetune.read_rows(path)] == glue
+    assert [r['sentence'] for _, r in evaluation.read_rows(path)] == glue
 
 
 def test_sts_honours_the_field_names(tiny, tmp_path):
@@ -4431,11 +4432,10 @@ def test_a_relative_data_dir_is_found_beside_the_run_and_the_tried_paths_are_sai
     (root / 'out').mkdir()
     (root / 'out' / 'best.pt').write_bytes(b'')
     monkeypatch.chdir(tmp_path)  # run from elsewhere
-    found, tried = finetune.prepared_dir({'data_dir': 'data/x'}, str(root / 'out' / 'best.pt'))
+    found, tried = evaluation.prepared_dir({'data_dir': 'data/x'}, str(root / 'out' / 'best.pt'))
     assert found == str(root / 'data' / 'x') and tried[0] == 'data/x'
-    monkeypatch.setattr(finetune, 'eval_data', '')
-    with pytest.raises(finetune.TaskError, match=f"tried data/y/val.bin, {root / 'data' / 'y' / 'val.bin'}, "):
-        finetune.retrieval_pairs({'data_dir': 'data/y'}, tiny.tok, str(root / 'out' / 'best.pt'))
+    with pytest.raises(evaluation.TaskError, match=f"tried data/y/val.bin, {root / 'data' / 'y' / 'val.bin'}, "):
+        evaluation.retrieval_pairs({'data_dir': 'data/y'}, tiny.tok, str(root / 'out' / 'best.pt'))
 
 
 def test_a_run_folder_given_as_the_model_says_give_its_checkpoint(tiny, tmp_path):
@@ -4481,7 +4481,7 @@ def test_a_setting_the_task_does_not_read_is_refused(tiny, tmp_path, args):
 
 def test_a_utf16_file_is_read(tmp_path):
     body = 'text,label\n' + ''.join(f'caf\u00e9 {i},{i % 2}\n' for i in range(10))
-    assert finetune.read_rows(write(tmp_path / 't.csv', body, 'utf-16'))[0] == (2, {'text': 'caf\u00e9 0', 'label': '0'})
+    assert evaluation.read_rows(write(tmp_path / 't.csv', body, 'utf-16'))[0] == (2, {'text': 'caf\u00e9 0', 'label': '0'})
 
 
 @pytest.mark.parametrize('content, words', [
@@ -4561,10 +4561,9 @@ def hf_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, 'HF_DATASETS_CACHE', str(tmp_path / 'hf_cache'))
 
 
-def settings(monkeypatch, **kw):
-    """finetune.py's settings, as its command line sets them, for a call of its functions."""
-    for k, v in {'eval_data': '', 'text_field': '', 'max_pairs': 0, 'max_eval': 0, 'max_len': 64, **kw}.items():
-        monkeypatch.setattr(finetune, k, v)
+def settings(**kw):
+    """The settings finetune.py's command line passes to the retrieval functions (evaluation.retrieval_source)."""
+    return {'eval_data': '', 'text_field': '', 'max_pairs': 0, 'max_len': 64, **kw}
 
 
 def paragraphs(tiny, n=60):
@@ -4589,19 +4588,19 @@ def collapsed(tiny, how):
 
 @pytest.mark.parametrize('how', ['zero output', 'constant output', 'all weights zero'])
 def test_f3_a_collapsed_model_gets_no_score_from_retrieval_sts_or_beir(tiny, tmp_path, monkeypatch, how):
-    settings(monkeypatch, max_len=64)
+    kw = settings(max_len=64)
     model = collapsed(tiny, how)
     ids = torch.randint(5, len(tiny.tok), (2, 9, 20), generator=torch.Generator().manual_seed(0))
-    error = getattr(finetune, 'CollapsedError', finetune.TaskError)  # a TaskError: train.py's probe catches it
+    error = getattr(finetune, 'CollapsedError', evaluation.TaskError)  # a TaskError: train.py's probe catches it
     for pooling in ('mean', 'cls'):
         with pytest.raises(error, match='same embedding .collapsed.: no retrieval score'):
-            finetune.retrieval_scores(model, ids, torch.ones_like(ids), pooling)  # before: chance, acc1 1/9
+            evaluation.retrieval_scores(model, ids, torch.ones_like(ids), pooling)  # before: chance, acc1 1/9
     pairs = [(f'a text about cats {i}', f'another text about dogs {i}', float(i % 4)) for i in range(8)]
     with pytest.raises(error, match='same embedding .collapsed.: no STS score'):
-        finetune.sts_scores(model, tiny.tok, pairs, 'mean', 'cpu')  # before: 'undefined', or a Spearman of float noise
-    beir = finetune.beir_data(tiny_beir(tiny, tmp_path / 'b')[0], 'test')
+        evaluation.sts_scores(model, tiny.tok, pairs, 'mean', 'cpu', max_len=kw['max_len'])  # before: 'undefined', or a Spearman of float noise
+    beir = evaluation.beir_data(tiny_beir(tiny, tmp_path / 'b')[0], 'test')
     with pytest.raises(error, match='same embedding .collapsed.: no BEIR score'):
-        finetune.beir_scores(model, tiny.tok, beir, 'mean', 'cpu', chunk=7)  # before: the corpus order's ndcg@10
+        evaluation.beir_scores(model, tiny.tok, beir, 'mean', 'cpu', chunk=7, max_len=kw['max_len'])  # before: the corpus order's ndcg@10
 
 
 def test_f3_a_collapsed_checkpoint_is_one_line_from_the_command_line_and_writes_nothing(tiny, tmp_path):
@@ -4626,29 +4625,29 @@ def test_f3_near_is_not_collapsed(tiny):
     ids = torch.randint(5, len(tiny.tok), (2, 9, 20), generator=torch.Generator().manual_seed(0))
     for model, lo, hi in ((random_init, 0.1, 2), (near, 1e-4, 1e-2)):
         for pooling in ('cls', 'mean'):
-            emb = finetune.pool(model, ids.flatten(0, 1), torch.ones_like(ids.flatten(0, 1)), pooling)
-            assert lo < finetune.spread(emb, emb[0]) < hi, (lo, pooling)
-            assert finetune.retrieval_scores(model, ids, torch.ones_like(ids), pooling)['pairs'] == 9
+            emb = evaluation.pool(model, ids.flatten(0, 1), torch.ones_like(ids.flatten(0, 1)), pooling)
+            assert lo < evaluation.spread(emb, emb[0]) < hi, (lo, pooling)
+            assert evaluation.retrieval_scores(model, ids, torch.ones_like(ids), pooling)['pairs'] == 9
 
 
 # -----------------------------------------------------------------------------------------------
 # finding 4: BEIR's ties ranked as trec_eval (in pytrec_eval) ranks them: score descending, then document id descending
 
 def test_f4_two_identical_documents_rank_as_pytrec_eval_ranks_them(tiny, tmp_path, monkeypatch):
-    settings(monkeypatch, max_len=64)
+    kw = settings(max_len=64)
     texts = paragraphs(tiny, 8)
     same_text = texts[0][:150]
     docs = [('a', None, same_text), ('b', None, same_text)] + [(f'c{i}', None, t[:150]) for i, t in enumerate(texts[1:])]
     folder = write_beir(tmp_path / 'b', docs, [('q', same_text)], [('q', 'b', 1)])
-    beir = finetune.beir_data(folder, 'test')
+    beir = evaluation.beir_data(folder, 'test')
     torch.manual_seed(0)
     model = MPNet(MPNetConfig(vocab_size=len(tiny.tok), **TINY)).eval()
-    got = finetune.beir_scores(model, tiny.tok, beir, 'mean', 'cpu')
+    got = evaluation.beir_scores(model, tiny.tok, beir, 'mean', 'cpu', max_len=kw['max_len'])
     # trec_eval ranks 'b' above 'a' (equal scores, ids descending): the relevant document is first. pytrec_eval, run once by
     # hand on {'q': {'a': s, 'b': s}} against {'q': {'b': 1}}: ndcg_cut_10 1.0, recip_rank 1.0 (corpus order gave 0.6309, 0.5)
     assert got['ndcg@10'] == 1.0 and got['mrr@10'] == 1.0
     # against a loop: every text embedded alone, the whole matrix sorted by (-score, id descending)
-    emb = [finetune.pool(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), 'mean')[0]
+    emb = [evaluation.pool(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), 'mean')[0]
            for ids in tiny.tok(beir['queries'] + beir['texts'], truncation=True, max_length=64)['input_ids']]
     sim = emb[0][None] @ torch.stack(emb[1:]).T
     ranked = reference_search(sim, 100, [-1], beir["doc_ids"])
@@ -4661,7 +4660,7 @@ def test_f4_copies_of_a_text_in_different_chunks_tie_exactly_and_rank_by_id(tiny
     """6 texts, each under 5 ids spread over the corpus among 12 others: whatever chunk and batch (padded to another
     length) a copy is embedded in, it scores as its copies do to the bit, and they rank by id descending; the search
     equals a loop over every text embedded alone and scored in float64."""
-    settings(monkeypatch, max_len=64)
+    kw = settings(max_len=64)
     every = paragraphs(tiny, 18)
     texts = [t[:120] for t in every[:6]]
     fillers = [t[:40 + 25 * i] for i, t in enumerate(every[6:])]  # of other lengths: chunks padded to other lengths
@@ -4673,12 +4672,12 @@ def test_f4_copies_of_a_text_in_different_chunks_tie_exactly_and_rank_by_id(tiny
     copies = [[n for n, _, t in docs if t == texts[j]] for j in range(6)]
     queries = [(f'q{j}', texts[j][:60]) for j in range(6)]
     folder = write_beir(tmp_path / 'b', docs, queries, [(f'q{j}', copies[j][j % 5], 1 + j % 2) for j in range(6)])
-    beir = finetune.beir_data(folder, 'test')
+    beir = evaluation.beir_data(folder, 'test')
     torch.manual_seed(0)
     model = MPNet(MPNetConfig(vocab_size=len(tiny.tok), **TINY)).eval()
-    got = finetune.beir_scores(model, tiny.tok, beir, 'mean', 'cpu', chunk=7)  # copies in 6 chunks of 7
+    got = evaluation.beir_scores(model, tiny.tok, beir, 'mean', 'cpu', chunk=7, max_len=kw['max_len'])  # copies in 6 chunks of 7
     every = sorted(set(beir['queries'] + beir['texts']))
-    emb = {t: finetune.pool(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), 'mean')[0].double()
+    emb = {t: evaluation.pool(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), 'mean')[0].double()
            for t, ids in zip(every, tiny.tok(every, truncation=True, max_length=64)['input_ids'])}
     sim = torch.tensor([[float(emb[q] @ emb[d]) for d in beir['texts']] for q in beir['queries']]).float()
     ranked = reference_search(sim, 100, [-1] * 6, beir["doc_ids"])
@@ -4735,8 +4734,8 @@ def test_f8_retrieval_reads_txt_paragraphs_with_any_line_ending(tiny, tmp_path, 
         body = ''.join(t.replace(' ', '\r\n', 1) + ('\n\n' if i % 2 else '\r\n\r\n') for i, t in enumerate(texts))
     else:
         body = (2 * ending).join(t.replace(' ', ending, 1) for t in texts) + ending
-    settings(monkeypatch, eval_data=write(tmp_path / 'docs.txt', body))
-    ids, mask = finetune.retrieval_pairs({}, tiny.tok)
+    kw = settings(eval_data=write(tmp_path / 'docs.txt', body))
+    ids, mask = evaluation.retrieval_pairs({}, tiny.tok, **kw)
     assert ids.shape[1] == 60  # before: 1 document (CRLF, CR: 'needs at least 2 documents'), 31 (mixed)
 
 
@@ -4744,10 +4743,10 @@ def test_f8_jsonl_csv_and_tsv_with_other_line_endings_read_the_same_rows(tmp_pat
     rows = [dict(sentence1=f'text {i}', sentence2=f'other {i}', score=i % 3) for i in range(6)]
     for ending in ('\r\n', '\r'):
         jsonl = write(tmp_path / 'p.jsonl', ''.join(json.dumps(r) + ending for r in rows))
-        assert finetune.read_rows(jsonl) == list(enumerate(rows, 1)), repr(ending)  # before, '\r': "line 1: not a JSON object"
+        assert evaluation.read_rows(jsonl) == list(enumerate(rows, 1)), repr(ending)  # before, '\r': "line 1: not a JSON object"
         for ext, sep in (('csv', ','), ('tsv', '\t')):
             table = write(tmp_path / f'p.{ext}', ending.join([sep.join(rows[0])] + [sep.join(map(str, r.values())) for r in rows]) + ending)
-            assert finetune.read_rows(table) == [(i, {k: str(v) for k, v in r.items()}) for i, r in enumerate(rows, 2)]
+            assert evaluation.read_rows(table) == [(i, {k: str(v) for k, v in r.items()}) for i, r in enumerate(rows, 2)]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -4755,19 +4754,19 @@ def test_f8_jsonl_csv_and_tsv_with_other_line_endings_read_the_same_rows(tmp_pat
 
 def test_f15_sts_pairs_names_flags_only_when_its_caller_has_them(tmp_path):
     path = write(tmp_path / 's.csv', 'a,b,human\n' + ''.join(f'text {i},other {i},{i % 4}\n' for i in range(8)))
-    with pytest.raises(finetune.TaskError) as e:
-        finetune.sts_pairs(path)  # contrastive.py's --sts_data: it has no --text_field
+    with pytest.raises(evaluation.TaskError) as e:
+        evaluation.sts_pairs(path)  # contrastive.py's --sts_data: it has no --text_field
     assert "no 'sentence1' column (columns: a, b, human)" in str(e.value) and '--' not in str(e.value)
     assert 'sentence1, sentence2 and score' in str(e.value)
     flags = ('text_field', 'pair_field', 'label_field')
-    with pytest.raises(finetune.TaskError, match="no 'sentence1' column .*--text_field="):
-        finetune.sts_pairs(path, flags=flags)
-    with pytest.raises(finetune.TaskError, match="no 'y' column .*--label_field="):
-        finetune.sts_pairs(path, 'a', 'b', 'y', flags=flags)
-    assert finetune.sts_pairs(path, 'a', 'b', 'human')[1] == ('text 1', 'other 1', 1.0)
+    with pytest.raises(evaluation.TaskError, match="no 'sentence1' column .*--text_field="):
+        evaluation.sts_pairs(path, flags=flags)
+    with pytest.raises(evaluation.TaskError, match="no 'y' column .*--label_field="):
+        evaluation.sts_pairs(path, 'a', 'b', 'y', flags=flags)
+    assert evaluation.sts_pairs(path, 'a', 'b', 'human')[1] == ('text 1', 'other 1', 1.0)
     bad = write(tmp_path / 'bad.csv', 'sentence1,sentence2,score\nx,y,1\nx,y,high\n')
-    with pytest.raises(finetune.TaskError, match="line 3: the score in 'score' is 'high', not a number"):
-        finetune.sts_pairs(bad)
+    with pytest.raises(evaluation.TaskError, match="line 3: the score in 'score' is 'high', not a number"):
+        evaluation.sts_pairs(bad)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -4800,8 +4799,8 @@ def test_f19_max_eval_limits_sts_pairs_and_a_subset_with_one_score_is_refused(ti
     assert proc.returncode == 0, proc.stderr
     assert records(out)[0]['pairs'] == 12
     flat = sts_file(tmp_path / 'f.tsv', [3] * 29 + [4])
-    with pytest.raises(finetune.TaskError, match='every pair has the score 3'):
-        finetune.sts_pairs(flat, keep=2)
+    with pytest.raises(evaluation.TaskError, match='every pair has the score 3'):
+        evaluation.sts_pairs(flat, keep=2)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -4818,15 +4817,15 @@ def heldout(tiny, n=7, L=30, source='data/held.txt'):
 
 
 def test_f22_retrieval_scores_a_contrastive_checkpoints_held_out_pairs(tiny, tmp_path, monkeypatch):
-    settings(monkeypatch, max_len=64)
+    kw = settings(max_len=64)
     held = heldout(tiny)
-    ids, mask = finetune.retrieval_pairs({'heldout': held}, tiny.tok, 'run/best.pt')  # before: "not on this machine"
+    ids, mask = evaluation.retrieval_pairs({'heldout': held}, tiny.tok, 'run/best.pt', **kw)  # before: "not on this machine"
     L = ids.size(2)
     assert torch.equal(ids, held['ids'][..., :L]) and (held['ids'][..., L:] == 1).all() and torch.equal(mask, held['mask'][..., :L])
-    settings(monkeypatch, max_len=64, max_pairs=4)
-    assert finetune.retrieval_pairs({'heldout': held}, tiny.tok)[0].shape[1] == 4
-    settings(monkeypatch, max_len=16)  # cut at max_len as every text is: <s> 14 tokens </s>
-    ids, mask = finetune.retrieval_pairs({'heldout': held}, tiny.tok)
+    kw = settings(max_len=64, max_pairs=4)
+    assert evaluation.retrieval_pairs({'heldout': held}, tiny.tok, **kw)[0].shape[1] == 4
+    kw = settings(max_len=16)  # cut at max_len as every text is: <s> 14 tokens </s>
+    ids, mask = evaluation.retrieval_pairs({'heldout': held}, tiny.tok, **kw)
     assert ids.shape[2] == 16 and (ids == 2).sum() == 14 and (mask.sum(-1) <= 16).all()  # one </s> a half
     long = held['mask'].sum(-1) > 16
     assert (ids[..., 15][long] == 2).all() and torch.equal(ids[..., :15], held['ids'][..., :15])
@@ -4849,25 +4848,25 @@ def test_repeated_documents_are_one_pair_each_in_retrieval(tiny, tmp_path, monke
     contrastive.py leaves a repeated held-out pair out), so that a perfect model can score 1."""
     texts = paragraphs(tiny, 12)
     path = write(tmp_path / 'd.jsonl', ''.join(json.dumps({'text': t}) + '\n' for t in texts + texts[:5]))
-    settings(monkeypatch, eval_data=path)
-    ids, mask, about = finetune.retrieval_source({}, tiny.tok)
+    kw = settings(eval_data=path)
+    ids, mask, about = evaluation.retrieval_source({}, tiny.tok, **kw)
     assert ids.shape[1] == 12 and '5 repeated pairs left out' in about['said']  # before: 17 pairs, 5 of them tied twice
 
 
 def test_an_sts_file_whose_every_pair_is_one_text_twice_is_refused(tmp_path):
     """Every cosine is 1 for every model: Spearman is undefined, or a ranking of float noise."""
     path = write(tmp_path / 's.tsv', 'sentence1\tsentence2\tscore\n' + ''.join(f'text {i}\ttext {i}\t{i % 4}\n' for i in range(8)))
-    with pytest.raises(finetune.TaskError, match="every pair is one text twice"):
-        finetune.sts_pairs(path)
+    with pytest.raises(evaluation.TaskError, match="every pair is one text twice"):
+        evaluation.sts_pairs(path)
 
 
 @pytest.mark.parametrize('encoding', ['utf-16', 'cp1252'])
 def test_a_txt_file_in_another_encoding_is_read_right_or_refused_never_scored_as_garbage(tiny, tmp_path, monkeypatch, hf_cache, encoding):
     texts = [t.replace('module', 'caf\u00e9') for t in paragraphs(tiny, 6)]
-    settings(monkeypatch, eval_data=write(tmp_path / 'docs.txt', '\n\n'.join(texts), encoding))
+    kw = settings(eval_data=write(tmp_path / 'docs.txt', '\n\n'.join(texts), encoding))
     try:
-        ids, mask = finetune.retrieval_pairs({}, tiny.tok)
-    except finetune.TaskError as e:
+        ids, mask = evaluation.retrieval_pairs({}, tiny.tok, **kw)
+    except evaluation.TaskError as e:
         assert 'docs.txt' in str(e) and 'iconv' in str(e)
     else:  # read right: the documents' first halves
         want = [tiny.tok(t, add_special_tokens=False)['input_ids'] for t in texts]
@@ -4877,8 +4876,8 @@ def test_a_txt_file_in_another_encoding_is_read_right_or_refused_never_scored_as
 def test_jsonl_documents_without_a_text_are_skipped_and_counted_as_data_py_does(tiny, tmp_path, monkeypatch, hf_cache):
     texts = paragraphs(tiny, 6)
     path = write(tmp_path / 'd.jsonl', '\ufeff' + ''.join(json.dumps({'text': t}) + '\r\n' for t in texts) + '{"text": null}\n{"text": "  "}\n')
-    settings(monkeypatch, eval_data=path)
-    ids, mask, about = finetune.retrieval_source({}, tiny.tok)
+    kw = settings(eval_data=path)
+    ids, mask, about = evaluation.retrieval_source({}, tiny.tok, **kw)
     assert ids.shape[1] == 6 and '2 rows without a text skipped' in about['said']
 
 
@@ -4888,7 +4887,7 @@ def test_ties_that_remain_count_as_chance_as_before():
     first = torch.nn.functional.normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
     second = first.clone()
     second[1] = second[0]  # the first half 0 finds halves 0 and 1 alike, and so does 1
-    got = finetune.ranking(first, second)
+    got = evaluation.ranking(first, second)
     sim = (first @ second.T).tolist()
     acc1, mrr = [], []
     for i in range(5):
@@ -4902,12 +4901,12 @@ def test_ties_that_remain_count_as_chance_as_before():
 
 def test_documents_that_give_no_pairs_say_why(tiny, tmp_path, monkeypatch, hf_cache):
     path = write(tmp_path / 'd.jsonl', ''.join(json.dumps({'body': t, 'text': None}) + '\n' for t in paragraphs(tiny, 4)))
-    settings(monkeypatch, eval_data=path)
-    with pytest.raises(finetune.TaskError, match=r"holds no documents \(4 rows without a text in 'text': name the text's key with --text_field="):
-        finetune.retrieval_pairs({}, tiny.tok)  # before: "line 1: 'text' is empty (null)"
-    settings(monkeypatch, eval_data=path, text_field='body', max_pairs=1)
-    with pytest.raises(finetune.TaskError, match='--max_pairs=1 ranks one pair against nothing'):
-        finetune.retrieval_pairs({}, tiny.tok)  # before: "needs at least 2 documents of 32 tokens or more; found 1"
+    kw = settings(eval_data=path)
+    with pytest.raises(evaluation.TaskError, match=r"holds no documents \(4 rows without a text in 'text': name the text's key with --text_field="):
+        evaluation.retrieval_pairs({}, tiny.tok, **kw)  # before: "line 1: 'text' is empty (null)"
+    kw = settings(eval_data=path, text_field='body', max_pairs=1)
+    with pytest.raises(evaluation.TaskError, match='--max_pairs=1 ranks one pair against nothing'):
+        evaluation.retrieval_pairs({}, tiny.tok, **kw)  # before: "needs at least 2 documents of 32 tokens or more; found 1"
 
 
 def test_a_collapsed_snapshot_of_a_run_adds_nothing_to_its_scores(tiny, tmp_path):
@@ -5105,17 +5104,13 @@ CONTRASTIVE_RUN = ['--pairs=halves', '--max_iters=40', '--log_interval=10', '--b
 
 
 def contrastive_here(*args):
-    """contrastive.py run in this process (test_all.run_here), then its signal handlers and the finetune.py settings
-    it sets (its readers' and scores' max_len, text_field, ...) put back as they were."""
+    """contrastive.py run in this process (test_all.run_here), then its signal handlers put back as they were."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    settings = {k: getattr(finetune, k) for k in ('tokenizer', 'max_len', 'eval_data', 'text_field', 'max_pairs')}
     try:
         return run_here('contrastive.py', *args)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
-        for k, v in settings.items():
-            setattr(finetune, k, v)
 
 
 def contrastive_cli(folder, *args, popen=False):
@@ -5170,10 +5165,9 @@ def test_a_run_learns_keeps_its_best_and_exports_what_sentence_transformers_load
     st = SentenceTransformer(str(tmp_path / 'st'), device='cpu')
     assert 'LOAD REPORT' not in capfd.readouterr().err and st.max_seq_length == 64
     texts = [json.loads(line)['text'] for line in open(contrastive_run / 'corpus.jsonl')][:12]
-    finetune.tokenizer = 'model'
-    ckpt, tok = finetune.load_model(str(out / 'best.pt'))
+    ckpt, tok = evaluation.load_model(str(out / 'best.pt'))
     model = checkpoint.model_from_checkpoint(ckpt, 'best.pt').eval()
-    ours = finetune.pool(model, *finetune.pad(tok(texts, truncation=True, max_length=64)['input_ids'], 'cpu'), 'mean')
+    ours = evaluation.pool(model, *evaluation.pad(tok(texts, truncation=True, max_length=64)['input_ids'], 'cpu'), 'mean')
     assert (ours - st.encode(texts, convert_to_tensor=True)).abs().max() < 1e-5
 
 
@@ -5335,10 +5329,9 @@ def test_a_sentence_transformers_model_keeps_its_pooling_through_training_and_ex
     (_, before), (after, theirs) = st_embeddings(folder, texts), st_embeddings(tmp_path / 'export', texts)
     assert [type(m).__name__ for m in after] == ['Transformer', 'Pooling', 'Normalize'] and after.max_seq_length == 40
     assert after[1].get_config_dict()['pooling_mode'] == 'cls' and (before - theirs).abs().max() > 1e-3  # trained
-    finetune.tokenizer = 'model'
-    ckpt, tok = finetune.load_model(str(trained))
+    ckpt, tok = evaluation.load_model(str(trained))
     model = checkpoint.model_from_checkpoint(ckpt, str(trained)).eval()
-    ours = finetune.pool(model, *finetune.pad(tok(texts, truncation=True, max_length=40)['input_ids'], 'cpu'), 'cls')
+    ours = evaluation.pool(model, *evaluation.pad(tok(texts, truncation=True, max_length=40)['input_ids'], 'cpu'), 'cls')
     assert (ours - theirs).abs().max() < 1e-5
 
 
@@ -5504,7 +5497,7 @@ def test_the_checkpoint_records_the_held_out_pairs_it_was_picked_on(contrastive_
     assert 'corpus.jsonl' in held['source'] and 'by content' in held['source']
     assert f"evaluation: {held['ids'].size(1)} held-out pairs" in (contrastive_run / 'run.stdout').read_text()
     model = checkpoint.model_from_checkpoint(best, 'best.pt')
-    assert finetune.retrieval_scores(model, held['ids'], held['mask'])['mrr'] == pytest.approx(
+    assert evaluation.retrieval_scores(model, held['ids'], held['mask'])['mrr'] == pytest.approx(
         max(e['probe_mrr'] for e in evals), abs=1e-6)
 
 
@@ -5615,15 +5608,15 @@ def random_judgments(seed, n_queries=40, n_docs=300):
 
 def test_beir_metrics_match_hand_computed_values_and_a_loop_reference():
     # ranks 1..4 judged 0, 1, -, 2: DCG = 1/log2(3) + 2/log2(5); ideal 2, 1: 2 + 1/log2(3)
-    got = finetune.beir_metrics([[3, 2, 5, 1]], [{1: 2, 2: 1, 3: 0}])
+    got = evaluation.beir_metrics([[3, 2, 5, 1]], [{1: 2, 2: 1, 3: 0}])
     assert got['ndcg@10'] == pytest.approx((1 / math.log2(3) + 2 / math.log2(5)) / (2 + 1 / math.log2(3)))
     assert got['ndcg@10'] == pytest.approx(0.5672074169568709)  # pytrec_eval's ndcg_cut_10, run once by hand
     assert got['recall@100'] == 1.0 and got['mrr@10'] == 0.5
     # a -1 is no gain (trec_eval), a relevant document past 10 is no reciprocal rank but is recalled up to 100
-    got = finetune.beir_metrics([[4, 9, *range(10, 20), 7]], [{4: -1, 7: 1, 8: 1}])
+    got = evaluation.beir_metrics([[4, 9, *range(10, 20), 7]], [{4: -1, 7: 1, 8: 1}])
     assert got == {'ndcg@10': 0.0, 'recall@100': 0.5, 'mrr@10': 0.0}
     ranked, qrels = random_judgments(0)
-    got = finetune.beir_metrics(ranked, qrels)
+    got = evaluation.beir_metrics(ranked, qrels)
     ref = reference_metrics(ranked, qrels)
     for i, name in enumerate(('ndcg@10', 'recall@100', 'mrr@10')):
         assert got[name] == pytest.approx(sum(r[i] for r in ref) / len(ref), abs=1e-12), name
@@ -5632,7 +5625,7 @@ def test_beir_metrics_match_hand_computed_values_and_a_loop_reference():
 def test_beir_metrics_match_pytrec_eval():
     pytrec_eval = pytest.importorskip('pytrec_eval')
     ranked, qrels = random_judgments(1)
-    got = finetune.beir_metrics(ranked, qrels)
+    got = evaluation.beir_metrics(ranked, qrels)
     run = {f'q{q}': {f'd{d}': float(len(docs) - r) for r, d in enumerate(docs)} for q, docs in enumerate(ranked)}
     judged = {f'q{q}': {f'd{d}': s for d, s in rel.items()} for q, rel in enumerate(qrels)}
     theirs = pytrec_eval.RelevanceEvaluator(judged, {'ndcg_cut.10', 'recall.100'}).evaluate(run)
@@ -5665,9 +5658,9 @@ def test_chunked_search_equals_a_whole_stable_sort_also_with_ties(k, by_id):
     same = [int(x) for x in torch.randint(-1, 61, (23,), generator=gen)]
     doc_ids = [str(i) for i in torch.randperm(200, generator=gen)[:61].tolist()] if by_id else None  # '9' > '10' > '1'
     want = reference_search(queries @ corpus.T, k, same, doc_ids)
-    tie = finetune.tie_order(doc_ids) if by_id else None
+    tie = evaluation.tie_order(doc_ids) if by_id else None
     for chunk, block in ((61, 1024), (7, 5), (1, 2)):
-        val, idx = finetune.beir_search(queries, (corpus[i:i + chunk] for i in range(0, 61, chunk)), k, same, block=block,
+        val, idx = evaluation.beir_search(queries, (corpus[i:i + chunk] for i in range(0, 61, chunk)), k, same, block=block,
                                         tie=tie)
         got = [[c for c, v in zip(r, vs) if v > -math.inf] for r, vs in zip(idx.tolist(), val.tolist())]
         assert got == want, (chunk, block)
@@ -5701,15 +5694,14 @@ def tiny_beir(tiny, folder, n_docs=40, n_queries=12):
 
 def test_beir_scores_equal_a_whole_corpus_reference(tiny, tmp_path, monkeypatch):
     folder, docs, queries, qrels = tiny_beir(tiny, tmp_path / 'b')
-    monkeypatch.setattr(finetune, 'max_len', 64)
-    beir = finetune.beir_data(folder, 'test')
+    beir = evaluation.beir_data(folder, 'test')
     assert beir['texts'][0] == 'title 0 ' + docs[0][2] and beir['texts'][1] == docs[1][2]  # (title + ' ' + text).strip()
     assert beir['query_ids'] == [f'q{i}' for i in range(12)] + ['d4', 'q-none'] and beir['unanswerable'] == 1
     torch.manual_seed(0)
     model = MPNet(MPNetConfig(vocab_size=len(tiny.tok), **TINY)).eval()
-    got = finetune.beir_scores(model, tiny.tok, beir, 'mean', 'cpu', chunk=7)  # 6 chunks: merging across them
+    got = evaluation.beir_scores(model, tiny.tok, beir, 'mean', 'cpu', chunk=7, max_len=64)  # 6 chunks: merging across them
     # reference: every text embedded alone (no padding), the whole similarity matrix sorted in Python
-    emb = [finetune.pool(model, torch.tensor([tiny.tok(t, truncation=True, max_length=64)['input_ids']]),
+    emb = [evaluation.pool(model, torch.tensor([tiny.tok(t, truncation=True, max_length=64)['input_ids']]),
                          torch.ones(1, len(tiny.tok(t, truncation=True, max_length=64)['input_ids']), dtype=torch.long), 'mean')[0]
            for t in beir['queries'] + beir['texts']]
     sim = torch.stack(emb[:14]) @ torch.stack(emb[14:]).T
@@ -5754,9 +5746,9 @@ def test_a_few_judged_documents_the_corpus_lacks_are_kept_as_beir_keeps_them(tin
     queries = [(f'q{i}', f'text number {i}') for i in range(150)]
     qrels = [(f'q{i}', f'd{i}', 1) for i in range(149)] + [('q149', 'gone', 1)]  # 1 of 150 rows: ArguAna has such
     folder = write_beir(tmp_path / 'b', docs, queries, qrels)
-    beir = finetune.beir_data(folder, 'test')
+    beir = evaluation.beir_data(folder, 'test')
     assert beir['unknown'] == [(151, 'gone')] and len(beir['queries']) == 150  # its query stays, unreachable
-    assert finetune.beir_metrics([[0]] * 150, beir['qrels'])['recall@100'] == pytest.approx(1 / 150)
+    assert evaluation.beir_metrics([[0]] * 150, beir['qrels'])['recall@100'] == pytest.approx(1 / 150)
     out = tmp_path / 'r.jsonl'
     proc = run_here('finetune.py', tiny.ckpts[0], '--task=beir', f'--eval_data={folder}', '--max_len=64', f'--out_file={out}')
     assert proc.returncode == 0, proc.stderr

@@ -34,7 +34,7 @@ from checkpoint import (CheckpointError, carried_for_export, checkpoint_bytes, c
                         run_summary, save_run, stop_on_signals, validation_key)
 from configurator import CHOICES, ConfigError, check_device, check_relations, configure
 from convert_hf import ConvertError, hf_to_checkpoint, read_tokenizer_files, sentence_pooling, tokenizer_files_of
-from finetune import CollapsedError, Probe, TaskError
+from evaluation import CollapsedError, Probe, TaskError
 from model import MPNet, MPNetConfig
 from permute import n_pred, permute_batch, vocab_tables
 from plot import BackgroundCurves
@@ -51,7 +51,7 @@ always_save_checkpoint: bool = True     # else save only when the validation los
 snapshot_interval: int = 0              # also keep out_dir/snapshots/iter_N.pt every N iters (a multiple of eval_interval)
 snapshot_keep: int = 5                  # ... the newest this many of them
 curves: bool = True                     # redraw out_dir/curves.png after each eval (plot.py, in the background)
-probe: bool = False                     # with each eval, a label-free embedding probe (finetune.Probe)
+probe: bool = False                     # with each eval, a label-free embedding probe (evaluation.Probe)
 probe_docs: int = 1000                  # validation documents the probe splits into halves and compares
 long_from: int = 0                      # eval also reports the loss at positions >= this apart (0: an extended model's old length)
 wandb_log: bool = False                 # also log to wandb (WANDB_MODE=offline works); a resumed run continues its wandb run
