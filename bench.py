@@ -27,7 +27,7 @@ import torch
 
 import data
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from configurator import CHOICES, ConfigError, check_device, check_relations, configure, script_settings
+from configurator import CHOICES, ConfigError, check_device, check_relations, configure, die, script_settings
 from model import MPNet, MPNetConfig, layout
 from permute import n_pred, permute_batch
 
@@ -39,11 +39,6 @@ profile: str = ''                       # path: profile 3 more steps, write the 
 # -----------------------------------------------------------------------------------------------
 own_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
-
-
-def die(message):
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(1)
 
 
 argv = sys.argv[1:]

@@ -506,16 +506,16 @@ def mend_resumed_run(out_dir, iter_num, best_iter, unit='iter'):
             f'{unit}s run again)' + (f' and {bad} lines that are no record' if bad else '')] if dropped or bad else []
 
 
-def ready_run_dir(out_dir, overwrite, resume, start_file, iter_num, best_iter, n_bytes):
-    """train.py's rank 0, once the run has everything it needs: an overwritten run moves aside only now; a
-    resumed run's folder is mended (mend_resumed_run); and there must be room to save.
+def ready_run_dir(out_dir, overwrite, resume, start_file, iter_num, best_iter, n_bytes, unit='iter'):
+    """A run's rank 0 (train.py, contrastive.py), once the run has everything it needs: an overwritten run moves
+    aside only now; a resumed run's folder is mended (mend_resumed_run); and there must be room to save.
     Returns (lines to print, the checkpoint the run starts from: a replaced one has moved). CheckpointError."""
     said, ckpt_path = [], os.path.join(out_dir, 'ckpt.pt')
     if overwrite:
         line, start_file = replace_run(out_dir, start=start_file)
         said += [line] if line else []
     if resume:
-        said += mend_resumed_run(out_dir, iter_num, best_iter)
+        said += mend_resumed_run(out_dir, iter_num, best_iter, unit)
     check_free_space(out_dir, n_bytes, 1 if os.path.exists(ckpt_path) else 2)
     return said, start_file
 

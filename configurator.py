@@ -1,5 +1,5 @@
 """
-The configurator shared by train.py and bench.py (nanoGPT's, made strict):
+The configurator shared by every script (nanoGPT's, made strict), and its one-line error (die):
 
     python train.py config/base.py --batch_size=16 --compile=False
 
@@ -23,6 +23,17 @@ from permute import OBJECTIVES
 
 class ConfigError(Exception):
     pass
+
+
+def die(msg):
+    """Every script's end for a mistake the user can fix: one line 'error: ...' on stderr (once per node under
+    torchrun), exit code 1, never a traceback."""
+    if int(os.environ.get('LOCAL_RANK', 0)) == 0:  # one line per node, not one per process
+        print(f'error: {msg}', file=sys.stderr)
+    import torch.distributed as dist
+    if dist.is_initialized():  # leaving with a live process group aborts the process instead of exiting 1
+        dist.destroy_process_group()
+    sys.exit(1)
 
 
 # values a key may take in both train.py and bench.py (no float16: it would need loss scaling)

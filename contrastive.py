@@ -22,12 +22,10 @@ accident, saves are atomic, best.pt holds the highest held-out MRR, ckpt.pt resu
 """
 
 import hashlib
-import importlib.util
 import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -40,11 +38,12 @@ from torch.nn.attention import sdpa_kernel
 
 import data
 import evaluation
-from checkpoint import (CheckpointError, carried_for_export, check_free_space, checkpoint_bytes, claim_run_dir, exportable,
-                        model_from_checkpoint, mend_resumed_run, replace_run, run_summary, save_run, stop_on_signals)
-from configurator import ConfigError, check_device, configure
+from checkpoint import (CheckpointError, carried_for_export, checkpoint_bytes, claim_run_dir, exportable, model_from_checkpoint,
+                        ready_run_dir, run_summary, save_run, stop_on_signals)
+from configurator import ConfigError, check_device, configure, die
 from convert_hf import ConvertError, quiet_transformers, sentence_pooling, tokenizer_files_of
 from model import MASK_GRAD_BACKENDS
+from plot import BackgroundCurves
 
 # -----------------------------------------------------------------------------------------------
 # I/O
@@ -95,14 +94,6 @@ SPLIT_SEED = 1337  # the held-out split's, data.py's default: runs of other seed
 COLUMNS = dict(anchor=('anchor', 'sentence1', 'query', 'question'),
                positive=('positive', 'sentence2', 'document', 'answer'), negative=('negative', 'sentence3'))
 NOT_TEXT = ('label', 'labels', 'score', 'scores', 'id')
-
-
-def die(msg):
-    if int(os.environ.get('LOCAL_RANK', 0)) == 0:  # one line per node, not one per process
-        print(f'error: {msg}', file=sys.stderr)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.exit(1)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -595,12 +586,10 @@ def main(argv):
         try:
             global run_lock
             run_lock = claim_run_dir(out_dir, resume, overwrite)  # held until this process exits
-            if overwrite:
-                said, start_file = replace_run(out_dir, start=start_file)
-                print(said or '', end='\n' if said else '')
-            for line in mend_resumed_run(out_dir, ckpt['iter_num'], ckpt['best_iter'], 'step') if resume else []:
+            said, start_file = ready_run_dir(out_dir, overwrite, resume, start_file, ckpt.get('iter_num'),
+                                             ckpt.get('best_iter'), checkpoint_bytes(model), 'step')
+            for line in said:
                 print(line)
-            check_free_space(out_dir, checkpoint_bytes(model), 2)
         except CheckpointError as e:
             error = str(e)
     agree(error)
@@ -679,11 +668,7 @@ def main(argv):
             with open(metrics_path, 'a') as f:
                 f.write(json.dumps(record) + '\n')
 
-    plotting = []
-    def draw_curves():  # out_dir/curves.png, redrawn by plot.py in a child process, one at a time
-        if curves and master and importlib.util.find_spec('matplotlib') and not (plotting and plotting[-1].poll() is None):
-            plotting.append(subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                              'plot.py'), out_dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    plotter = BackgroundCurves(out_dir) if curves and master else None  # out_dir/curves.png, as train.py draws it
 
     losses, n_tokens, t0 = [], 0, time.time()
     while True:
@@ -703,7 +688,8 @@ def main(argv):
             log(record)
             if iter_num > start_iter:
                 save(record, improved)
-            draw_curves()
+            if plotter:
+                plotter.draw()
             t0 = time.time()
         stopping = torch.tensor([float(bool(stop))])
         if ddp:  # every rank stops at the same step
@@ -738,8 +724,8 @@ def main(argv):
     if stop and iter_num > start_iter:
         save()
     if master:
-        for p in plotting[-1:]:
-            p.wait()
+        if plotter:  # the final curves include the final evaluation
+            plotter.finish()
         how = f'stopped by {signal.Signals(stop[0]).name}' if stop else 'done'
         export = exportable(out_dir, start_file, best_iter)  # never worse than the model the run started from
         print(f'{how}: {kept()}' + (f'; export with: python convert_hf.py {export} {os.path.join(out_dir, "st")}'

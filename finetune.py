@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 import data
 from checkpoint import CheckpointError, carried_for_export, model_from_checkpoint, save_checkpoint
-from configurator import ConfigError, check_device, configure
+from configurator import ConfigError, check_device, configure, die
 from convert_hf import ConvertError, quiet_transformers, sentence_pooling
 from evaluation import (NDCG_AT, TABLES, NonFiniteError, TaskError, batches, beir_data, beir_paths, beir_scores,
                         defined, label, length_said, load_model, number, pad, read_rows, read_text, retrieval_scores,
@@ -392,11 +392,6 @@ def run_folder(name, ckpt):
 
 # -----------------------------------------------------------------------------------------------
 # main: check everything the user gave, then run each model x seed
-
-def die(msg):
-    print(f'error: {msg}', file=sys.stderr)
-    sys.exit(1)
-
 
 def parse_seeds(text):
     """The seeds --seeds names: a count N (seeds 0..N-1) or a list '0,5,7'; dies saying why not. Each seed is one

@@ -32,7 +32,7 @@ import data
 from checkpoint import (CheckpointError, carried_for_export, checkpoint_bytes, claim_run_dir, exportable, extend_checkpoint,
                         load_checkpoint, model_from_checkpoint, ranks_disagree, ready_run_dir, restore_random_state,
                         run_summary, save_run, stop_on_signals, validation_key)
-from configurator import CHOICES, ConfigError, check_device, check_relations, configure
+from configurator import CHOICES, ConfigError, check_device, check_relations, configure, die
 from convert_hf import ConvertError, hf_to_checkpoint, read_tokenizer_files, sentence_pooling, tokenizer_files_of
 from evaluation import CollapsedError, Probe, TaskError
 from model import MPNet, MPNetConfig
@@ -111,14 +111,6 @@ compile: bool = True                    # torch.compile the model (CUDA only)
 seed: int = 1337                        # data order, permutations, initialisation
 # -----------------------------------------------------------------------------------------------
 config_keys = list(__annotations__)  # the typed globals above, and nothing imported (checkpoint.REPLACED is a str too)
-
-
-def die(msg):
-    if int(os.environ.get('LOCAL_RANK', 0)) == 0:  # one line per node, not one per process
-        print(f'error: {msg}', file=sys.stderr)
-    if dist.is_initialized():  # leaving with a live process group aborts the process instead of exiting 1
-        dist.destroy_process_group()
-    sys.exit(1)
 
 
 try:
