@@ -42,7 +42,7 @@ from checkpoint import (CheckpointError, carried_for_export, checkpoint_bytes, c
                         ready_run_dir, run_summary, save_run, stop_on_signals)
 from configurator import ConfigError, check_device, configure, die
 from convert_hf import ConvertError, quiet_transformers, sentence_pooling, tokenizer_files_of
-from model import MASK_GRAD_BACKENDS
+from model import MASK_GRAD_BACKENDS, MPNet
 from plot import BackgroundCurves
 
 # -----------------------------------------------------------------------------------------------
@@ -114,8 +114,7 @@ def embed(model, seqs, special, pooling, autocast=nullcontext()):
     ids, mask = collate(seqs, *special, device=next(model.parameters()).device)
     with autocast:
         h = model.encode(ids, mask)
-    h, m = h.to(torch.promote_types(h.dtype, torch.float32)), mask[..., None].to(h.dtype)  # fp32 (fp64 in the tests)
-    return h[:, 0] if pooling == 'cls' else (h * m).sum(1) / m.sum(1)
+    return MPNet.pool(h, mask, pooling)  # fp32 (fp64 in the tests)
 
 
 def info_nce(emb, text_ids, scale=20.0, symmetric=False):

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 import data
 from checkpoint import load_checkpoint
 from convert_hf import ConvertError, hf_to_checkpoint
+from model import MPNet
 
 
 class TaskError(Exception):
@@ -327,9 +328,8 @@ def pool(encoder, ids, mask, pooling, autocast=nullcontext(), chunk=64):
     out = []
     for i in range(0, ids.size(0), chunk):
         with torch.no_grad(), autocast:
-            h = encoder.encode(ids[i:i + chunk], mask[i:i + chunk]).float()
-        m = mask[i:i + chunk, :, None].float()
-        out.append(h[:, 0] if pooling == 'cls' else (h * m).sum(1) / m.sum(1))
+            h = encoder.encode(ids[i:i + chunk], mask[i:i + chunk])
+        out.append(MPNet.pool(h.float(), mask[i:i + chunk], pooling))
     out = torch.cat(out)
     if not torch.isfinite(out).all():
         raise NonFiniteError('the model gives non-finite sentence embeddings (NaN or inf): its weights or activations '

@@ -434,6 +434,17 @@ class MPNet(nn.Module):
             x = block(x, T, attn)
         return x
 
+    @staticmethod
+    def pool(hidden, attention_mask, pooling='mean'):
+        """(B, T, C) hidden states -> (B, C) sentence embeddings in fp32 (fp64 stays), not normalised: the <s> state
+        ('cls') or the mean over the attention mask ('mean': <s> and </s> included), as sentence-transformers'
+        Pooling does. The one pooling rule of every embedding: training (contrastive.py) and evaluation alike."""
+        h = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
+        if pooling == 'cls':
+            return h[:, 0]
+        m = attention_mask[..., None].to(h.dtype)
+        return (h * m).sum(1) / m.sum(1)
+
     # -- training helpers ---------------------------------------------------------------
 
     def head_parameters(self):
