@@ -351,6 +351,14 @@ def ranks_disagree(value, error, what):
                     f"a shared file system; see README, several nodes")
 
 
+def stop_unless_ranks_agree(value, error, what):
+    """Every rank stops with one line if any rank failed or sees another `what` than rank 0 (ranks_disagree)."""
+    disagree = ranks_disagree(value, error, what)
+    if disagree:
+        from configurator import die
+        die(disagree)
+
+
 def trim_log(path, iter_num):
     """A run resumed at iter_num trains the iterations after it again: drop what the interrupted run logged of
     them (and its evaluation at iter_num, logged again at start), so that the log holds each iteration once.

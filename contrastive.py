@@ -39,7 +39,7 @@ from torch.nn.attention import sdpa_kernel
 import data
 import evaluation
 from checkpoint import (CheckpointError, carried_for_export, checkpoint_bytes, claim_run_dir, exportable, model_from_checkpoint,
-                        ready_run_dir, run_summary, save_run, stop_on_signals)
+                        ready_run_dir, run_summary, save_run, stop_on_signals, stop_unless_ranks_agree)
 from configurator import ConfigError, check_device, configure, die
 from convert_hf import ConvertError, quiet_transformers, sentence_pooling, tokenizer_files_of
 from model import MASK_GRAD_BACKENDS, MPNet
@@ -517,14 +517,6 @@ def main(argv):
     autocast = torch.autocast('cuda', torch.bfloat16) if dev.type == 'cuda' and dtype == 'bfloat16' else nullcontext()
     GB = batch_size * world  # pairs per step: each one's texts are negatives of all the others
 
-    def agree(error):
-        """Every rank stops with the first error any rank met (rank 0 alone owns the run folder)."""
-        errors = [error] * world
-        if ddp:
-            dist.all_gather_object(errors, error, group=flags)
-        if any(errors):
-            die(next(e for e in errors if e))
-
     if GB < 2:
         die('batch_size=1: a batch of one pair has no negatives (the other pairs of a batch are its negatives): '
             'use batch_size >= 2')
@@ -552,7 +544,7 @@ def main(argv):
             check_resume(ckpt, fingerprint, key, ckpt_path, models[0] if models else None)
     except (CheckpointError, ConvertError, data.DataError, evaluation.TaskError) as e:
         error = str(e)
-    agree(error)
+    stop_unless_ranks_agree(None, error, 'model and data')
     model_args = {**ckpt['model_args'], 'dropout': dropout, 'attn_dropout': dropout}
     # on a CPU the plain attention: SDPA's CPU path adds a safe-softmax pass over (B, nh, T, T) (MEASUREMENTS.md,
     # against sentence-transformers); the checkpoint keeps the model's own attn_impl
@@ -591,7 +583,7 @@ def main(argv):
                 print(line)
         except CheckpointError as e:
             error = str(e)
-    agree(error)
+    stop_unless_ranks_agree(None, error, 'run folder')  # rank 0 alone owns it
 
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.999), 1e-6, dev.type)
     params = [p for p in model.parameters() if p.requires_grad]

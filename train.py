@@ -30,8 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from checkpoint import (CheckpointError, carried_for_export, checkpoint_bytes, claim_run_dir, exportable, extend_checkpoint,
-                        load_checkpoint, model_from_checkpoint, ranks_disagree, ready_run_dir, restore_random_state,
-                        run_summary, save_run, stop_on_signals, validation_key)
+                        load_checkpoint, model_from_checkpoint, ready_run_dir, restore_random_state,
+                        run_summary, save_run, stop_on_signals, stop_unless_ranks_agree, validation_key)
 from configurator import CHOICES, ConfigError, check_device, check_relations, configure, die
 from convert_hf import ConvertError, hf_to_checkpoint, read_tokenizer_files, sentence_pooling, tokenizer_files_of
 from evaluation import CollapsedError, Probe, TaskError
@@ -159,13 +159,6 @@ if master:
 
 # -----------------------------------------------------------------------------------------------
 # the run's folder: one run at a time, and never a previous run replaced by accident
-
-def stop_unless_ranks_agree(value, error, what):
-    """Every rank stops with one line if any rank failed or sees another `what` than rank 0 (checkpoint.py)."""
-    disagree = ranks_disagree(value, error, what)
-    if disagree:
-        die(disagree)
-
 
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 run_error = None  # rank 0 owns the folder; under torchrun every rank stops with its one line
