@@ -44,6 +44,7 @@ import zipfile
 import torch
 import torch.distributed as dist
 
+from configurator import die
 from model import MPNet, MPNetConfig, extend_positions
 
 
@@ -57,6 +58,19 @@ def _reason(e):
 
 def _temp_name(path):
     return f'{path}.{os.getpid()}.{time.monotonic_ns() % 10**9}.tmp'  # one writer's own, never shared
+
+
+def remove_dead_writers_temp_files(path, who='process'):
+    """The temp files beside path (_temp_name's PATH.PID.N.tmp, as large as a checkpoint) of writers that are gone (a
+    kill -9 during a save) removed; a line to print for each. A live writer's stays."""
+    from data import pid_alive
+    said = []
+    for left in glob.glob(glob.escape(path) + '.*.tmp'):
+        pid = re.fullmatch(r'\.(\d+)\.\d+\.tmp', left[len(path):])
+        if pid and not pid_alive(int(pid[1])) and os.path.isfile(left):
+            os.remove(left)
+            said.append(f'removed {left}: left by {who} {pid[1]}, which is gone')
+    return said
 
 
 _writing = set()  # temp files being written now: a second Ctrl-C (stop_on_signals) removes them before quitting
@@ -355,13 +369,13 @@ def stop_unless_ranks_agree(value, error, what):
     """Every rank stops with one line if any rank failed or sees another `what` than rank 0 (ranks_disagree)."""
     disagree = ranks_disagree(value, error, what)
     if disagree:
-        from configurator import die
         die(disagree)
 
 
 def trim_log(path, iter_num):
     """A run resumed at iter_num trains the iterations after it again: drop what the interrupted run logged of
-    them (and its evaluation at iter_num, logged again at start), so that the log holds each iteration once.
+    them (and its evaluation at iter_num, measured and logged again at start: not counted, nothing is lost), so that
+    the log holds each iteration once.
     Lines that are no record (plot.parse_record, the rule plot.py reads by) are dropped too. Returns (records dropped, bad lines dropped)."""
     if not os.path.exists(path):
         return 0, 0

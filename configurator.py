@@ -17,6 +17,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 from permute import OBJECTIVES
 
@@ -30,7 +31,6 @@ def die(msg):
     torchrun), exit code 1, never a traceback."""
     if int(os.environ.get('LOCAL_RANK', 0)) == 0:  # one line per node, not one per process
         print(f'error: {msg}', file=sys.stderr)
-    import torch.distributed as dist
     if dist.is_initialized():  # leaving with a live process group aborts the process instead of exiting 1
         dist.destroy_process_group()
     sys.exit(1)

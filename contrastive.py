@@ -21,7 +21,6 @@ InfoNCE loss, optionally STS. The run folder is train.py's (checkpoint.py): a pr
 accident, saves are atomic, best.pt holds the highest held-out MRR, ckpt.pt resumes, metrics.jsonl feeds plot.py.
 """
 
-import hashlib
 import json
 import math
 import os
@@ -248,10 +247,9 @@ def labelled_pairs(path, tok):
 
 
 def digests(tokens, spans):
-    """A stable 64-bit id of each span's token sequence [n] (the same in every process and for any token dtype):
-    held-out text is chosen, and kept out of training, by content, so a duplicate is on one side only."""
-    return np.array([int.from_bytes(hashlib.blake2b(np.asarray(tokens[a:b], np.int32).tobytes(), digest_size=8).digest(),
-                                    'little') for a, b in spans.reshape(-1, 2)], np.uint64).reshape(spans.shape[:-1])
+    """data.digests of each span's token sequence (any token dtype alike), shaped as spans without their last axis:
+    held-out text is kept out of training by content, so a duplicate is on one side only."""
+    return data.digests(np.asarray(tokens[a:b], np.int32).tobytes() for a, b in spans.reshape(-1, 2)).reshape(spans.shape[:-1])
 
 
 def split_documents(tokens, eos):
@@ -261,9 +259,9 @@ def split_documents(tokens, eos):
     return np.stack([np.concatenate([[0], ends[:-1] + 1]), ends], 1).astype(np.int64)
 
 
-def raw_text(tok, eos):
+def raw_text(tok, eos, eval_file=None):
     """(tokens, document spans [n, 2] to train on, held-out documents as one </s>-separated row or None, lines to
-    print). Held out by content (a document's digest, data.py's uniform rule at SPLIT_SEED), each held-out text
+    print); eval_file: --eval_data's pairs, when it holds pairs. Held out by content (a document's digest, data.py's uniform rule at SPLIT_SEED), each held-out text
     once; a training document equal to a held-out one is dropped, so that held-out means never trained on."""
     said = []
     if data_dir:  # prepared: train.bin trains, val.bin is held out
@@ -296,7 +294,7 @@ def raw_text(tok, eos):
             said.append(f"held out: {int((out & first).sum()):,} documents by content (val_frac={val_frac}), never trained on")
         docs = docs[~out]
     if eval_data:  # documents or pairs of its own: their texts are never trained on either
-        held_ids |= heldout_texts(tok, eos)
+        held_ids |= heldout_texts(tok, eval_file)
     keep = ~np.isin(digests(tokens, docs), np.array(sorted(held_ids), np.uint64)) if held_ids else np.ones(len(docs), bool)
     if not keep.all():
         said.append(f"dropped {int((~keep).sum()):,} training documents whose text is also held out (in "
@@ -308,11 +306,11 @@ def raw_text(tok, eos):
     return tokens, docs[keep], held, said
 
 
-def heldout_texts(tok, eos):
-    """Digests of every text of --eval_data (its documents and their halves, or its pairs' texts)."""
-    if is_pairs_file(eval_data):
-        t, spans = labelled_pairs(eval_data, tok)
-        return set(digests(t, spans).ravel().tolist())
+def heldout_texts(tok, eval_file=None):
+    """Digests of every text of --eval_data: its pairs' texts (eval_file, as labelled_pairs read them), or its
+    documents."""
+    if eval_file:
+        return set(digests(*eval_file).ravel().tolist())
     texts, _ = data.read_texts(eval_data, text_field, txt_split)
     t, docs = encode(tok, texts)
     return set(digests(t, docs).tolist())
@@ -367,7 +365,7 @@ def heldout_pairs(tokens, spans, special, n=None, held_ids=()):
 
 def digest(array):
     """A short stable id of an array's bytes (what a run trains or is evaluated on)."""
-    return hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=8).hexdigest()
+    return f'{data.digests([np.ascontiguousarray(array).tobytes()])[0]:016x}'
 
 
 def check_resume(ckpt, fingerprint, key, path, model=None):
@@ -415,9 +413,10 @@ def load(tok, special, ckpt, name, GB):
     """(tokens, training spans, held-out pairs, STS pairs or None, lines to print); a TaskError or DataError for data
     that cannot work, naming what to change."""
     source = data_dir or dataset
+    eval_file = labelled_pairs(eval_data, tok) if eval_data and is_pairs_file(eval_data) else None  # read once
     if pairs == 'labelled':
         tokens, spans = labelled_pairs(dataset, tok)
-        held_ids = heldout_texts(tok, special[1]) if eval_data else ()
+        held_ids = heldout_texts(tok, eval_file) if eval_data else ()
         spans, eval_set, dropped = heldout_pairs(tokens, spans, special, held_ids=held_ids)
         said = [f"dropped {dropped:,} training pairs holding a held-out text ({eval_data or 'val_frac'}): held-out "
                 f"text is never trained on"] if dropped else []
@@ -426,7 +425,7 @@ def load(tok, special, ckpt, name, GB):
                 f" or shares a text with --eval_data='{eval_data}'" if eval_data else f" (val_frac={val_frac})") +
                 ": nothing is left to train on; lower --val_frac, or evaluate on other text than you train on")
     else:
-        tokens, docs, held, said = raw_text(tok, special[1])
+        tokens, docs, held, said = raw_text(tok, special[1], eval_file)
         spans = text_pairs(docs)
         if not spans.shape[1]:
             raise data.DataError(f"no training document of '{source}' has {2 * MIN_HALF} tokens or more to split into "
@@ -442,8 +441,8 @@ def load(tok, special, ckpt, name, GB):
             raise evaluation.TaskError(f"every {('anchor', 'positive')[k]} text of '{source}' is the same: no "
                                      f"pair of a batch has a negative (the texts of the other pairs)")
     if eval_data:  # a pairs file, or documents (read as finetune.py --task=retrieval reads them: their halves)
-        if is_pairs_file(eval_data):
-            eval_set = heldout_pairs(*labelled_pairs(eval_data, tok), special, eval_pairs)[1]
+        if eval_file:
+            eval_set = heldout_pairs(*eval_file, special, eval_pairs)[1]
         else:
             eval_set = evaluation.retrieval_pairs(ckpt, tok, name, eval_data=eval_data, max_len=max_len,
                                                   max_pairs=eval_pairs, text_field=text_field)

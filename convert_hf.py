@@ -35,7 +35,8 @@ import zipfile
 import torch
 from torch.nn import functional as F
 
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import (CheckpointError, load_checkpoint, model_from_checkpoint, remove_dead_writers_temp_files,
+                        save_checkpoint)
 from model import MPNet, MPNetConfig
 
 
@@ -783,7 +784,8 @@ def import_hf(name_or_dir, ckpt_path, overwrite=False):
     if os.path.isdir(ckpt_path) or not os.path.basename(ckpt_path):  # 'out/' too
         raise ConvertError(f"'{ckpt_path}' is a folder, but the import writes one checkpoint file: give its path, "
                            f"e.g. {os.path.join(ckpt_path, 'ckpt.pt')}")
-    _remove_killed_writes(ckpt_path)
+    for line in remove_dead_writers_temp_files(ckpt_path, 'import process'):  # a kill -9 during an earlier import's save
+        print(line)
     if os.path.exists(ckpt_path) and not overwrite:
         raise ConvertError(f"'{ckpt_path}' already exists and may hold a trained model: choose another path, "
                            f"or pass --overwrite to replace it")
@@ -791,17 +793,6 @@ def import_hf(name_or_dir, ckpt_path, overwrite=False):
     save_checkpoint(ckpt, ckpt_path)
     print(f'wrote {ckpt_path}')
     return ckpt
-
-
-def _remove_killed_writes(ckpt_path):
-    """A kill -9 during an import's save leaves its temp file beside ckpt_path (checkpoint.save_checkpoint's
-    CKPT.PID.N.tmp, as large as a checkpoint); once that process is gone, the next import there removes it."""
-    from data import pid_alive
-    for left in glob.glob(glob.escape(ckpt_path) + '.*.tmp'):
-        pid = re.fullmatch(r'\.(\d+)\.\d+\.tmp', left[len(ckpt_path):])
-        if pid and not pid_alive(int(pid[1])) and os.path.isfile(left):
-            os.remove(left)
-            print(f'removed {left}: left by import process {pid[1]}, which is gone')
 
 
 HELP = """usage: python convert_hf.py CKPT OUT_DIR                       export a checkpoint to an HF folder

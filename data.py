@@ -149,11 +149,14 @@ def _hash(x, *keys):
 def _uniform(x, *keys):  # floats in [0, 1)
     return (_hash(x, *keys) >> np.uint64(11)).astype(np.float64) / 2**53
 
+def digests(blobs):
+    """A stable 64-bit id of each byte string's content [n] (uint64), the same in every process (Python's hash is not)."""
+    return np.array([int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), 'little') for b in blobs], np.uint64)
+
 def text_digests(texts):
-    """A stable 64-bit id of each text's content [n] (uint64; '' for a row that is no text): what decides a document's
-    split, so that a text given twice is held out, or trained on, both times; never one of each."""
-    return np.array([int.from_bytes(hashlib.blake2b(t.encode('utf-8', 'surrogatepass') if isinstance(t, str) else b'',
-                                                    digest_size=8).digest(), 'little') for t in texts], np.uint64)
+    """digests of texts (a row that is no text counts as ''): what decides a document's split, so that a text given
+    twice is held out, or trained on, both times; never one of each."""
+    return digests(t.encode('utf-8', 'surrogatepass') if isinstance(t, str) else b'' for t in texts)
 
 def _permute(j, n, *keys):
     """A seeded bijection of [0, n), applied to the array j in O(len(j)) memory however large n is: a
@@ -592,10 +595,11 @@ def _prepare_into(folder, out_dir, dataset, tokenizer, vocab_size, val_frac, tex
     # the smallest hash, so val is never empty; a text given twice is in one split only (the minimum is found in a pass
     # over the texts: no array of n_docs)
     def split_keys(texts):
-        return _uniform(text_digests([t if isinstance(t, str) and t else None for t in texts]), seed)
-    try:
-        val_cut = max(val_frac, min((split_keys(b[field]).min() for b in ds.select_columns([field]).iter(batch_size=4096)
-                                     if any(isinstance(t, str) and t for t in b[field])), default=0.0))
+        return _uniform(text_digests(texts), seed)
+    try:  # the minimum over documents with text: an empty row adds nothing to val
+        val_cut = max(val_frac, min((split_keys(texts).min() for b in ds.select_columns([field]).iter(batch_size=4096)
+                                     for texts in [[t for t in b[field] if isinstance(t, str) and t]] if texts),
+                                    default=0.0))
     except (ValueError, OSError) as e:  # as for the map below
         raise _read_error(dataset, *(_files(dataset) or (None, [])), e) from None
 
@@ -937,7 +941,7 @@ class StreamingBatches:
                     texts.append(text if isinstance(text, str) else '')
                 self._next_doc += 1
             if len(self.held_texts) and texts:  # a copy of a held-out document later in the stream is never trained on
-                copy = np.isin(text_digests(texts), self.held_texts) & np.array([bool(t) for t in texts])
+                copy = np.isin(text_digests(texts), self.held_texts)  # (held_texts holds no empty text)
                 self.n_held_copies += int(copy.sum())
                 texts = [t for t, c in zip(texts, copy) if not c]
             for e in self.encoder.encode_batch_fast(texts, add_special_tokens=False):
@@ -997,7 +1001,8 @@ def stream_val_blocks(dataset, tokenizer, n_blocks, block_size, text_field='text
     for example in ds:
         n_docs += 1
         text = _text_of(example, field, dataset)
-        held |= set(text_digests([text]).tolist()) if isinstance(text, str) and text else set()
+        if isinstance(text, str) and text:
+            held.add(int(text_digests([text])[0]))
         doc = encoder.encode(text, add_special_tokens=False).ids if isinstance(text, str) else []
         if doc:
             parts.append(np.array(doc + [ids['eos_id']], dtype=np.int64))
