@@ -7,6 +7,7 @@ backward over gradient_accumulation_steps micro-batches, gradient clipping, fuse
     python bench.py config/base.py --batch_size=64 --attn_impl=flex
     python bench.py config/base.py --profile=out/bench_trace.json   # also a torch.profiler trace + summary
     python bench.py config/tiny.py --block_size=2048 --max_positions=2048 --batch_size=2   # a longer context
+    python bench.py --embed=path/to/all-mpnet-base-v2 --embed_texts=docs.jsonl    # embedding, beside sentence-transformers
 
 It takes the training config files and every train.py key (keys that only matter for I/O are accepted
 and ignored), plus its own keys below. The model is the run's: the config's, or with init_from the
@@ -36,13 +37,19 @@ from permute import n_pred, permute_batch
 burn_in: int = 10                       # untimed steps (compilation, autotuning, allocator warm-up)
 steps: int = 20                         # timed steps
 profile: str = ''                       # path: profile 3 more steps, write the trace there, print a summary
+embed: str = ''                         # a sentence model (.pt, HF or sentence-transformers folder): time embedding instead
+embed_texts: str = 'pydocs'             # ... these documents (as contrastive.py reads raw text), each one text
+embed_n: int = 1216                     # ... the first this many
+embed_max_len: int = 128                # ... each cut at this many tokens, <s> and </s> included
+embed_batch: int = 32                   # ... this many at once, here and in sentence-transformers' encode beside it
 # -----------------------------------------------------------------------------------------------
 own_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
 
 
 argv = sys.argv[1:]
-if not torch.cuda.is_available() and not [a for a in argv if not a.startswith('--')] and '--help' not in argv:
+if not torch.cuda.is_available() and not [a for a in argv if not a.startswith('--') or a.startswith('--embed=')] and \
+        '--help' not in argv:
     # train.py's defaults are mpnet-base at batch 32 x 512: about 42 GB and minutes per step on a CPU
     print('no GPU: measuring config/tiny.py (give a config file, e.g. python bench.py config/base.py, to choose)')
     argv = [os.path.join(os.path.dirname(TRAIN_PY), 'config', 'tiny.py'), *argv]
@@ -57,6 +64,49 @@ except ConfigError as e:
     die(e)
 cfg = SimpleNamespace(**config)  # the run's settings, as train.py would resolve them
 
+
+def measure_embedding():
+    """--embed: the seconds evaluation.embed (every evaluation's way to embed texts) takes for real documents, and
+    sentence-transformers' encode of the same texts beside it (same length, same batch size, same device), each after
+    one warm-up batch; and how far their embeddings agree (1.0 = the same)."""
+    import evaluation
+    from convert_hf import ConvertError, sentence_pooling
+    try:
+        texts = data.read_texts(cfg.embed_texts)[0][:cfg.embed_n]
+        ckpt, tok = evaluation.load_model(cfg.embed)
+        encoder = model_from_checkpoint(ckpt, cfg.embed, dropout=0.0, attn_dropout=0.0).to(cfg.device).eval()
+    except (data.DataError, evaluation.TaskError, CheckpointError, ConvertError) as e:
+        die(e)
+    pooling, n, size, max_len = sentence_pooling(ckpt.get('st_files')), len(texts), cfg.embed_batch, cfg.embed_max_len
+    evaluation.embed(encoder, tok, texts[:size], pooling, cfg.device, autocast, size, max_len)
+    sync()
+    t0 = time.time()
+    ours, cut = evaluation.embed(encoder, tok, texts, pooling, cfg.device, autocast, size, max_len)
+    sync()
+    dt = time.time() - t0
+    print(f'device: {cfg.device}, torch {torch.__version__}, {cfg.dtype}, {torch.get_num_threads()} threads; model '
+          f'{cfg.embed} ({encoder.get_num_params() / 1e6:.1f}M parameters, {pooling} pooling); {n:,} texts of '
+          f'{cfg.embed_texts}, {cut:,} cut at {max_len} tokens, batches of {size}')
+    print(f'evaluation.embed: {dt:.1f} s, {n / dt:.1f} texts/s')
+    try:
+        from sentence_transformers import SentenceTransformer
+        st = SentenceTransformer(cfg.embed, device=cfg.device)
+    except Exception as e:  # not installed, or not a sentence-transformers model
+        print(f'sentence-transformers: not measured ({type(e).__name__}: {str(e).splitlines()[0][:120]})')
+        return
+    st.max_seq_length = max_len
+    st.encode(texts[:size], batch_size=size)
+    sync()
+    t0 = time.time()
+    theirs = st.encode(texts, batch_size=size, convert_to_tensor=True)
+    sync()
+    dt_st = time.time() - t0
+    agree = torch.nn.functional.cosine_similarity(ours.float().cpu(), theirs.float().cpu()).min().item()
+    print(f'SentenceTransformer.encode: {dt_st:.1f} s, {n / dt_st:.1f} texts/s; evaluation.embed is {dt_st / dt:.2f}x '
+          f'its speed; lowest cosine between the two embeddings of a text: {agree:.6f}')
+
+
+
 torch.manual_seed(cfg.seed)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
@@ -64,6 +114,9 @@ device_type = 'cuda' if cfg.device.startswith('cuda') else 'cpu'
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[cfg.dtype]
 autocast = torch.autocast(device_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
 sync = torch.cuda.synchronize if device_type == 'cuda' else (lambda: None)
+if cfg.embed:
+    measure_embedding()
+    sys.exit(0)
 
 # the model train.py would build: the checkpoint's architecture and weights with init_from (a checkpoint file,
 # resume, or an HF model), else the config's; kernel, dropout, recomputation and objective are this run's choice

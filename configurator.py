@@ -137,12 +137,13 @@ def script_settings(path):
     return settings
 
 
-def help_text(script, defaults, choices=None, also=None, limits=None):
-    """--help: usage, then every key of the script with its default, range and comment, by group."""
+def help_text(script, defaults, choices=None, also=None, limits=None, settings=None, usage=None):
+    """--help: usage, then every key of the script with its default, range and comment, by group (settings: the
+    entries script_settings gives, for a command line whose keys are no typed globals of its file)."""
     name = os.path.basename(script)
-    out = [f'usage: python {name} [CONFIG_FILE ...] [--key=value ...]',
+    out = [f"usage: {usage or f'python {name} [CONFIG_FILE ...] [--key=value ...]'}",
            'Config files (assignments only) and --key=value (a Python literal) set the keys below, left to right.', '']
-    for entry in script_settings(script):
+    for entry in settings or script_settings(script):
         if entry[0] == 'group':
             out.append(entry[1])
             continue
@@ -156,14 +157,14 @@ def help_text(script, defaults, choices=None, also=None, limits=None):
     return '\n'.join(out)
 
 
-def configure(defaults, argv, choices=None, script=None, also=None, limits=None, given=None):
-    """Return {key: value} of the defaults overridden by config files and --key=value arguments;
-    choices: {key: allowed values} for keys that take one of a few values; limits: the script's own ranges,
-    beside LIMITS; given: a set that receives the keys a config file or argument set (a default is no choice).
-    --help (or -h) prints help_text(script) and exits."""
+def configure(defaults, argv, choices=None, script=None, also=None, limits=None, given=None, settings=None, usage=None):
+    """Return {key: value} of the defaults overridden by config files and --key=value arguments (a bare --key sets
+    a bool key True); choices: {key: allowed values} for keys that take one of a few values; limits: the script's own
+    ranges, beside LIMITS; given: a set that receives the keys a config file or argument set (a default is no choice).
+    --help (or -h) prints help_text(script, ..., settings, usage) and exits."""
     given = set() if given is None else given
     if script and any(a in ('--help', '-h') for a in argv):
-        print(help_text(script, defaults, choices, also, limits))
+        print(help_text(script, defaults, choices, also, limits, settings, usage))
         sys.exit(0)
     config = dict(defaults)
     for arg in argv:
@@ -182,7 +183,9 @@ def configure(defaults, argv, choices=None, script=None, also=None, limits=None,
                     given.add(key)
         else:
             key, eq, text = arg[2:].partition('=')
-            if not eq:
+            if not eq and isinstance(defaults.get(key), bool):
+                text = 'True'  # --overwrite
+            elif not eq:
                 raise ConfigError(f"argument '{arg}' needs a value: --{key}=VALUE")
             try:
                 value = ast.literal_eval(text)
@@ -195,13 +198,13 @@ def configure(defaults, argv, choices=None, script=None, also=None, limits=None,
     for key, allowed in (choices or {}).items():
         if config[key] not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {config[key]!r}")
-    check_limits(config, limits)
+    check_limits(config, limits, defaults)
     return config
 
 
-def check_limits(config, limits=None):
+def check_limits(config, limits=None, defaults=None):
     """ConfigError for the first value of config outside its LIMITS (and a script's own limits), or an empty
-    name or path."""
+    name or path (where the default is not empty: '' is the script's own choice there)."""
     for key, value in config.items():  # inf passes every '> 0'; nan fails silently later
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f'{key} must be a finite number; got {value}')
@@ -209,5 +212,5 @@ def check_limits(config, limits=None):
         if config.get(key) is not None and not _within(config[key], limit):
             raise ConfigError(f"{key} must be {'in ' * (limit[0] in '[(')}{limit}; got {config[key]!r}")
     for key in ('out_dir', 'dataset', 'tokenizer'):
-        if isinstance(config.get(key), str) and not config[key].strip():
+        if isinstance(config.get(key), str) and not config[key].strip() and (defaults or {}).get(key) != '':
             raise ConfigError(f'{key} must not be empty')

@@ -24,10 +24,9 @@ accident, saves are atomic, best.pt holds the highest held-out MRR, ckpt.pt resu
 import json
 import math
 import os
-import signal
 import sys
-import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -37,12 +36,11 @@ from torch.nn.attention import sdpa_kernel
 
 import data
 import evaluation
-from checkpoint import (CheckpointError, carried_for_export, checkpoint_bytes, claim_run_dir, exportable, model_from_checkpoint,
-                        ready_run_dir, run_summary, save_run, stop_on_signals, stop_unless_ranks_agree)
+from checkpoint import CheckpointError, carried_for_export, checkpoint_bytes, model_from_checkpoint, stop_unless_ranks_agree
 from configurator import ConfigError, check_device, configure, die
 from convert_hf import ConvertError, quiet_transformers, sentence_pooling, tokenizer_files_of
 from model import MASK_GRAD_BACKENDS, MPNet
-from plot import BackgroundCurves
+from run import Clock, Run, start_processes
 
 # -----------------------------------------------------------------------------------------------
 # I/O
@@ -475,7 +473,8 @@ def load(tok, special, ckpt, name, GB):
 # -----------------------------------------------------------------------------------------------
 # the run
 
-def main(argv):
+def settings(argv):
+    """(the resolved config, the models given first): configurator's rules, and the combinations that cannot work."""
     models = [a for a in argv if not a.startswith('-') and not a.endswith('.py')]
     on_command_line = {a[2:].split('=')[0] for a in argv if a.startswith('--')}
     try:
@@ -493,35 +492,24 @@ def main(argv):
     if config['data_dir'] and 'dataset' in on_command_line:
         die(f"--dataset={config['dataset']} and data_dir={config['data_dir']} both name the raw text: give one "
             f"(data_dir: a folder data.py prepared; dataset: files or pydocs)")
-    globals().update(config)
-    resume = init_from == 'resume'
-    if len(models) > 1 or not init_from:
+    if len(models) > 1 or not config['init_from']:
         die('give one model: python contrastive.py MODEL config/contrastive_raw.py (a .pt checkpoint, an HF MPNet or a '
             'sentence-transformers name or folder; --init_from=resume continues out_dir)')
-    if overwrite and resume:
+    if config['overwrite'] and config['init_from'] == 'resume':
         die("overwrite=True starts the run over; it cannot be combined with init_from='resume'")
-    if pairs == 'labelled' and data_dir:
+    if config['pairs'] == 'labelled' and config['data_dir']:
         die('data_dir holds raw text: train on it with --pairs=halves or --pairs=simcse, or give labelled pairs with '
             '--dataset=PAIRS.jsonl|.csv|.tsv')
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    if ddp:
-        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    flags = dist.new_group(backend='gloo') if ddp else None  # CPU messages: errors, stop requests, evaluations
-    master, dev = rank == 0, torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if ddp and device != 'cpu' else device)
-    if dev.type == 'cuda':
-        torch.cuda.set_device(dev)
-    torch.manual_seed(seed + rank)  # dropout: each rank its own stream
-    torch.backends.cuda.matmul.allow_tf32 = True
-    autocast = torch.autocast('cuda', torch.bfloat16) if dev.type == 'cuda' and dtype == 'bfloat16' else nullcontext()
-    GB = batch_size * world  # pairs per step: each one's texts are negatives of all the others
+    return config, models
 
-    if GB < 2:
-        die('batch_size=1: a batch of one pair has no negatives (the other pairs of a batch are its negatives): '
-            'use batch_size >= 2')
-    ckpt_path, metrics_path = (os.path.join(out_dir, n) for n in ('ckpt.pt', 'metrics.jsonl'))
-    error, name = None, ckpt_path if resume else init_from
-    try:  # everything is checked before anything is written
+
+def start(resume, model_given, GB):
+    """Everything the run needs, checked before anything is written: the start model and its tokenizer, the training
+    pairs, the held-out pairs (and STS pairs), and what the run is (its fingerprint, its held-out key). Every rank
+    stops with one line for what cannot work."""
+    ckpt_path, error, s = os.path.join(out_dir, 'ckpt.pt'), None, None
+    name = ckpt_path if resume else init_from
+    try:
         if resume and not os.path.isfile(ckpt_path):
             raise CheckpointError(f"init_from='resume' but {ckpt_path} does not exist: set --out_dir to the run's folder")
         ckpt, tok = evaluation.load_model(name, tokenizer)
@@ -540,189 +528,176 @@ def main(argv):
                            loss=dict(scale=scale, symmetric=symmetric))
         key = f'contrastive: held-out pairs {digest(eval_set[0].numpy())}'  # the measure is MRR: scale plays no part
         if resume:
-            check_resume(ckpt, fingerprint, key, ckpt_path, models[0] if models else None)
+            check_resume(ckpt, fingerprint, key, ckpt_path, model_given)
+        s = SimpleNamespace(ckpt=ckpt, name=name, tok=tok, special=special, tokens=tokens, spans=spans, eval_set=eval_set,
+                            sts=sts, said=said, fingerprint=fingerprint, key=key)
     except (CheckpointError, ConvertError, data.DataError, evaluation.TaskError) as e:
         error = str(e)
     stop_unless_ranks_agree(None, error, 'model and data')
+    return s
+
+
+def sentence_model(s, dev):
+    """(the model to train, its model_args, what its checkpoints carry for the export, its pooling): a model without
+    sentence modules gets mean pooling + Normalize (sentence_files) and an HF pooler (hf_pooler)."""
+    ckpt = s.ckpt
     model_args = {**ckpt['model_args'], 'dropout': dropout, 'attn_dropout': dropout}
     # on a CPU the plain attention: SDPA's CPU path adds a safe-softmax pass over (B, nh, T, T) (MEASUREMENTS.md,
     # against sentence-transformers); the checkpoint keeps the model's own attn_impl
-    model = model_from_checkpoint(ckpt, name, **{**model_args, **({'attn_impl': 'manual'} if dev.type == 'cpu' else {})})
-    model = model.to(dev).train()
+    model = model_from_checkpoint(ckpt, s.name, **{**model_args, **({'attn_impl': 'manual'} if dev.type == 'cpu' else {})})
     n_embd = model_args['n_embd']
     carried = {**carried_for_export(ckpt),  # everything an export needs survives this stage (positions_extended too)
                **dict(st_files=ckpt.get('st_files') or sentence_files(n_embd), st_path=ckpt.get('st_path') or '',
                       hf_extra=ckpt.get('hf_extra') or hf_pooler(n_embd),
                       tokenizer_files=ckpt.get('tokenizer_files') or tokenizer_files_of(tokenizer),
-                      special_ids=ckpt.get('special_ids') or dict(bos_token_id=special[0], pad_token_id=1,
-                                                                  eos_token_id=special[1]))}
-    pooling = sentence_pooling(carried['st_files'])  # as the sentence-transformers model pools (mean if new)
-    heldout = dict(ids=eval_set[0], mask=eval_set[1], source=eval_data or (
-        f'{data_dir}/val.bin' if data_dir else f'{dataset} (val_frac={val_frac}, held out by content)'))  # finetune.py's
+                      special_ids=ckpt.get('special_ids') or dict(bos_token_id=s.special[0], pad_token_id=1,
+                                                                  eos_token_id=s.special[1]))}
+    # the held-out pairs best.pt was picked on, for finetune.py --task=retrieval on this checkpoint
+    carried['heldout'] = dict(ids=s.eval_set[0], mask=s.eval_set[1], source=eval_data or (
+        f'{data_dir}/val.bin' if data_dir else f'{dataset} (val_frac={val_frac}, held out by content)'))
+    return model.to(dev).train(), model_args, carried, sentence_pooling(carried['st_files'])
+
+
+class Batches:
+    """The training data, epoch after epoch, each in a seeded order of its own: batch(pos) is this rank's texts of the
+    step at position pos, column by column; the ids of the whole step's texts; the number of tokens."""
+
+    def __init__(self, tokens, spans, GB, rank):
+        self.tokens, self.spans, self.GB, self.rank, self.orders = tokens, spans, GB, rank, {}
+
+    def __call__(self, pos):
+        n = self.spans.shape[1]
+        e, i = np.divmod(pos + np.arange(self.GB), n)
+        if not set(e.tolist()) <= set(self.orders):
+            self.orders = {k: np.random.default_rng([seed, k]).permutation(n) for k in set(e.tolist())}
+        step = clip(self.spans[:, [self.orders[k][j] for k, j in zip(e.tolist(), i.tolist())]])
+        mine = step[:, self.rank * batch_size:(self.rank + 1) * batch_size]
+        seqs = [self.tokens[a:b] for column in mine for a, b in column]
+        return seqs, text_ids(self.tokens, step), int((step[..., 1] - step[..., 0]).sum()) + 2 * step[..., 0].size
+
+
+def evaluate(model, s, pooling, dev, autocast, run, iter_num):
+    """Held-out retrieval as finetune.py --task=retrieval scores it, the InfoNCE of all held-out pairs at once, STS;
+    under train.py's probe names, which plot.py draws. Rank 0's numbers decide for every rank."""
+    model.eval()  # the held-out pairs embedded once: their InfoNCE and their ranking
+    ids, mask = (x.flatten(0, 1).to(dev) for x in s.eval_set)
+    first, second = evaluation.pool(model, ids, mask, pooling, autocast).view(2, s.eval_set[0].size(1), -1)
+    val_loss = F.cross_entropy(scale * first @ second.T, torch.arange(first.size(0), device=dev)).item()
+    found = evaluation.ranking(first, second)
+    rho = evaluation.sts_scores(model, s.tok, s.sts, pooling, dev, autocast, max_len)['spearman'] if s.sts else math.nan
+    model.train()
+    numbers = torch.tensor([val_loss, found['acc1'], found['mrr'], found['unrelated_cos'], rho], dtype=torch.float64)
+    if run.ddp:
+        dist.broadcast(numbers, 0, group=run.group)
+    record = dict(iter=iter_num, val_loss=numbers[0].item(), probe_found=numbers[1].item(),
+                  probe_mrr=numbers[2].item(), probe_cos=numbers[3].item(), objective='contrastive')
+    if s.sts:  # an undefined Spearman (every pair the same cosine) is null in the log, never NaN
+        record['sts_spearman'] = evaluation.defined(numbers[4].item())
+    if run.master:
+        print(f"step {iter_num}: held-out MRR {record['probe_mrr']:.4f} (top-1 {record['probe_found']:.3f}, "
+              f"{s.eval_set[0].size(1)} pairs), InfoNCE {record['val_loss']:.4f}, unrelated cosine {record['probe_cos']:.3f}"
+              + (f", STS Spearman {evaluation.shown(record['sts_spearman'])}" if s.sts else ''))
+    return record
+
+
+def log_steps(run, iter_num, losses, n_tokens, lr, grad_norm, dt, GB):
+    """The log window's record: mean loss, rate, throughput (every rank's texts)."""
+    record = dict(iter=iter_num, loss=sum(losses) / len(losses), lr=lr, grad_norm=grad_norm, ms_per_iter=dt * 1000,
+                  pairs_per_sec=GB / dt, tokens_per_sec=n_tokens / len(losses) / dt)
+    if run.master:
+        print(f"step {iter_num}: loss {record['loss']:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, "
+              f"{record['ms_per_iter']:.0f} ms/step, {record['pairs_per_sec']:,.0f} pairs/s")
+    run.log(record)
+
+
+def main(argv):
+    config, models = settings(argv)
+    globals().update(config)
+    resume = init_from == 'resume'
+    ddp, rank, world, dev = start_processes(device, seed)
+    master, dev = rank == 0, torch.device(dev)
+    autocast = torch.autocast('cuda', torch.bfloat16) if dev.type == 'cuda' and dtype == 'bfloat16' else nullcontext()
+    GB = batch_size * world  # pairs per step: each one's texts are negatives of all the others
+    if GB < 2:
+        die('batch_size=1: a batch of one pair has no negatives (the other pairs of a batch are its negatives): '
+            'use batch_size >= 2')
+    run = Run(out_dir, resume, overwrite, 'val_mrr', 'step', master, ddp)
+    s = start(resume, models[0] if models else None, GB)
+    model, model_args, carried, pooling = sentence_model(s, dev)
     if master:
-        print('config:\n' + '\n'.join(f'  {k} = {config[k]!r}' for k in config_keys))
-        for line in said:
-            print(line)
-        print(f"{spans.shape[1]:,} training {'triplets' if len(spans) == 3 else 'pairs'} ({pairs}), {GB:,} a step "
+        print('config:\n' + '\n'.join(f'  {k} = {config[k]!r}' for k in config_keys) + ''.join(f'\n{x}' for x in s.said))
+        print(f"{s.spans.shape[1]:,} training {'triplets' if len(s.spans) == 3 else 'pairs'} ({pairs}), {GB:,} a step "
               f"({batch_size} x {world} process{'es' * (world > 1)}"
               f"{f', embedded {mini_batch_size} texts at a time' if mini_batch_size else ''}); {pooling} pooling; "
-              f"evaluation: {eval_set[0].size(1)} held-out pairs" + (f', {len(sts)} STS pairs' if sts else ''))
-
-    start_file = init_from if os.path.isfile(init_from) else None  # the checkpoint this run starts from (it may move)
-    started_from = ckpt.get('started_from') if resume else os.path.abspath(init_from) if os.path.exists(init_from) else init_from
-    stop = stop_on_signals(master, 'step')  # SIGINT/SIGTERM: save and stop after this step; a second: at once
-    error = None
-    if master:
-        try:
-            global run_lock
-            run_lock = claim_run_dir(out_dir, resume, overwrite)  # held until this process exits
-            said, start_file = ready_run_dir(out_dir, overwrite, resume, start_file, ckpt.get('iter_num'),
-                                             ckpt.get('best_iter'), checkpoint_bytes(model), 'step')
-            for line in said:
-                print(line)
-        except CheckpointError as e:
-            error = str(e)
-    stop_unless_ranks_agree(None, error, 'run folder')  # rank 0 alone owns it
-
+              f"evaluation: {s.eval_set[0].size(1)} held-out pairs" + (f', {len(s.sts)} STS pairs' if s.sts else ''))
+    started_from = (s.ckpt.get('started_from') if resume else os.path.abspath(init_from) if os.path.exists(init_from)
+                    else init_from)
+    run.claim()
+    iter_num, best_mrr, best_iter, data_pos = ((s.ckpt['iter_num'], s.ckpt['best_mrr'], s.ckpt['best_iter'],
+                                                s.ckpt['data_pos']) if resume else (0, None, None, 0))
+    run.ready(init_from if os.path.isfile(init_from) else None, iter_num, best_iter, best_mrr,
+              checkpoint_bytes(model), curves)
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.999), 1e-6, dev.type)
     params = [p for p in model.parameters() if p.requires_grad]
-    iter_num, best_mrr, best_iter, data_pos, last_saved = 0, -math.inf, None, 0, None
     if resume:
-        iter_num, best_mrr, best_iter, data_pos = ckpt['iter_num'], ckpt['best_mrr'], ckpt['best_iter'], ckpt['data_pos']
-        optimizer.load_state_dict(ckpt['optimizer'])
-        if len(ckpt['rank_states']) == world:  # else new dropout streams; the data continues exactly all the same
-            set_rng_state(ckpt['rank_states'][rank], dev)
+        optimizer.load_state_dict(s.ckpt['optimizer'])
+        if len(s.ckpt['rank_states']) == world:  # else new dropout streams; the data continues exactly all the same
+            set_rng_state(s.ckpt['rank_states'][rank], dev)
         if master:
-            print(f"resuming from step {iter_num} of {ckpt_path} (" + (
+            print(f"resuming from step {iter_num} of {os.path.join(out_dir, 'ckpt.pt')} (" + (
                 f"best held-out MRR {best_mrr:.4f} at step {best_iter})" if best_iter is not None else
                 f"no step beat the starting model yet, held-out MRR {best_mrr:.4f})"))
-    start_iter, ckpt, orders = iter_num, None, {}
-
-    def batch(pos):
-        """This rank's texts of the step at position pos of the data (epoch after epoch, each in a seeded order of its
-        own), column by column; the ids of the whole step's texts; the number of tokens."""
-        e, i = np.divmod(pos + np.arange(GB), spans.shape[1])
-        if not set(e.tolist()) <= set(orders):
-            orders.clear()
-            orders.update({k: np.random.default_rng([seed, k]).permutation(spans.shape[1]) for k in set(e.tolist())})
-        step = clip(spans[:, [orders[k][j] for k, j in zip(e.tolist(), i.tolist())]])
-        seqs = [tokens[a:b] for column in step[:, rank * batch_size:(rank + 1) * batch_size] for a, b in column]
-        return seqs, text_ids(tokens, step), int((step[..., 1] - step[..., 0]).sum()) + 2 * step[..., 0].size
-
-    def evaluate():
-        """Held-out retrieval as finetune.py --task=retrieval scores it, the InfoNCE of all held-out pairs at once, STS;
-        under train.py's probe names, which plot.py draws. Rank 0's numbers decide for every rank."""
-        model.eval()  # the held-out pairs embedded once: their InfoNCE and their ranking
-        first, second = evaluation.pool(model, eval_set[0].flatten(0, 1).to(dev), eval_set[1].flatten(0, 1).to(dev),
-                                      pooling, autocast).view(2, eval_set[0].size(1), -1)
-        val_loss = F.cross_entropy(scale * first @ second.T, torch.arange(first.size(0), device=dev)).item()
-        found = evaluation.ranking(first, second)
-        rho = evaluation.sts_scores(model, tok, sts, pooling, dev, autocast, max_len)['spearman'] if sts else math.nan
-        model.train()
-        numbers = torch.tensor([val_loss, found['acc1'], found['mrr'], found['unrelated_cos'], rho], dtype=torch.float64)
-        if ddp:
-            dist.broadcast(numbers, 0, group=flags)
-        record = dict(iter=iter_num, val_loss=numbers[0].item(), probe_found=numbers[1].item(),
-                      probe_mrr=numbers[2].item(), probe_cos=numbers[3].item(), objective='contrastive')
-        # an undefined Spearman (every pair the same cosine) is null in the log, never NaN
-        return {**record, 'sts_spearman': evaluation.defined(numbers[4].item())} if sts else record
-
-    def kept():
-        """Which files hold what, for every line that ends the run (checkpoint.run_summary, as train.py says it)."""
-        return run_summary(out_dir, best_iter, best_mrr, last_saved, start_file, 'val_mrr', 'step')
+    start_iter, s.ckpt, batch, clock, losses, n_tokens = iter_num, None, Batches(s.tokens, s.spans, GB, rank), Clock(dev), [], 0
 
     def save(record=None, improved=False):
-        """Every rank's RNG state gathered; rank 0 writes ckpt.pt atomically and, when improved, links best.pt to it."""
-        states = [rng_state(dev)] * world
-        if ddp:
-            dist.all_gather_object(states, states[0], group=flags)
-        if not master:
-            return
-        nonlocal last_saved
-        try:  # best.pt is the highest held-out MRR, and a replaced run goes once one at least as good on the same
-            # held-out pairs is saved (their InfoNCE is no measure across runs: fewer negatives, lower loss)
-            said = save_run(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
-                                 config=config, iter_num=iter_num, val_loss=record and record['val_loss'],
-                                 val_mrr=record and record['probe_mrr'], best_mrr=best_mrr, best_iter=best_iter,
-                                 data_pos=data_pos, rank_states=states, data_fingerprint=fingerprint,
-                                 data_dir=os.path.abspath(data_dir) if data_dir else None, heldout=heldout,
-                                 started_from=started_from, **carried),
-                            out_dir, improved, key, unit='step', measure='val_mrr')
-        except CheckpointError as e:
-            die(f'{e}; {kept()}')
-        last_saved = (iter_num, record and record['probe_mrr'])
-        print('\n'.join(said))
+        """Every rank's RNG state gathered; rank 0 writes ckpt.pt (best.pt when improved: the highest held-out MRR; a
+        replaced run goes once a model at least as good on the same held-out pairs is saved)."""
+        states = run.gather(rng_state(dev))
+        run.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args, config=config,
+                      iter_num=iter_num, val_loss=record and record['val_loss'], val_mrr=record and record['probe_mrr'],
+                      best_mrr=run.best_score, best_iter=run.best_iter, data_pos=data_pos, rank_states=states,
+                      data_fingerprint=s.fingerprint, data_dir=os.path.abspath(data_dir) if data_dir else None,
+                      started_from=started_from, **carried), improved, s.key)
 
-    def log(record):
-        if master:
-            with open(metrics_path, 'a') as f:
-                f.write(json.dumps(record) + '\n')
-
-    plotter = BackgroundCurves(out_dir) if curves and master else None  # out_dir/curves.png, as train.py draws it
-
-    losses, n_tokens, t0 = [], 0, time.time()
     while True:
         if iter_num % eval_interval == 0 or iter_num == max_iters:
+            clock.pause()
             try:
-                record = evaluate()
+                record = evaluate(model, s, pooling, dev, autocast, run, iter_num)
             except evaluation.TaskError as e:  # NaN embeddings, or a model that gives every text the same one
-                die(f'{e} (step {iter_num}): not saved; {kept()}')
-            improved = record['probe_mrr'] > best_mrr and iter_num > start_iter
-            if iter_num > start_iter or not resume:  # a new run's starting model is the first to beat
-                best_mrr = max(best_mrr, record['probe_mrr'])
-            best_iter = iter_num if improved else best_iter
-            if master:
-                print(f"step {iter_num}: held-out MRR {record['probe_mrr']:.4f} (top-1 {record['probe_found']:.3f}, "
-                      f"{eval_set[0].size(1)} pairs), InfoNCE {record['val_loss']:.4f}, unrelated cosine "
-                      f"{record['probe_cos']:.3f}" + (f", STS Spearman {evaluation.shown(record['sts_spearman'])}" if sts else ''))
-            log(record)
+                run.die(f'{e} (step {iter_num}): not saved')
+            improved = run.evaluated(iter_num, record['probe_mrr'])
+            run.log(record)
             if iter_num > start_iter:
                 save(record, improved)
-            if plotter:
-                plotter.draw()
-            t0 = time.time()
-        stopping = torch.tensor([float(bool(stop))])
-        if ddp:  # every rank stops at the same step
-            dist.all_reduce(stopping, op=dist.ReduceOp.MAX, group=flags)
-        if stopping.item() or iter_num >= max_iters:
+            run.draw()
+            clock.resume()
+        if run.should_stop():  # a signal, on any rank: every rank stops here
+            if iter_num > start_iter:
+                save()
+            break
+        if iter_num >= max_iters:
             break
         seqs, ids, tokens_seen = batch(data_pos)
         lr = learning_rate * min((iter_num + 1) / (warmup_iters + 1), (max_iters - iter_num) / max(1, max_iters - warmup_iters))
         for group in optimizer.param_groups:
             group['lr'] = lr
-        loss = contrastive_step(model, seqs, ids, special, pooling, mini_batch_size, scale, symmetric, autocast)
+        loss = contrastive_step(model, seqs, ids, s.special, pooling, mini_batch_size, scale, symmetric, autocast)
         sum_gradients(params)
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
         if not (math.isfinite(loss.item()) and math.isfinite(norm.item())):
-            die(f'the loss or its gradient is not finite at step {iter_num}: stopped without saving it; {kept()}; lower '
-                f'learning_rate or check the data')
+            run.die(f'the loss or its gradient is not finite at step {iter_num}: stopped without saving it',
+                    'lower learning_rate or check the data')
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         iter_num, data_pos = iter_num + 1, data_pos + GB
         losses.append(loss.item())
         n_tokens += tokens_seen  # every rank's texts
+        clock.tick()
         if iter_num % log_interval == 0:
-            dt = (time.time() - t0) / len(losses)
-            record = dict(iter=iter_num, loss=sum(losses) / len(losses), lr=lr, grad_norm=norm.item(),
-                          ms_per_iter=dt * 1000, pairs_per_sec=GB / dt, tokens_per_sec=n_tokens / len(losses) / dt)
-            if master:
-                print(f"step {iter_num}: loss {record['loss']:.4f}, lr {lr:.2e}, grad norm {record['grad_norm']:.3f}, "
-                      f"{record['ms_per_iter']:.0f} ms/step, {record['pairs_per_sec']:,.0f} pairs/s")
-            log(record)
-            losses, n_tokens, t0 = [], 0, time.time()
-
-    if stop and iter_num > start_iter:
-        save()
-    if master:
-        if plotter:  # the final curves include the final evaluation
-            plotter.finish()
-        how = f'stopped by {signal.Signals(stop[0]).name}' if stop else 'done'
-        export = exportable(out_dir, start_file, best_iter)  # never worse than the model the run started from
-        print(f'{how}: {kept()}' + (f'; export with: python convert_hf.py {export} {os.path.join(out_dir, "st")}'
-                                    if export else ''))
-    if ddp:
-        dist.barrier()
-        dist.destroy_process_group()
+            log_steps(run, iter_num, losses, n_tokens, lr, norm.item(), clock.per_step(), GB)
+            losses, n_tokens = [], 0
+    run.close(iter_num, max_iters, 'st')
 
 
 if __name__ == '__main__':

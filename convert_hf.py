@@ -37,6 +37,7 @@ from torch.nn import functional as F
 
 from checkpoint import (CheckpointError, load_checkpoint, model_from_checkpoint, remove_dead_writers_temp_files,
                         save_checkpoint)
+from configurator import ConfigError, configure
 from model import MPNet, MPNetConfig
 
 
@@ -795,14 +796,14 @@ def import_hf(name_or_dir, ckpt_path, overwrite=False):
     return ckpt
 
 
-HELP = """usage: python convert_hf.py CKPT OUT_DIR                       export a checkpoint to an HF folder
-       python convert_hf.py --from_hf=NAME_OR_DIR CKPT [--overwrite]  import an HF MPNet as a checkpoint
-
-  CKPT                 a train.py checkpoint: out_dir/ckpt.pt, best.pt, or a snapshot (snapshots/iter_N.pt)
-  OUT_DIR              the HF folder to write: new (its parent must exist), empty, or an earlier export
-                       (replaced whole, once the new one is complete); never the folder holding CKPT
-  --from_hf=NAME_OR_DIR  an MPNetForMaskedLM / MPNetModel / sentence-transformers MPNet, hub name or folder
-  --overwrite          let the import replace an existing CKPT file
+# the command line, through configurator.py as every script's (python convert_hf.py --help)
+USAGE = 'python convert_hf.py CKPT OUT_DIR  |  python convert_hf.py --from_hf=NAME_OR_DIR CKPT [--overwrite]'
+SETTINGS = [('group', 'export CKPT to OUT_DIR, or with --from_hf import an HF MPNet as the checkpoint CKPT'),
+            ('key', 'from_hf', '', 'an MPNetForMaskedLM / MPNetModel / sentence-transformers MPNet, hub name or folder'),
+            ('key', 'overwrite', False, 'let the import replace an existing CKPT file')]
+ABOUT = """  CKPT      a train.py checkpoint: out_dir/ckpt.pt, best.pt, or a snapshot (snapshots/iter_N.pt)
+  OUT_DIR   the HF folder to write: new (its parent must exist), empty, or an earlier export
+            (replaced whole, once the new one is complete); never the folder holding CKPT
 
 Export: MPNetForMaskedLM (model.safetensors, config.json), the tokenizer, nano_mpnet.json; for a sentence
 model its modules and the encoder as MPNetModel with its pooler; checked against transformers (and the
@@ -810,20 +811,18 @@ tokenizer loaded) before it is moved into OUT_DIR."""
 
 
 def main(argv):
-    if any(a in ('--help', '-h') for a in argv):
-        print(HELP)
-        return
-    from_hf = [a.split('=', 1)[1] for a in argv if a.startswith('--from_hf=')]
-    args = [a for a in argv if not a.startswith('--')]
-    unknown = [a for a in argv if a.startswith('--') and not a.startswith('--from_hf=') and a != '--overwrite']
-    if unknown:
-        raise ConvertError(f'unknown option {unknown[0]} (usage: convert_hf.py CKPT OUT_DIR | convert_hf.py --from_hf=NAME CKPT)')
-    if from_hf and len(args) == 1:
-        import_hf(from_hf[0], args[0], overwrite='--overwrite' in argv)
-    elif not from_hf and len(args) == 2:
-        export(args[0], args[1])
+    paths, given = [a for a in argv if not a.startswith('-')], set()
+    try:
+        c = configure({e[1]: e[2] for e in SETTINGS if e[0] == 'key'}, [a for a in argv if a.startswith('-')],
+                      script=__file__, also=ABOUT, settings=SETTINGS, usage=USAGE, given=given)
+    except ConfigError as e:
+        raise ConvertError(f'{e} (usage: {USAGE})') from None
+    if 'from_hf' in given and len(paths) == 1:  # an empty --from_hf= is import_hf's to refuse, naming the flag
+        import_hf(c['from_hf'], paths[0], overwrite=c['overwrite'])
+    elif 'from_hf' not in given and len(paths) == 2:
+        export(*paths)
     else:
-        raise ConvertError('usage: python convert_hf.py CKPT OUT_DIR  |  python convert_hf.py --from_hf=NAME_OR_DIR CKPT')
+        raise ConvertError(f'usage: {USAGE}')
 
 
 if __name__ == '__main__':

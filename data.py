@@ -25,6 +25,9 @@ removes it, and a later prepare removes one left by a killed process.
 
 Training from prepared data needs torch, numpy and tokenizers: datasets and transformers are imported
 where used (preparing, streaming), and finding an already prepared folder needs neither.
+
+The file has two halves: I. what training reads each step (load_prepared, Batches, StreamingBatches,
+training_data), then II. preparation (interruption, sources, tokenizers, prepare and its provenance).
 """
 import os
 import re
@@ -62,6 +65,443 @@ def _root_cause(e):  # datasets wraps the reader's error ("An error occurred whi
     for _ in range(20):  # a chain, not a cycle
         e = e.__cause__ or e.__context__ or e
     return e
+
+# -----------------------------------------------------------------------------
+# seeded hashing: every random choice here is a pure function of (seed, index), so runs resume exactly
+
+def _hash(x, *keys):
+    """splitmix64 of the integer array x, chained over the integer keys (numpy uint64 wraps mod 2**64)."""
+    z = np.array(x, dtype=np.uint64, ndmin=1)
+    for k in keys:
+        z = z + np.uint64((k * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return z
+
+def _uniform(x, *keys):  # floats in [0, 1)
+    return (_hash(x, *keys) >> np.uint64(11)).astype(np.float64) / 2**53
+
+def digests(blobs):
+    """A stable 64-bit id of each byte string's content [n] (uint64), the same in every process (Python's hash is not)."""
+    return np.array([int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), 'little') for b in blobs], np.uint64)
+
+def text_digests(texts):
+    """digests of texts (a row that is no text counts as ''): what decides a document's split, so that a text given
+    twice is held out, or trained on, both times; never one of each."""
+    return digests(t.encode('utf-8', 'surrogatepass') if isinstance(t, str) else b'' for t in texts)
+
+def _permute(j, n, *keys):
+    """A seeded bijection of [0, n), applied to the array j in O(len(j)) memory however large n is: a
+    4-round Feistel network on the smallest even number of bits covering n, cycle-walking values that
+    land >= n (the cycle of a bijection through j always comes back into [0, n))."""
+    n = int(n)
+    h = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << h) - 1)
+    x = np.array(j, dtype=np.uint64, ndmin=1)
+    todo = np.ones(len(x), dtype=bool)
+    while todo.any():
+        y = x[todo]
+        for rnd in range(4):
+            left, right = y >> np.uint64(h), y & mask
+            y = (right << np.uint64(h)) | (left ^ (_hash(right, *keys, rnd) & mask))
+        x[todo] = y
+        todo = x >= np.uint64(n)
+    return x.astype(np.int64)
+
+def token_dtype(vocab_size):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+# =============================================================================
+# I. What training reads, each step: a prepared folder (load_prepared), its batches of packed blocks
+#    (Batches), a stream tokenized on the fly (StreamingBatches), and train.py's data (training_data).
+# =============================================================================
+
+def load_meta(data_dir):
+    path = os.path.join(data_dir, 'meta.json')
+    if not os.path.exists(path):
+        raise DataError(f"'{data_dir}' is not a prepared dataset (no meta.json): run python data.py --dataset=... --out_dir={data_dir}")
+    fix = f"re-prepare the folder: {prepare_command(None, data_dir)}"
+    try:
+        with open(path, encoding='utf-8') as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:  # unreadable, truncated, not JSON, not UTF-8
+        raise DataError(f"'{path}' cannot be read ({_line(e)}); {fix}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"'{path}' holds a JSON {type(meta).__name__}, not the object data.py writes; {fix}")
+    if isinstance(meta.get('settings'), dict):
+        fix = f"re-prepare the folder: {prepare_command(meta['settings'], data_dir)}"
+    ints = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    def dtype(v):  # load_prepared says when it cannot hold the vocabulary
+        try:
+            return isinstance(v, str) and np.dtype(v).kind in 'ui'
+        except TypeError:
+            return False
+    checks = dict(tokenizer=lambda v: isinstance(v, str) and v, vocab_size=lambda v: ints(v) and v > 0,
+                  dtype=dtype, bos_id=ints, eos_id=ints,
+                  pad_id=lambda v: v is None or ints(v), unk_id=lambda v: v is None or ints(v),
+                  mask_id=lambda v: v is None or ints(v), settings=lambda v: v is None or isinstance(v, dict),
+                  source=lambda v: v is None or isinstance(v, dict),
+                  n_tokens=lambda v: v is None or (isinstance(v, dict) and all(map(ints, v.values()))))
+    for key, ok in checks.items():
+        if key not in meta and key in ('tokenizer', 'vocab_size', 'dtype', 'bos_id', 'eos_id'):  # needed by every reader
+            raise DataError(f"'{path}' has no '{key}' (not written by this data.py, or edited); {fix}")
+        if not ok(meta.get(key)):
+            raise DataError(f"'{path}' has {key} = {json.dumps(meta.get(key))[:60]}, which data.py never writes; {fix}")
+    if os.path.isdir(os.path.join(data_dir, meta['tokenizer'])):  # stored relative, so the folder can be moved
+        meta['tokenizer'] = os.path.join(data_dir, meta['tokenizer'])
+    return meta
+
+SCAN_TOKENS = 2**31  # token files up to this size are scanned whole for ids beyond the vocabulary when loaded
+
+def load_prepared(data_dir):
+    """(meta, tokenizer, fingerprint) of a prepared folder, once its parts are checked to agree: each .bin
+    holds whole tokens, as many as meta.json says, within the tokenizer's vocabulary (scanned whole up to
+    SCAN_TOKENS; larger files are checked batch by batch), and meta.json agrees with the tokenizer. The
+    fingerprint {tokenizer, tokens} (the vocabulary; the token files' sizes and 64 samples of each) is
+    what DDP ranks compare, and what a checkpoint records of the data it was trained on."""
+    meta = load_meta(data_dir)
+    tok, special = _token_table(meta['tokenizer'])
+    fix = f're-prepare it: {prepare_command(meta.get("settings"), data_dir)}'
+    if tok.get_vocab_size() != meta['vocab_size']:
+        raise DataError(f"'{data_dir}/meta.json' says vocab_size {meta['vocab_size']} but its tokenizer has "
+                        f"{tok.get_vocab_size()} tokens: the folder's parts do not belong together; {fix}")
+    wrong = {k: (meta.get(k), v) for k, v in special.items() if meta.get(k) != v}
+    if wrong:
+        raise DataError(f"'{data_dir}/meta.json' disagrees with its tokenizer on special ids "
+                        f"({', '.join(f'{k} {a} vs {b}' for k, (a, b) in wrong.items())}); {fix}")
+    dtype = np.dtype(meta['dtype'])
+    if dtype not in (np.uint16, np.uint32) or np.iinfo(dtype).max < meta['vocab_size'] - 1:
+        raise DataError(f"'{data_dir}/meta.json' gives dtype {dtype.name}, which cannot hold a vocabulary of "
+                        f"{meta['vocab_size']}; {fix}")
+    h = hashlib.sha256()
+    for split in ('train', 'val'):
+        path = os.path.join(data_dir, f'{split}.bin')
+        if not os.path.isfile(path):
+            raise DataError(f"'{path}' is missing; {fix}")
+        size = os.path.getsize(path)
+        if size % dtype.itemsize:
+            raise DataError(f"'{path}' has {size:,} bytes, not a whole number of {dtype.name} tokens (truncated, "
+                            f"or not written by data.py); {fix}")
+        n = size // dtype.itemsize
+        if n != meta.get('n_tokens', {}).get(split, n):
+            raise DataError(f"'{path}' holds {n:,} tokens but meta.json says {meta['n_tokens'][split]:,} "
+                            f"(truncated or replaced); {fix}")
+        tokens = np.memmap(path, dtype=dtype, mode='r') if n else np.zeros(0, dtype)
+        if n <= SCAN_TOKENS:
+            top = max([int(tokens[a:a + 2**24].max()) for a in range(0, n, 2**24)], default=0)
+            if top >= meta['vocab_size']:
+                raise DataError(f"'{path}' holds token id {top}, beyond the tokenizer's {meta['vocab_size']} tokens: "
+                                f"it was not made with this tokenizer; {fix}")
+        h.update(f'{split} {n}'.encode())
+        for a in np.linspace(0, max(n - 2**15, 0), 64).astype(np.int64):  # 64 samples of 32k tokens
+            h.update(tokens[a:a + 2**15].tobytes())
+    return meta, tok, dict(tokenizer=tokenizer_fingerprint(tok), tokens=h.hexdigest()[:16])
+
+def _token_table(tok_dir):
+    """A prepared folder's tokenizer as a bare `tokenizers.Tokenizer`, and its special ids read from the
+    folder's config files as transformers would: quick to load, and training needs no transformers."""
+    from tokenizers import Tokenizer
+    path = os.path.join(tok_dir, 'tokenizer.json')
+    if not os.path.isfile(path):
+        raise DataError(f"'{tok_dir}' holds no tokenizer.json: re-prepare the data")
+    tok, names = Tokenizer.from_file(path), {}
+    for name in ('special_tokens_map.json', 'tokenizer_config.json'):  # transformers 4 wrote both, 5 the second
+        if os.path.isfile(os.path.join(tok_dir, name)):
+            with open(os.path.join(tok_dir, name)) as f:
+                for key, value in json.load(f).items():
+                    if key.endswith('_token') and value:
+                        names.setdefault(key[:-len('_token')], value['content'] if isinstance(value, dict) else value)
+    ids = {k: tok.token_to_id(v) for k, v in names.items()}
+    pick = lambda a, b: ids.get(a) if ids.get(a) is not None else ids.get(b)  # <s>/</s>, or [CLS]/[SEP] (BERT)
+    return tok, dict(bos_id=pick('bos', 'cls'), eos_id=pick('eos', 'sep'), pad_id=ids.get('pad'), unk_id=ids.get('unk'),
+                     mask_id=ids.get('mask'))
+
+def tokenizer_fingerprint(tok):
+    """A short hash of the token <-> id table: equal for the same vocabulary, wherever it was loaded from."""
+    return hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()[:16]
+
+# -----------------------------------------------------------------------------
+# batches of packed blocks
+
+def _batch(bos, blocks, device):
+    x = np.empty((blocks.shape[0], blocks.shape[1] + 1), dtype=np.int64)
+    x[:, 0] = bos
+    x[:, 1:] = blocks
+    x = torch.from_numpy(x)
+    if torch.device(device).type == 'cuda':  # from pinned memory the copy runs asynchronously
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+class Batches:
+    """Random packed blocks of a prepared split: a row is <s> + block_size-1 consecutive stream tokens.
+    Epoch e visits the grid of n_blocks slots in a seeded permutation (a Feistel bijection: no table in
+    memory), the grid shifted by a seeded offset in [0, block_size-1) so blocks differ between epochs.
+    The i-th next() on rank r of world_size W takes batch i*W + r of that sequence: ranks never share a
+    block within an epoch. The state is the number of blocks of the sequence consumed by all ranks, the
+    same on every rank: resuming is exact, and resuming with another batch size or number of processes
+    continues at exactly the next block of the sequence."""
+
+    def __init__(self, data_dir, split, batch_size, block_size, seed=1337, rank=0, world_size=1, device='cpu'):
+        assert split in ('train', 'val') and 0 <= rank < world_size and block_size >= 2
+        meta = load_meta(data_dir)
+        self.path, self.dtype, self.bos = os.path.join(data_dir, f'{split}.bin'), np.dtype(meta['dtype']), meta['bos_id']
+        self.vocab_size = meta['vocab_size']
+        self.batch_size, self.block_size, self.seed = batch_size, block_size, seed
+        self.rank, self.world_size, self.device = rank, world_size, device
+        n, L = os.path.getsize(self.path) // self.dtype.itemsize, block_size - 1
+        self.n_blocks = (n - L + 1) // L  # so the grid fits whatever the epoch's shift
+        if self.n_blocks < 1:
+            # a block takes L = block_size-1 stream tokens (after its <s>) from a grid shifted by up to L-1 per epoch
+            raise DataError(f"{self.path} has {n:,} tokens; block_size {block_size} needs at least {2 * L - 1:,} "
+                            f"({L:,} per block, plus up to {L - 1:,} for the random shift of each epoch's grid): " +
+                            (f"use block_size <= {(n + 1) // 2 + 1:,} or " if n else '') + "prepare more data" +
+                            (" (or a larger val_frac)" if split == 'val' else ''))
+        self.offset, self.i = 0, 0  # blocks consumed before the last load_state_dict, batches since
+
+    def starts(self, i):
+        """Stream offsets of the blocks of this rank's i-th batch."""
+        L = self.block_size - 1
+        p = self.offset + (i * self.world_size + self.rank) * self.batch_size + np.arange(self.batch_size)
+        epoch, j = p // self.n_blocks, p % self.n_blocks
+        starts = np.empty(self.batch_size, dtype=np.int64)
+        for e in np.unique(epoch):  # usually one; two when the batch straddles an epoch's end
+            shift = int(_uniform(e, self.seed, 1)[0] * L)
+            starts[epoch == e] = shift + L * _permute(j[epoch == e], self.n_blocks, self.seed, int(e))
+        return starts
+
+    def next(self):
+        starts = self.starts(self.i)
+        self.i += 1
+        # a fresh memmap per batch: a long-lived one keeps every page it touched (as nanoGPT notes)
+        data = np.memmap(self.path, dtype=self.dtype, mode='r')
+        blocks = data[starts[:, None] + np.arange(self.block_size - 1)]
+        if blocks.max() >= self.vocab_size:  # files too large to scan when loaded are checked here
+            raise DataError(f"'{self.path}' holds token id {blocks.max()}, beyond the vocabulary of {self.vocab_size}: "
+                            f"it was not made with this tokenizer; re-prepare it")
+        return _batch(self.bos, blocks, self.device)
+
+    def state_dict(self):
+        return dict(blocks=self.offset + self.i * self.world_size * self.batch_size)
+
+    def load_state_dict(self, d):
+        d = d[0] if isinstance(d, list) else d  # every rank's state is the same
+        self.offset = d['blocks'] if 'blocks' in d else d['i'] * d['batch_size'] * d['world_size']  # older files
+        self.i = 0
+
+def eval_blocks(data_dir, split, n_blocks, block_size, seed=0):
+    """A fixed random set of n_blocks blocks [n_blocks, block_size] (the same on every call), on the CPU."""
+    return Batches(data_dir, split, n_blocks, block_size, seed=seed).next()
+
+def longest_document_run(blocks, eos_id):
+    """Per block of [n, T] (<s> + packed text, a tensor): the most consecutive tokens of one document it holds.
+    At a longer context this says whether long documents are really seen whole (doc_mask keeps them apart)."""
+    text = blocks[:, 1:]
+    is_eos = text == eos_id
+    segment = is_eos.long().cumsum(1)  # (n, T-1): which document of the block each token belongs to
+    counts = torch.zeros(text.size(0), text.size(1) + 1, dtype=torch.long).scatter_add_(1, segment, (~is_eos).long())
+    return counts.max(1).values
+
+
+def probe_pairs(rows, bos_id, eos_id, pad_id, n_pairs, max_len=128, min_len=16):
+    """The embedding probe's inputs. rows: token sequences whose documents end with </s> (a prefix of
+    val.bin, or validation blocks without their <s>); the text between two </s> is a document (or, at a
+    row's edge, a piece of one). The first n_pairs of at least 2*min_len tokens each give a pair, their
+    first and second half, each cut to max_len tokens. Returns (ids, attention_mask), both [2, n, L]:
+    <s> half </s>, padded with pad_id. Built once at start (a loop over documents, not per step)."""
+    pairs = []
+    for row in rows:
+        row = np.asarray(row)
+        cuts = np.concatenate([[-1], np.flatnonzero(row == eos_id), [len(row)]])
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            if b - a - 1 >= 2 * min_len and len(pairs) < n_pairs:
+                piece = row[a + 1:b].tolist()
+                pairs.append((piece[:len(piece) // 2][:max_len], piece[len(piece) // 2:][:max_len]))
+    L = max((len(x) for pair in pairs for x in pair), default=0) + 2
+    ids = torch.full((2, len(pairs), L), pad_id, dtype=torch.long)
+    for i, pair in enumerate(pairs):
+        for side, half in enumerate(pair):
+            ids[side, i, :len(half) + 2] = torch.tensor([bos_id, *half, eos_id])
+    return ids, (ids != pad_id).long()
+
+def val_prefix(data_dir, n_tokens=2**21):
+    """The first n_tokens of a prepared folder's val.bin (whole documents, for the embedding probe)."""
+    meta = load_meta(data_dir)
+    return np.memmap(os.path.join(data_dir, 'val.bin'), dtype=np.dtype(meta['dtype']), mode='r')[:n_tokens]
+
+class StreamingBatches:
+    """Packed blocks tokenized on the fly, for a hub or local dataset too big to prepare.
+    Rank r of W reads documents r, r+W, r+2W, ... of the stream, in windows of about buffer_blocks blocks
+    (the end is checked every 64*W documents, so it depends only on where the window starts). A window is
+    packed, its partial last block dropped, and its blocks shuffled by a seed from (seed, rank, epoch, first
+    document). The state is (epoch, first document of the window, blocks taken from it); it differs between
+    ranks, so save every rank's (load_state_dict takes the list), and resume with the same world_size.
+    The first held_out documents (stream_val_blocks' validation set) are never read. Rows whose text is
+    null or not a string are skipped and counted (n_skipped). self.meta holds the special ids and
+    vocab_size, as load_meta does for prepared data."""
+
+    def __init__(self, dataset, tokenizer, batch_size, block_size, seed=1337, rank=0, world_size=1, device='cpu',
+                 text_field='text', buffer_blocks=1000, held_out=0, txt_split='paragraph', held_texts=()):
+        assert 0 <= rank < world_size and block_size >= 2
+        if tokenizer == 'train':
+            raise DataError("streaming needs an existing tokenizer: train one with data.py --tokenizer=train on a "
+                            "sample and pass its tokenizer/ folder, or use microsoft/mpnet-base")
+        self.tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        self.meta = dict(dataset=dataset, tokenizer=tokenizer if isinstance(tokenizer, str) else self.tok.name_or_path,
+                         vocab_size=len(self.tok), **_special_ids(self.tok))
+        self.encoder = _encoder(self.tok)
+        self.ds, self.field, _ = _source(dataset, text_field, streaming=True, txt_split=txt_split)
+        self.dataset, self.batch_size, self.block_size, self.seed = dataset, batch_size, block_size, seed
+        self.rank, self.world_size, self.device, self.buffer_blocks = rank, world_size, device, buffer_blocks
+        self.held_out, self.n_skipped, self.n_held_copies = held_out, 0, 0
+        self.held_texts = np.array(sorted(held_texts), np.uint64)  # digests of the held-out texts: their copies are skipped
+        self.load_state_dict(dict(epoch=0, doc=held_out, pos=0, world_size=world_size, held_out=held_out))
+
+    def _read_window(self):
+        L, W = self.block_size - 1, self.world_size
+        if self._it is None:
+            self._it, self._next_doc = iter(self.ds), 0
+        for _ in range(self.doc - self._next_doc):  # resuming: skip to the window's first document
+            next(self._it)
+        self._next_doc = self.doc
+        parts, n, ended = [], 0, False
+        while n < self.buffer_blocks * L and not ended:
+            texts = []
+            for _ in range(64 * W):
+                example = next(self._it, None)
+                if example is None:
+                    ended = True
+                    break
+                if self._next_doc % W == self.rank:
+                    text = _text_of(example, self.field, self.dataset)
+                    self.n_skipped += not isinstance(text, str)
+                    texts.append(text if isinstance(text, str) else '')
+                self._next_doc += 1
+            if len(self.held_texts) and texts:  # a copy of a held-out document later in the stream is never trained on
+                copy = np.isin(text_digests(texts), self.held_texts)  # (held_texts holds no empty text)
+                self.n_held_copies += int(copy.sum())
+                texts = [t for t, c in zip(texts, copy) if not c]
+            for e in self.encoder.encode_batch_fast(texts, add_special_tokens=False):
+                if e.ids:
+                    parts.append(np.array(e.ids + [self.meta['eos_id']], dtype=np.int64))
+                    n += len(parts[-1])
+        nb = n // L
+        if nb == 0 and ended and self.doc == self.held_out:
+            raise DataError(f"dataset '{self.dataset}' has fewer than {L + 1} tokens for rank {self.rank} of {W}")
+        stream = np.concatenate(parts)[:nb * L] if parts else np.zeros(0, dtype=np.int64)
+        order = np.random.default_rng([self.seed, self.rank, self.epoch, self.doc]).permutation(nb)
+        self._blocks, self._ended = stream.reshape(nb, L)[order], ended
+
+    def next(self):
+        rows = []
+        while sum(map(len, rows)) < self.batch_size:
+            if self._blocks is None:
+                self._read_window()
+            rows.append(self._blocks[self.pos:self.pos + self.batch_size - sum(map(len, rows))])
+            self.pos += len(rows[-1])
+            if self.pos == len(self._blocks):  # window used up: the next starts where this one stopped reading
+                self.epoch, self.doc = (self.epoch + 1, self.held_out) if self._ended else (self.epoch, self._next_doc)
+                self.pos, self._blocks = 0, None
+                self._it = None if self._ended else self._it
+        return _batch(self.meta['bos_id'], np.concatenate(rows), self.device)
+
+    def state_dict(self):
+        return dict(epoch=self.epoch, doc=self.doc, pos=self.pos, world_size=self.world_size, held_out=self.held_out)
+
+    def load_state_dict(self, d):
+        n = len(d) if isinstance(d, list) else d['world_size']
+        if n != self.world_size:
+            raise DataError(f"a streaming run reads documents by rank and this one was saved by {n} processes: "
+                            f"resume it with the same number of processes ({self.world_size} now)")
+        d = d[self.rank] if isinstance(d, list) else d
+        if d.get('held_out', 0) != self.held_out:
+            raise DataError(f"this streaming run held out its first {d.get('held_out', 0)} documents for validation, "
+                            f"now {self.held_out}: resume with the same eval_iters, batch_size and block_size")
+        self.epoch, self.doc, self.pos = d['epoch'], d['doc'], d['pos']
+        self._it, self._blocks = None, None
+
+def _text_of(example, field, dataset):
+    if field not in example:
+        raise DataError(f"dataset '{dataset}' has no column '{field}' (columns: {', '.join(example)}): "
+                        f"pass --text_field=NAME")
+    return example[field]
+
+def stream_val_blocks(dataset, tokenizer, n_blocks, block_size, text_field='text', txt_split='paragraph'):
+    """The validation set of a streaming run without a prepared data_dir: the first documents of the
+    stream, packed in order into n_blocks fixed blocks (<s> + block_size-1 tokens), on the CPU.
+    Returns (blocks, n_docs, digests of their texts); StreamingBatches(held_out=n_docs, held_texts=digests) never
+    trains on those documents, nor on a copy of one later in the stream."""
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    encoder, ids = _encoder(tok), _special_ids(tok)
+    ds, field, _ = _source(dataset, text_field, streaming=True, txt_split=txt_split)
+    need, parts, n, n_docs, held = n_blocks * (block_size - 1), [], 0, 0, set()
+    for example in ds:
+        n_docs += 1
+        text = _text_of(example, field, dataset)
+        if isinstance(text, str) and text:
+            held.add(int(text_digests([text])[0]))
+        doc = encoder.encode(text, add_special_tokens=False).ids if isinstance(text, str) else []
+        if doc:
+            parts.append(np.array(doc + [ids['eos_id']], dtype=np.int64))
+            n += len(parts[-1])
+        if n >= need:
+            return _batch(ids['bos_id'], np.concatenate(parts)[:need].reshape(n_blocks, block_size - 1), 'cpu'), n_docs, held
+    raise DataError(f"dataset '{dataset}' has {n:,} tokens, too few to hold out {n_blocks} validation blocks of "
+                    f"{block_size} and still train: lower eval_iters, or pass a prepared --data_dir for validation")
+
+def training_data(c, rank, world_size, device, barrier=lambda: None):
+    """train.py's data, from its config c: the training batches and the validation blocks of a prepared
+    folder (prepared here first if data_dir is empty: by rank 0, the others wait at barrier()) or of a stream.
+    Returns (run, error), one of them None, so that under torchrun every rank reaches the barrier and then
+    learns whether any rank failed. run: train, val_tokens, val_said, tok, meta, fingerprint and data_dir."""
+    data_dir, n_val = os.path.expandvars(os.path.expanduser(c['data_dir'])), c['eval_iters'] * c['batch_size']
+    block_size, run, error = c['block_size'], None, None
+    try:
+        if c['streaming']:
+            if data_dir:  # validation from a prepared folder of the same tokenizer; the stream is trained on whole
+                val_meta, _, _ = load_prepared(data_dir)
+                val_tokens, held_out, held_texts = eval_blocks(data_dir, 'val', n_val, block_size), 0, ()
+                val_said = f'validation: {data_dir}/val.bin; the stream is trained on whole'
+            else:  # the first documents of the stream, never trained on
+                val_tokens, held_out, held_texts = stream_val_blocks(c['dataset'], c['tokenizer'], n_val, block_size,
+                                                                     text_field=c['text_field'], txt_split=c['txt_split'])
+                val_said = (f'validation: the first {held_out:,} documents of the stream, held out of training (and any '
+                            f'copy of one later in the stream)')
+            train = StreamingBatches(c['dataset'], c['tokenizer'], c['batch_size'], block_size, c['seed'], rank,
+                                     world_size, device, text_field=c['text_field'], held_out=held_out,
+                                     txt_split=c['txt_split'], held_texts=held_texts)
+            if data_dir and val_meta['vocab_size'] != train.meta['vocab_size']:
+                raise DataError(f"data_dir '{data_dir}' was prepared with a tokenizer of {val_meta['vocab_size']} tokens, "
+                                f"the stream's has {train.meta['vocab_size']}: prepare it with --tokenizer={c['tokenizer']}")
+            run = SimpleNamespace(train=train, val_tokens=val_tokens, val_said=val_said, tok=train.tok, meta=train.meta,
+                                  data_dir=data_dir, fingerprint=dict(tokenizer=tokenizer_fingerprint(train.tok),
+                                                                      tokens=f"stream of {c['dataset']}"))
+        elif not data_dir:
+            data_dir = default_out_dir(c['dataset'], c['tokenizer'], c['vocab_size'])
+            if rank == 0:
+                prepare(c['dataset'], c['tokenizer'], c['vocab_size'], out_dir=data_dir, val_frac=c['val_frac'],
+                        text_field=c['text_field'], txt_split=c['txt_split'])
+    except DataError as e:
+        error = str(e)
+    barrier()
+    if not c['streaming'] and error is None:
+        try:
+            meta, tok, fingerprint = load_prepared(data_dir)  # checked: sizes, ids within the vocabulary, meta
+            run = SimpleNamespace(train=Batches(data_dir, 'train', c['batch_size'], block_size, c['seed'], rank,
+                                                world_size, device),
+                                  val_tokens=eval_blocks(data_dir, 'val', n_val, block_size),
+                                  val_said=f'validation: {data_dir}/val.bin', tok=tok, meta=meta,
+                                  fingerprint=fingerprint, data_dir=data_dir)
+        except DataError as e:
+            error = str(e)
+    return (None, error) if error else (run, None)
+
+
+# =============================================================================
+# II. Preparation, once: interruption, text sources, tokenizers, the shards and their provenance (prepare).
+#     Training never runs it, but to prepare a folder it lacks (training_data) or to read a stream.
+# =============================================================================
 
 # -----------------------------------------------------------------------------
 # Ctrl-C: Python runs signal handlers only in the main thread, between bytecodes; a long Rust call there
@@ -132,52 +572,6 @@ def _remove_stale_staging(out_dir):
         if host in (None, socket.gethostname()):
             shutil.rmtree(folder, ignore_errors=True)
             print(f"removed {folder}: the unfinished preparation of process {pid}, which is gone")
-
-# -----------------------------------------------------------------------------
-# seeded hashing: every random choice here is a pure function of (seed, index), so runs resume exactly
-
-def _hash(x, *keys):
-    """splitmix64 of the integer array x, chained over the integer keys (numpy uint64 wraps mod 2**64)."""
-    z = np.array(x, dtype=np.uint64, ndmin=1)
-    for k in keys:
-        z = z + np.uint64((k * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**64)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return z
-
-def _uniform(x, *keys):  # floats in [0, 1)
-    return (_hash(x, *keys) >> np.uint64(11)).astype(np.float64) / 2**53
-
-def digests(blobs):
-    """A stable 64-bit id of each byte string's content [n] (uint64), the same in every process (Python's hash is not)."""
-    return np.array([int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), 'little') for b in blobs], np.uint64)
-
-def text_digests(texts):
-    """digests of texts (a row that is no text counts as ''): what decides a document's split, so that a text given
-    twice is held out, or trained on, both times; never one of each."""
-    return digests(t.encode('utf-8', 'surrogatepass') if isinstance(t, str) else b'' for t in texts)
-
-def _permute(j, n, *keys):
-    """A seeded bijection of [0, n), applied to the array j in O(len(j)) memory however large n is: a
-    4-round Feistel network on the smallest even number of bits covering n, cycle-walking values that
-    land >= n (the cycle of a bijection through j always comes back into [0, n))."""
-    n = int(n)
-    h = max(1, ((n - 1).bit_length() + 1) // 2)
-    mask = np.uint64((1 << h) - 1)
-    x = np.array(j, dtype=np.uint64, ndmin=1)
-    todo = np.ones(len(x), dtype=bool)
-    while todo.any():
-        y = x[todo]
-        for rnd in range(4):
-            left, right = y >> np.uint64(h), y & mask
-            y = (right << np.uint64(h)) | (left ^ (_hash(right, *keys, rnd) & mask))
-        x[todo] = y
-        todo = x >= np.uint64(n)
-    return x.astype(np.int64)
-
-def token_dtype(vocab_size):
-    return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 # -----------------------------------------------------------------------------
 # text sources
@@ -680,407 +1074,28 @@ def _prepare_into(folder, out_dir, dataset, tokenizer, vocab_size, val_frac, tex
                 dtype=np.dtype(dtype).name, **ids, n_tokens=n_tokens, n_docs=n_split_docs, max_id=max_id,
                 n_undecodable=n_bad, n_skipped_rows=n_null + n_not_text)
 
-def load_meta(data_dir):
-    path = os.path.join(data_dir, 'meta.json')
-    if not os.path.exists(path):
-        raise DataError(f"'{data_dir}' is not a prepared dataset (no meta.json): run python data.py --dataset=... --out_dir={data_dir}")
-    fix = f"re-prepare the folder: {prepare_command(None, data_dir)}"
-    try:
-        with open(path, encoding='utf-8') as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:  # unreadable, truncated, not JSON, not UTF-8
-        raise DataError(f"'{path}' cannot be read ({_line(e)}); {fix}") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"'{path}' holds a JSON {type(meta).__name__}, not the object data.py writes; {fix}")
-    if isinstance(meta.get('settings'), dict):
-        fix = f"re-prepare the folder: {prepare_command(meta['settings'], data_dir)}"
-    ints = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
-    def dtype(v):  # load_prepared says when it cannot hold the vocabulary
-        try:
-            return isinstance(v, str) and np.dtype(v).kind in 'ui'
-        except TypeError:
-            return False
-    checks = dict(tokenizer=lambda v: isinstance(v, str) and v, vocab_size=lambda v: ints(v) and v > 0,
-                  dtype=dtype, bos_id=ints, eos_id=ints,
-                  pad_id=lambda v: v is None or ints(v), unk_id=lambda v: v is None or ints(v),
-                  mask_id=lambda v: v is None or ints(v), settings=lambda v: v is None or isinstance(v, dict),
-                  source=lambda v: v is None or isinstance(v, dict),
-                  n_tokens=lambda v: v is None or (isinstance(v, dict) and all(map(ints, v.values()))))
-    for key, ok in checks.items():
-        if key not in meta and key in ('tokenizer', 'vocab_size', 'dtype', 'bos_id', 'eos_id'):  # needed by every reader
-            raise DataError(f"'{path}' has no '{key}' (not written by this data.py, or edited); {fix}")
-        if not ok(meta.get(key)):
-            raise DataError(f"'{path}' has {key} = {json.dumps(meta.get(key))[:60]}, which data.py never writes; {fix}")
-    if os.path.isdir(os.path.join(data_dir, meta['tokenizer'])):  # stored relative, so the folder can be moved
-        meta['tokenizer'] = os.path.join(data_dir, meta['tokenizer'])
-    return meta
-
-SCAN_TOKENS = 2**31  # token files up to this size are scanned whole for ids beyond the vocabulary when loaded
-
-def load_prepared(data_dir):
-    """(meta, tokenizer, fingerprint) of a prepared folder, once its parts are checked to agree: each .bin
-    holds whole tokens, as many as meta.json says, within the tokenizer's vocabulary (scanned whole up to
-    SCAN_TOKENS; larger files are checked batch by batch), and meta.json agrees with the tokenizer. The
-    fingerprint {tokenizer, tokens} (the vocabulary; the token files' sizes and 64 samples of each) is
-    what DDP ranks compare, and what a checkpoint records of the data it was trained on."""
-    meta = load_meta(data_dir)
-    tok, special = _token_table(meta['tokenizer'])
-    fix = f're-prepare it: {prepare_command(meta.get("settings"), data_dir)}'
-    if tok.get_vocab_size() != meta['vocab_size']:
-        raise DataError(f"'{data_dir}/meta.json' says vocab_size {meta['vocab_size']} but its tokenizer has "
-                        f"{tok.get_vocab_size()} tokens: the folder's parts do not belong together; {fix}")
-    wrong = {k: (meta.get(k), v) for k, v in special.items() if meta.get(k) != v}
-    if wrong:
-        raise DataError(f"'{data_dir}/meta.json' disagrees with its tokenizer on special ids "
-                        f"({', '.join(f'{k} {a} vs {b}' for k, (a, b) in wrong.items())}); {fix}")
-    dtype = np.dtype(meta['dtype'])
-    if dtype not in (np.uint16, np.uint32) or np.iinfo(dtype).max < meta['vocab_size'] - 1:
-        raise DataError(f"'{data_dir}/meta.json' gives dtype {dtype.name}, which cannot hold a vocabulary of "
-                        f"{meta['vocab_size']}; {fix}")
-    h = hashlib.sha256()
-    for split in ('train', 'val'):
-        path = os.path.join(data_dir, f'{split}.bin')
-        if not os.path.isfile(path):
-            raise DataError(f"'{path}' is missing; {fix}")
-        size = os.path.getsize(path)
-        if size % dtype.itemsize:
-            raise DataError(f"'{path}' has {size:,} bytes, not a whole number of {dtype.name} tokens (truncated, "
-                            f"or not written by data.py); {fix}")
-        n = size // dtype.itemsize
-        if n != meta.get('n_tokens', {}).get(split, n):
-            raise DataError(f"'{path}' holds {n:,} tokens but meta.json says {meta['n_tokens'][split]:,} "
-                            f"(truncated or replaced); {fix}")
-        tokens = np.memmap(path, dtype=dtype, mode='r') if n else np.zeros(0, dtype)
-        if n <= SCAN_TOKENS:
-            top = max([int(tokens[a:a + 2**24].max()) for a in range(0, n, 2**24)], default=0)
-            if top >= meta['vocab_size']:
-                raise DataError(f"'{path}' holds token id {top}, beyond the tokenizer's {meta['vocab_size']} tokens: "
-                                f"it was not made with this tokenizer; {fix}")
-        h.update(f'{split} {n}'.encode())
-        for a in np.linspace(0, max(n - 2**15, 0), 64).astype(np.int64):  # 64 samples of 32k tokens
-            h.update(tokens[a:a + 2**15].tobytes())
-    return meta, tok, dict(tokenizer=tokenizer_fingerprint(tok), tokens=h.hexdigest()[:16])
-
-def _token_table(tok_dir):
-    """A prepared folder's tokenizer as a bare `tokenizers.Tokenizer`, and its special ids read from the
-    folder's config files as transformers would: quick to load, and training needs no transformers."""
-    from tokenizers import Tokenizer
-    path = os.path.join(tok_dir, 'tokenizer.json')
-    if not os.path.isfile(path):
-        raise DataError(f"'{tok_dir}' holds no tokenizer.json: re-prepare the data")
-    tok, names = Tokenizer.from_file(path), {}
-    for name in ('special_tokens_map.json', 'tokenizer_config.json'):  # transformers 4 wrote both, 5 the second
-        if os.path.isfile(os.path.join(tok_dir, name)):
-            with open(os.path.join(tok_dir, name)) as f:
-                for key, value in json.load(f).items():
-                    if key.endswith('_token') and value:
-                        names.setdefault(key[:-len('_token')], value['content'] if isinstance(value, dict) else value)
-    ids = {k: tok.token_to_id(v) for k, v in names.items()}
-    pick = lambda a, b: ids.get(a) if ids.get(a) is not None else ids.get(b)  # <s>/</s>, or [CLS]/[SEP] (BERT)
-    return tok, dict(bos_id=pick('bos', 'cls'), eos_id=pick('eos', 'sep'), pad_id=ids.get('pad'), unk_id=ids.get('unk'),
-                     mask_id=ids.get('mask'))
-
-def tokenizer_fingerprint(tok):
-    """A short hash of the token <-> id table: equal for the same vocabulary, wherever it was loaded from."""
-    return hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()[:16]
-
-# -----------------------------------------------------------------------------
-# batches of packed blocks
-
-def _batch(bos, blocks, device):
-    x = np.empty((blocks.shape[0], blocks.shape[1] + 1), dtype=np.int64)
-    x[:, 0] = bos
-    x[:, 1:] = blocks
-    x = torch.from_numpy(x)
-    if torch.device(device).type == 'cuda':  # from pinned memory the copy runs asynchronously
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
-
-class Batches:
-    """Random packed blocks of a prepared split: a row is <s> + block_size-1 consecutive stream tokens.
-    Epoch e visits the grid of n_blocks slots in a seeded permutation (a Feistel bijection: no table in
-    memory), the grid shifted by a seeded offset in [0, block_size-1) so blocks differ between epochs.
-    The i-th next() on rank r of world_size W takes batch i*W + r of that sequence: ranks never share a
-    block within an epoch. The state is the number of blocks of the sequence consumed by all ranks, the
-    same on every rank: resuming is exact, and resuming with another batch size or number of processes
-    continues at exactly the next block of the sequence."""
-
-    def __init__(self, data_dir, split, batch_size, block_size, seed=1337, rank=0, world_size=1, device='cpu'):
-        assert split in ('train', 'val') and 0 <= rank < world_size and block_size >= 2
-        meta = load_meta(data_dir)
-        self.path, self.dtype, self.bos = os.path.join(data_dir, f'{split}.bin'), np.dtype(meta['dtype']), meta['bos_id']
-        self.vocab_size = meta['vocab_size']
-        self.batch_size, self.block_size, self.seed = batch_size, block_size, seed
-        self.rank, self.world_size, self.device = rank, world_size, device
-        n, L = os.path.getsize(self.path) // self.dtype.itemsize, block_size - 1
-        self.n_blocks = (n - L + 1) // L  # so the grid fits whatever the epoch's shift
-        if self.n_blocks < 1:
-            # a block takes L = block_size-1 stream tokens (after its <s>) from a grid shifted by up to L-1 per epoch
-            raise DataError(f"{self.path} has {n:,} tokens; block_size {block_size} needs at least {2 * L - 1:,} "
-                            f"({L:,} per block, plus up to {L - 1:,} for the random shift of each epoch's grid): " +
-                            (f"use block_size <= {(n + 1) // 2 + 1:,} or " if n else '') + "prepare more data" +
-                            (" (or a larger val_frac)" if split == 'val' else ''))
-        self.offset, self.i = 0, 0  # blocks consumed before the last load_state_dict, batches since
-
-    def starts(self, i):
-        """Stream offsets of the blocks of this rank's i-th batch."""
-        L = self.block_size - 1
-        p = self.offset + (i * self.world_size + self.rank) * self.batch_size + np.arange(self.batch_size)
-        epoch, j = p // self.n_blocks, p % self.n_blocks
-        starts = np.empty(self.batch_size, dtype=np.int64)
-        for e in np.unique(epoch):  # usually one; two when the batch straddles an epoch's end
-            shift = int(_uniform(e, self.seed, 1)[0] * L)
-            starts[epoch == e] = shift + L * _permute(j[epoch == e], self.n_blocks, self.seed, int(e))
-        return starts
-
-    def next(self):
-        starts = self.starts(self.i)
-        self.i += 1
-        # a fresh memmap per batch: a long-lived one keeps every page it touched (as nanoGPT notes)
-        data = np.memmap(self.path, dtype=self.dtype, mode='r')
-        blocks = data[starts[:, None] + np.arange(self.block_size - 1)]
-        if blocks.max() >= self.vocab_size:  # files too large to scan when loaded are checked here
-            raise DataError(f"'{self.path}' holds token id {blocks.max()}, beyond the vocabulary of {self.vocab_size}: "
-                            f"it was not made with this tokenizer; re-prepare it")
-        return _batch(self.bos, blocks, self.device)
-
-    def state_dict(self):
-        return dict(blocks=self.offset + self.i * self.world_size * self.batch_size)
-
-    def load_state_dict(self, d):
-        d = d[0] if isinstance(d, list) else d  # every rank's state is the same
-        self.offset = d['blocks'] if 'blocks' in d else d['i'] * d['batch_size'] * d['world_size']  # older files
-        self.i = 0
-
-def eval_blocks(data_dir, split, n_blocks, block_size, seed=0):
-    """A fixed random set of n_blocks blocks [n_blocks, block_size] (the same on every call), on the CPU."""
-    return Batches(data_dir, split, n_blocks, block_size, seed=seed).next()
-
-def longest_document_run(blocks, eos_id):
-    """Per block of [n, T] (<s> + packed text, a tensor): the most consecutive tokens of one document it holds.
-    At a longer context this says whether long documents are really seen whole (doc_mask keeps them apart)."""
-    text = blocks[:, 1:]
-    is_eos = text == eos_id
-    segment = is_eos.long().cumsum(1)  # (n, T-1): which document of the block each token belongs to
-    counts = torch.zeros(text.size(0), text.size(1) + 1, dtype=torch.long).scatter_add_(1, segment, (~is_eos).long())
-    return counts.max(1).values
-
-
-def probe_pairs(rows, bos_id, eos_id, pad_id, n_pairs, max_len=128, min_len=16):
-    """The embedding probe's inputs. rows: token sequences whose documents end with </s> (a prefix of
-    val.bin, or validation blocks without their <s>); the text between two </s> is a document (or, at a
-    row's edge, a piece of one). The first n_pairs of at least 2*min_len tokens each give a pair, their
-    first and second half, each cut to max_len tokens. Returns (ids, attention_mask), both [2, n, L]:
-    <s> half </s>, padded with pad_id. Built once at start (a loop over documents, not per step)."""
-    pairs = []
-    for row in rows:
-        row = np.asarray(row)
-        cuts = np.concatenate([[-1], np.flatnonzero(row == eos_id), [len(row)]])
-        for a, b in zip(cuts[:-1], cuts[1:]):
-            if b - a - 1 >= 2 * min_len and len(pairs) < n_pairs:
-                piece = row[a + 1:b].tolist()
-                pairs.append((piece[:len(piece) // 2][:max_len], piece[len(piece) // 2:][:max_len]))
-    L = max((len(x) for pair in pairs for x in pair), default=0) + 2
-    ids = torch.full((2, len(pairs), L), pad_id, dtype=torch.long)
-    for i, pair in enumerate(pairs):
-        for side, half in enumerate(pair):
-            ids[side, i, :len(half) + 2] = torch.tensor([bos_id, *half, eos_id])
-    return ids, (ids != pad_id).long()
-
-def val_prefix(data_dir, n_tokens=2**21):
-    """The first n_tokens of a prepared folder's val.bin (whole documents, for the embedding probe)."""
-    meta = load_meta(data_dir)
-    return np.memmap(os.path.join(data_dir, 'val.bin'), dtype=np.dtype(meta['dtype']), mode='r')[:n_tokens]
-
-class StreamingBatches:
-    """Packed blocks tokenized on the fly, for a hub or local dataset too big to prepare.
-    Rank r of W reads documents r, r+W, r+2W, ... of the stream, in windows of about buffer_blocks blocks
-    (the end is checked every 64*W documents, so it depends only on where the window starts). A window is
-    packed, its partial last block dropped, and its blocks shuffled by a seed from (seed, rank, epoch, first
-    document). The state is (epoch, first document of the window, blocks taken from it); it differs between
-    ranks, so save every rank's (load_state_dict takes the list), and resume with the same world_size.
-    The first held_out documents (stream_val_blocks' validation set) are never read. Rows whose text is
-    null or not a string are skipped and counted (n_skipped). self.meta holds the special ids and
-    vocab_size, as load_meta does for prepared data."""
-
-    def __init__(self, dataset, tokenizer, batch_size, block_size, seed=1337, rank=0, world_size=1, device='cpu',
-                 text_field='text', buffer_blocks=1000, held_out=0, txt_split='paragraph', held_texts=()):
-        assert 0 <= rank < world_size and block_size >= 2
-        if tokenizer == 'train':
-            raise DataError("streaming needs an existing tokenizer: train one with data.py --tokenizer=train on a "
-                            "sample and pass its tokenizer/ folder, or use microsoft/mpnet-base")
-        self.tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
-        self.meta = dict(dataset=dataset, tokenizer=tokenizer if isinstance(tokenizer, str) else self.tok.name_or_path,
-                         vocab_size=len(self.tok), **_special_ids(self.tok))
-        self.encoder = _encoder(self.tok)
-        self.ds, self.field, _ = _source(dataset, text_field, streaming=True, txt_split=txt_split)
-        self.dataset, self.batch_size, self.block_size, self.seed = dataset, batch_size, block_size, seed
-        self.rank, self.world_size, self.device, self.buffer_blocks = rank, world_size, device, buffer_blocks
-        self.held_out, self.n_skipped, self.n_held_copies = held_out, 0, 0
-        self.held_texts = np.array(sorted(held_texts), np.uint64)  # digests of the held-out texts: their copies are skipped
-        self.load_state_dict(dict(epoch=0, doc=held_out, pos=0, world_size=world_size, held_out=held_out))
-
-    def _read_window(self):
-        L, W = self.block_size - 1, self.world_size
-        if self._it is None:
-            self._it, self._next_doc = iter(self.ds), 0
-        for _ in range(self.doc - self._next_doc):  # resuming: skip to the window's first document
-            next(self._it)
-        self._next_doc = self.doc
-        parts, n, ended = [], 0, False
-        while n < self.buffer_blocks * L and not ended:
-            texts = []
-            for _ in range(64 * W):
-                example = next(self._it, None)
-                if example is None:
-                    ended = True
-                    break
-                if self._next_doc % W == self.rank:
-                    text = _text_of(example, self.field, self.dataset)
-                    self.n_skipped += not isinstance(text, str)
-                    texts.append(text if isinstance(text, str) else '')
-                self._next_doc += 1
-            if len(self.held_texts) and texts:  # a copy of a held-out document later in the stream is never trained on
-                copy = np.isin(text_digests(texts), self.held_texts)  # (held_texts holds no empty text)
-                self.n_held_copies += int(copy.sum())
-                texts = [t for t, c in zip(texts, copy) if not c]
-            for e in self.encoder.encode_batch_fast(texts, add_special_tokens=False):
-                if e.ids:
-                    parts.append(np.array(e.ids + [self.meta['eos_id']], dtype=np.int64))
-                    n += len(parts[-1])
-        nb = n // L
-        if nb == 0 and ended and self.doc == self.held_out:
-            raise DataError(f"dataset '{self.dataset}' has fewer than {L + 1} tokens for rank {self.rank} of {W}")
-        stream = np.concatenate(parts)[:nb * L] if parts else np.zeros(0, dtype=np.int64)
-        order = np.random.default_rng([self.seed, self.rank, self.epoch, self.doc]).permutation(nb)
-        self._blocks, self._ended = stream.reshape(nb, L)[order], ended
-
-    def next(self):
-        rows = []
-        while sum(map(len, rows)) < self.batch_size:
-            if self._blocks is None:
-                self._read_window()
-            rows.append(self._blocks[self.pos:self.pos + self.batch_size - sum(map(len, rows))])
-            self.pos += len(rows[-1])
-            if self.pos == len(self._blocks):  # window used up: the next starts where this one stopped reading
-                self.epoch, self.doc = (self.epoch + 1, self.held_out) if self._ended else (self.epoch, self._next_doc)
-                self.pos, self._blocks = 0, None
-                self._it = None if self._ended else self._it
-        return _batch(self.meta['bos_id'], np.concatenate(rows), self.device)
-
-    def state_dict(self):
-        return dict(epoch=self.epoch, doc=self.doc, pos=self.pos, world_size=self.world_size, held_out=self.held_out)
-
-    def load_state_dict(self, d):
-        n = len(d) if isinstance(d, list) else d['world_size']
-        if n != self.world_size:
-            raise DataError(f"a streaming run reads documents by rank and this one was saved by {n} processes: "
-                            f"resume it with the same number of processes ({self.world_size} now)")
-        d = d[self.rank] if isinstance(d, list) else d
-        if d.get('held_out', 0) != self.held_out:
-            raise DataError(f"this streaming run held out its first {d.get('held_out', 0)} documents for validation, "
-                            f"now {self.held_out}: resume with the same eval_iters, batch_size and block_size")
-        self.epoch, self.doc, self.pos = d['epoch'], d['doc'], d['pos']
-        self._it, self._blocks = None, None
-
-def _text_of(example, field, dataset):
-    if field not in example:
-        raise DataError(f"dataset '{dataset}' has no column '{field}' (columns: {', '.join(example)}): "
-                        f"pass --text_field=NAME")
-    return example[field]
-
-def stream_val_blocks(dataset, tokenizer, n_blocks, block_size, text_field='text', txt_split='paragraph'):
-    """The validation set of a streaming run without a prepared data_dir: the first documents of the
-    stream, packed in order into n_blocks fixed blocks (<s> + block_size-1 tokens), on the CPU.
-    Returns (blocks, n_docs, digests of their texts); StreamingBatches(held_out=n_docs, held_texts=digests) never
-    trains on those documents, nor on a copy of one later in the stream."""
-    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
-    encoder, ids = _encoder(tok), _special_ids(tok)
-    ds, field, _ = _source(dataset, text_field, streaming=True, txt_split=txt_split)
-    need, parts, n, n_docs, held = n_blocks * (block_size - 1), [], 0, 0, set()
-    for example in ds:
-        n_docs += 1
-        text = _text_of(example, field, dataset)
-        if isinstance(text, str) and text:
-            held.add(int(text_digests([text])[0]))
-        doc = encoder.encode(text, add_special_tokens=False).ids if isinstance(text, str) else []
-        if doc:
-            parts.append(np.array(doc + [ids['eos_id']], dtype=np.int64))
-            n += len(parts[-1])
-        if n >= need:
-            return _batch(ids['bos_id'], np.concatenate(parts)[:need].reshape(n_blocks, block_size - 1), 'cpu'), n_docs, held
-    raise DataError(f"dataset '{dataset}' has {n:,} tokens, too few to hold out {n_blocks} validation blocks of "
-                    f"{block_size} and still train: lower eval_iters, or pass a prepared --data_dir for validation")
-
-def training_data(c, rank, world_size, device, barrier=lambda: None):
-    """train.py's data, from its config c: the training batches and the validation blocks of a prepared
-    folder (prepared here first if data_dir is empty: by rank 0, the others wait at barrier()) or of a stream.
-    Returns (run, error), one of them None, so that under torchrun every rank reaches the barrier and then
-    learns whether any rank failed. run: train, val_tokens, val_said, tok, meta, fingerprint and data_dir."""
-    data_dir, n_val = os.path.expandvars(os.path.expanduser(c['data_dir'])), c['eval_iters'] * c['batch_size']
-    block_size, run, error = c['block_size'], None, None
-    try:
-        if c['streaming']:
-            if data_dir:  # validation from a prepared folder of the same tokenizer; the stream is trained on whole
-                val_meta, _, _ = load_prepared(data_dir)
-                val_tokens, held_out, held_texts = eval_blocks(data_dir, 'val', n_val, block_size), 0, ()
-                val_said = f'validation: {data_dir}/val.bin; the stream is trained on whole'
-            else:  # the first documents of the stream, never trained on
-                val_tokens, held_out, held_texts = stream_val_blocks(c['dataset'], c['tokenizer'], n_val, block_size,
-                                                                     text_field=c['text_field'], txt_split=c['txt_split'])
-                val_said = (f'validation: the first {held_out:,} documents of the stream, held out of training (and any '
-                            f'copy of one later in the stream)')
-            train = StreamingBatches(c['dataset'], c['tokenizer'], c['batch_size'], block_size, c['seed'], rank,
-                                     world_size, device, text_field=c['text_field'], held_out=held_out,
-                                     txt_split=c['txt_split'], held_texts=held_texts)
-            if data_dir and val_meta['vocab_size'] != train.meta['vocab_size']:
-                raise DataError(f"data_dir '{data_dir}' was prepared with a tokenizer of {val_meta['vocab_size']} tokens, "
-                                f"the stream's has {train.meta['vocab_size']}: prepare it with --tokenizer={c['tokenizer']}")
-            run = SimpleNamespace(train=train, val_tokens=val_tokens, val_said=val_said, tok=train.tok, meta=train.meta,
-                                  data_dir=data_dir, fingerprint=dict(tokenizer=tokenizer_fingerprint(train.tok),
-                                                                      tokens=f"stream of {c['dataset']}"))
-        elif not data_dir:
-            data_dir = default_out_dir(c['dataset'], c['tokenizer'], c['vocab_size'])
-            if rank == 0:
-                prepare(c['dataset'], c['tokenizer'], c['vocab_size'], out_dir=data_dir, val_frac=c['val_frac'],
-                        text_field=c['text_field'], txt_split=c['txt_split'])
-    except DataError as e:
-        error = str(e)
-    barrier()
-    if not c['streaming'] and error is None:
-        try:
-            meta, tok, fingerprint = load_prepared(data_dir)  # checked: sizes, ids within the vocabulary, meta
-            run = SimpleNamespace(train=Batches(data_dir, 'train', c['batch_size'], block_size, c['seed'], rank,
-                                                world_size, device),
-                                  val_tokens=eval_blocks(data_dir, 'val', n_val, block_size),
-                                  val_said=f'validation: {data_dir}/val.bin', tok=tok, meta=meta,
-                                  fingerprint=fingerprint, data_dir=data_dir)
-        except DataError as e:
-            error = str(e)
-    return (None, error) if error else (run, None)
 
 # -----------------------------------------------------------------------------
 
 if __name__ == '__main__':
-    import argparse
-    parser = argparse.ArgumentParser(description='tokenize a dataset into train.bin/val.bin for train.py',
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--dataset', default='pydocs', help="'pydocs', a .txt/.jsonl/.parquet file or folder, or hub name[:config]")
-    parser.add_argument('--tokenizer', default='microsoft/mpnet-base', help="hub name, saved folder, or 'train'")
-    parser.add_argument('--vocab_size', type=int, default=30527, help='vocab size for --tokenizer=train')
-    parser.add_argument('--out_dir', default=None, help=f'None: {DATA_ROOT}/<dataset>-<tokenizer>')
-    parser.add_argument('--val_frac', type=float, default=0.005, help='documents held out for validation')
-    parser.add_argument('--text_field', default='text', help='the text column of .jsonl / .parquet / hub datasets')
-    parser.add_argument('--num_proc', type=int, default=None, help='tokenizer processes (None: one, multithreaded)')
-    parser.add_argument('--seed', type=int, default=1337, help='the validation split and the vocabulary sample')
-    parser.add_argument('--overwrite', action='store_true', help='re-prepare out_dir even if it holds prepared data')
-    parser.add_argument('--txt_split', default='paragraph', choices=list(TXT_SPLITS),
-                        help='a .txt document is a line, a blank-line separated paragraph, or the whole file')
-    from configurator import ConfigError, check_limits
+    from configurator import ConfigError, configure
+    # the command line: prepare()'s arguments, as --key=value (python data.py --help)
+    SETTINGS = [('group', 'tokenize a dataset into train.bin/val.bin for train.py'),
+                ('key', 'dataset', 'pydocs', "'pydocs', a .txt/.jsonl/.parquet file or folder, or hub name[:config]"),
+                ('key', 'tokenizer', 'microsoft/mpnet-base', "hub name, saved folder, or 'train'"),
+                ('key', 'vocab_size', 30527, 'vocab size for --tokenizer=train'),
+                ('key', 'out_dir', '', f"'': {DATA_ROOT}/<dataset>-<tokenizer>"),
+                ('key', 'val_frac', 0.005, 'documents held out for validation'),
+                ('key', 'text_field', 'text', 'the text column of .jsonl / .parquet / hub datasets'),
+                ('key', 'num_proc', 0, 'tokenizer processes (0: one, multithreaded)'),
+                ('key', 'seed', 1337, 'the validation split and the vocabulary sample'),
+                ('key', 'overwrite', False, 're-prepare out_dir even if it holds prepared data'),
+                ('key', 'txt_split', 'paragraph', 'a .txt document is a line, a blank-line separated paragraph, or the file')]
     try:
-        args = vars(parser.parse_args())
-        check_limits(args)
-        prepare(**args)
+        args = configure({e[1]: e[2] for e in SETTINGS if e[0] == 'key'}, sys.argv[1:], dict(txt_split=tuple(TXT_SPLITS)),
+                         script=__file__, settings=SETTINGS, usage='python data.py [--key=value ...]',
+                         limits=dict(num_proc='>= 0'))
+        prepare(**{**args, 'out_dir': args['out_dir'] or None, 'num_proc': args['num_proc'] or None})
     except Interrupted as e:
         print(e, file=sys.stderr, flush=True)
         sys.stdout.flush()

@@ -321,20 +321,30 @@ def check_apart(spread, task):
                              f'earlier snapshot, or check how it was trained')
 
 
-def pool(encoder, ids, mask, pooling, autocast=nullcontext(), chunk=64):
-    """L2-normalised sentence embeddings [N, C] of padded (ids, mask), in chunks: <s> ('cls') or the mean
-    over the attention mask ('mean', sentence-transformers' mean: <s> and </s> included). NonFiniteError for
-    NaN or inf: similarities of NaN rank nothing above the right answer, a perfect retrieval score."""
-    out = []
-    for i in range(0, ids.size(0), chunk):
+def pool(encoder, ids, mask, pooling, autocast=nullcontext(), chunk=32):
+    """L2-normalised sentence embeddings [N, C] of right-padded (ids, mask), in their order: <s> ('cls') or the mean
+    over the attention mask ('mean', sentence-transformers' mean: <s> and </s> included). Every evaluation embeds
+    through here, as sentence-transformers' encode does: no autograd, rows sorted by length and embedded chunk rows
+    at a time, each chunk cut to its own longest row (little padding); a row given twice is embedded once, so that
+    its copies score exactly alike (a tie, as equal texts are). NonFiniteError for NaN or inf: similarities of NaN
+    rank nothing above the right answer, a perfect retrieval score."""
+    rows, which = torch.unique(torch.cat([ids * mask, mask], 1), dim=0, return_inverse=True)  # distinct rows
+    first = torch.full((len(rows),), len(ids), dtype=torch.long, device=ids.device).scatter_reduce(
+        0, which, torch.arange(len(ids), device=ids.device), 'amin')  # each distinct row's first occurrence
+    ids, mask = ids[first], mask[first]
+    lengths = mask.sum(-1)
+    order = torch.argsort(lengths, descending=True, stable=True).tolist()
+    out = torch.empty(len(ids), encoder.config.n_embd, device=ids.device)
+    for i in range(0, len(order), chunk):
+        part = torch.tensor(order[i:i + chunk], device=ids.device)
+        L = int(mask[part].any(0).nonzero().max()) + 1 if mask[part].any() else 1  # the chunk's longest row
         with torch.no_grad(), autocast:
-            h = encoder.encode(ids[i:i + chunk], mask[i:i + chunk])
-        out.append(MPNet.pool(h.float(), mask[i:i + chunk], pooling))
-    out = torch.cat(out)
+            h = encoder.encode(ids[part, :L], mask[part, :L])
+        out[part] = MPNet.pool(h.float(), mask[part, :L], pooling)
     if not torch.isfinite(out).all():
         raise NonFiniteError('the model gives non-finite sentence embeddings (NaN or inf): its weights or activations '
                              'overflow; nothing can be scored')
-    return F.normalize(out, dim=-1)
+    return F.normalize(out, dim=-1)[which]
 
 
 def cut_tokens(tok, texts, max_len):
@@ -343,17 +353,10 @@ def cut_tokens(tok, texts, max_len):
     return [x if len(x) <= max_len else x[:max_len - 1] + x[-1:] for x in ids], sum(len(x) > max_len for x in ids)
 
 
-def embed(encoder, tok, texts, pooling, dev, autocast=nullcontext(), size=64, max_len=128):
-    """(pool()'s embeddings [N, C] of texts in their order, how many texts were cut at max_len tokens): batched by length
-    (little padding); a text given twice is embedded once, so that its copies score exactly alike (a tie, as equal texts are)."""
+def embed(encoder, tok, texts, pooling, dev, autocast=nullcontext(), size=32, max_len=128):
+    """(pool()'s embeddings [N, C] of texts in their order, how many texts were cut at max_len tokens)."""
     ids, cut = cut_tokens(tok, texts, max_len)
-    distinct = {}
-    which = torch.tensor([distinct.setdefault(tuple(x), len(distinct)) for x in ids], dtype=torch.long, device=dev)
-    distinct = list(distinct)
-    out = torch.empty(len(distinct), encoder.config.n_embd, device=dev)
-    for b in batches([len(x) for x in distinct], size):
-        out[torch.as_tensor(b, device=dev)] = pool(encoder, *pad([distinct[i] for i in b], dev), pooling, autocast, chunk=size)
-    return out[which], cut
+    return pool(encoder, *pad(ids, dev), pooling, autocast, chunk=size), cut
 
 
 def length_said(ckpt, task, cut, total, max_len):

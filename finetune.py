@@ -448,20 +448,21 @@ EMBEDDING = ('retrieval', 'sts', 'beir')  # tasks that embed with the model as i
 METRIC = dict(retrieval='mrr', sts='spearman', beir=f'ndcg@{NDCG_AT}')  # an embedding task's score
 
 
-def main(argv):
+def settings(argv):
+    """(the resolved config, the models given first, the defaults): configurator's rules, and the combinations that
+    cannot work, each one line."""
     files = [a for a in argv if not a.startswith('-') and a.endswith('.py')]
     models = [a for a in argv if not a.startswith('-') and not a.endswith('.py')]
     also = ('Models are given first (several for scores over a run): python finetune.py out/snapshots/*.pt '
             '--task=pydocs\nResults: one JSON record per run appended to out_file.')
     defaults = {k: globals()[k] for k in config_keys}
     try:
-        config = configure(defaults, files + [a for a in argv if a.startswith('-')],
-                           CHOICES, script=__file__, also=also, limits=LIMITS)
-        check_device(config['device'], 'sdpa')
+        c = configure(defaults, files + [a for a in argv if a.startswith('-')], CHOICES, script=__file__, also=also,
+                      limits=LIMITS)
+        check_device(c['device'], 'sdpa')
     except ConfigError as e:
         die(e)
-    globals().update(config)
-    models = models or ([model] if model else [])
+    models = models or ([c['model']] if c['model'] else [])
     if not models:
         die('give a model: python finetune.py CHECKPOINT_OR_HF_NAME [--task=...] (see --help)')
     missing = next((m for m in models if m.endswith('.pt') and not os.path.isfile(m)), None)
@@ -470,25 +471,26 @@ def main(argv):
     twice = next((m for m in models if models.count(m) > 1), None)
     if twice:  # its score would be counted twice in the summary
         die(f"model '{twice}' is given twice")
-    embedding = task in EMBEDDING
+    task, save, embedding = c['task'], c['save'], c['task'] in EMBEDDING
     kind = task if embedding else 'builtin' if task == 'pydocs' or task in GLUE else 'local'
-    unused = next((k for k in APPLIES if config[k] != defaults[k] and kind not in APPLIES[k]), None)
+    unused = next((k for k in APPLIES if c[k] != defaults[k] and kind not in APPLIES[k]), None)
     if unused:
-        die(f"--{unused}={config[unused]} does not apply to --task={task}: it is for " +
+        die(f"--{unused}={c[unused]} does not apply to --task={task}: it is for " +
             ' or '.join(APPLIES_SAID[k] for k in APPLIES[unused]))
-    if embedding and seeds.strip() != '1':
+    if embedding and c['seeds'].strip() != '1':
         die(f"--task={task} trains nothing: no score depends on a seed (leave out --seeds)")
     if save and (not save.endswith('.pt') or len(models) > 1 or embedding):
         die(f"save='{save}': give a .pt path, for one model fine-tuned on a task (not {', '.join(EMBEDDING)})")
     if save and (os.path.exists(save) or not os.path.isdir(os.path.dirname(os.path.abspath(save)))):
         die(f"save='{save}': " + ('it exists; choose a new path' if os.path.exists(save) else 'its folder does not exist'))
-    seed_list = parse_seeds(seeds)
-    check_out_file(out_file, [*models, task, eval_data, *(beir_paths(eval_data, beir_split) if task == 'beir' else ())])
-    dev = device
-    autocast = torch.autocast('cuda', torch.bfloat16) if dev.startswith('cuda') and dtype == 'bfloat16' else nullcontext()
-    torch.backends.cuda.matmul.allow_tf32 = True
+    return c, models
+
+
+def load_inputs(models):
+    """(the task's examples or None, STS pairs, BEIR data, the first model and its tokenizer): read before any model
+    is scored, so that a mistake in any input stops at once; one line for what cannot work."""
     try:
-        spec = None if embedding else load_task(task)
+        spec = None if task in EMBEDDING else load_task(task)
         if spec:
             for s in ('train', 'dev'):
                 if not spec['splits'][s]:
@@ -503,10 +505,12 @@ def main(argv):
         if task == 'beir' and not eval_data:
             raise TaskError(f"--task=beir needs --eval_data=FOLDER: a BEIR dataset (corpus.jsonl, queries.jsonl, qrels/{beir_split}.tsv)")
         beir = beir_data(eval_data, beir_split, max_eval) if task == 'beir' else None
-        first = load_model(models[0], tokenizer)
+        return spec, pairs, beir, load_model(models[0], tokenizer)
     except (TaskError, CheckpointError, ConvertError, data.DataError) as e:
         die(e)
-    metric = spec and score_name(spec['metrics']) or METRIC[task]
+
+
+def say_inputs(spec, beir, metric):
     if beir:
         print(f"beir {eval_data} ({beir_split}): {len(beir['texts']):,} documents, {len(beir['queries']):,} queries scored" +
               (f" (a fixed random {len(beir['queries']):,} of {beir['judged']:,}: --max_eval)"
@@ -528,6 +532,97 @@ def main(argv):
                         f"{shown(scores(spec['metrics'], [majority] * len(gold), gold)['score'])} on dev")
         print(f"task {spec['name']}: " + ', '.join(f'{s} {len(e):,}' for s, e in spec['splits'].items()) +
               (f", {spec['num_labels']} labels" if spec['num_labels'] > 1 else ', a score') + f"; metric {metric}" + baseline)
+
+
+def score_embeddings(name, ckpt, tok, pairs, beir, halves, base, said, same, dev, autocast):
+    """The embedding task's record of one model, as it is (dropout off; scratch: the same shape, random)."""
+    torch.manual_seed(0)
+    encoder = (MPNet(MPNetConfig(**{**ckpt['model_args'], 'dropout': 0.0, 'attn_dropout': 0.0})) if scratch else
+               model_from_checkpoint(ckpt, name, dropout=0.0, attn_dropout=0.0)).to(dev)
+    pooling = sentence_pooling(ckpt.get('st_files'))
+    if halves:
+        print(f"retrieval: {halves[2]['said']}")
+    try:
+        result = (sts_scores(encoder, tok, pairs, pooling, dev, autocast, max_len) if task == 'sts' else
+                  beir_scores(encoder, tok, beir, pooling, dev, autocast, max_len=max_len) if task == 'beir' else
+                  retrieval_scores(encoder, halves[0].to(dev), halves[1].to(dev), pooling, autocast))
+    except TaskError as e:  # NaN embeddings, or a collapsed model
+        die(e)
+    cut = halves[2]['cut'] if halves else result.pop('cut')
+    record = dict(base, pooling=pooling, **result, texts_cut=cut, score=result[base['score_metric']])
+    print(f'{said}, {pooling} pooling: ' + ', '.join(
+        f'{k} {shown(v)}' + ('' if math.isfinite(v) else same) if isinstance(v, float) else f'{k} {v}'
+        for k, v in result.items()) + '; ' + length_said(
+        ckpt, task, cut, result['queries'] + result['documents'] if beir else 2 * result['pairs'], max_len))
+    append(out_file, record)
+    return [record]
+
+
+def finetune_seeds(name, ckpt, spec, ids, base, said, same, dev, autocast, config):
+    """One record per seed of a model fine-tuned on the task; with --save, the best seed's model so far saved."""
+    runs, saved = [], False
+    for seed in parse_seeds(seeds):
+        t0 = time.time()
+        try:  # a diverged seed stops the whole: nothing of it is recorded or saved; earlier seeds' records stay
+            history, best_epoch, result, weights = finetune(ckpt, name, spec, ids, seed, dev, autocast)
+        except TaskError as e:
+            die(e)
+        record = dict(base, seed=seed, epochs_dev=history, best_epoch=best_epoch, score=result['dev']['score'],
+                      metrics=list(spec['metrics']), **result, seconds=round(time.time() - t0, 1),
+                      sizes={s: len(e) for s, e in spec['splits'].items()})
+        print(f"{said} seed {seed}: dev {shown(result['dev']['score'])}" +
+              ('' if math.isfinite(result['dev']['score']) else same) +
+              f" at epoch {best_epoch} (by epoch {defined(history)})" +
+              ''.join(f", {s} {shown(result[s]['score'])}" for s in result if s != 'dev') + f", {record['seconds']:.0f} s")
+        runs.append(record)
+        append(out_file, record)
+        if weights and math.isfinite(record['score']) and all(rank(record['score']) > rank(r['score']) for r in runs[:-1]):
+            if os.path.exists(save) and not saved:  # it was not there at the start: another run wrote it since
+                die(f"save='{save}' appeared while this ran (another run?): it is kept, and nothing is saved over it")
+            try:
+                save_finetuned(ckpt, weights, spec, config, result)
+            except (TaskError, CheckpointError) as e:
+                die(e)
+            saved = True
+    if save and not any(math.isfinite(r['score']) for r in runs):
+        print(f'nothing saved to {save}: no seed has a defined dev score')
+    return runs
+
+
+def record_run_scores(name, ckpt, iter_num, runs, metric, config):
+    """A run's checkpoint scored: its mean over seeds in the run folder's scores.jsonl (plot.py draws it against the
+    iteration), and the spread over seeds."""
+    dev_s = [r['score'] for r in runs]
+    undefined = [r.get('seed', 0) for r in runs if not math.isfinite(r['score'])]
+    run_dir = run_folder(name, ckpt)
+    if run_dir and not scratch and iter_num is not None:
+        if undefined:
+            print(f"not added to {os.path.join(run_dir, 'scores.jsonl')}: the score is undefined" +
+                  (f" for seed(s) {', '.join(map(str, undefined))}" if task not in EMBEDDING else ''))
+        else:
+            append(os.path.join(run_dir, 'scores.jsonl'), dict(
+                iter=iter_num, task=task, metric=metric, mean=float(np.mean(dev_s)),
+                std=float(np.std(dev_s, ddof=1)) if len(runs) > 1 else 0.0, seeds=len(runs), model=name,
+                recipe={k: config[k] for k in RECIPE}))
+    if len(runs) > 1:
+        test_s = [r['test']['score'] for r in runs if 'test' in r]
+        print(f'{name}: dev ' + (f'{np.mean(dev_s):.4f} +- {np.std(dev_s, ddof=1):.4f}' if not undefined else
+                                 f"undefined for seed(s) {', '.join(map(str, undefined))}") + f' over {len(runs)} seeds' +
+              (f', test {np.mean(test_s):.4f} +- {np.std(test_s, ddof=1):.4f}' if len(test_s) > 1 and
+               all(map(math.isfinite, test_s)) else ''))
+
+
+def main(argv):
+    config, models = settings(argv)
+    globals().update(config)
+    embedding = task in EMBEDDING
+    parse_seeds(seeds)  # a mistake there stops before anything runs
+    check_out_file(out_file, [*models, task, eval_data, *(beir_paths(eval_data, beir_split) if task == 'beir' else ())])
+    autocast = torch.autocast('cuda', torch.bfloat16) if device.startswith('cuda') and dtype == 'bfloat16' else nullcontext()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    spec, pairs, beir, first = load_inputs(models)
+    metric = spec and score_name(spec['metrics']) or METRIC[task]
+    say_inputs(spec, beir, metric)
     same = ' (the model gives every {} the same {})'.format(
         'pair' if embedding else 'example', 'label' if spec and spec['num_labels'] > 1 else 'score')
     summary = []
@@ -545,75 +640,11 @@ def main(argv):
         iter_num = ckpt.get('iter_num') if os.path.isfile(name) else None  # an HF model has no iteration of ours
         said = name if iter_num is None else f'{name} (iter {iter_num})'
         base = dict(model=name, iter_num=iter_num, task=task, scratch=scratch, config=config, command=' '.join(sys.argv),
-                    python=platform.python_version(), torch=torch.__version__)
-        if embedding:
-            torch.manual_seed(0)
-            encoder = (MPNet(MPNetConfig(**{**ckpt['model_args'], 'dropout': 0.0, 'attn_dropout': 0.0})) if scratch else
-                       model_from_checkpoint(ckpt, name, dropout=0.0, attn_dropout=0.0)).to(dev)
-            pooling = sentence_pooling(ckpt.get('st_files'))
-            if halves:
-                print(f"retrieval: {halves[2]['said']}")
-            try:
-                result = (sts_scores(encoder, tok, pairs, pooling, dev, autocast, max_len) if task == 'sts' else
-                          beir_scores(encoder, tok, beir, pooling, dev, autocast, max_len=max_len) if task == 'beir' else
-                          retrieval_scores(encoder, halves[0].to(dev), halves[1].to(dev), pooling, autocast))
-            except TaskError as e:  # NaN embeddings, or a collapsed model
-                die(e)
-            cut = halves[2]['cut'] if halves else result.pop('cut')
-            record = dict(base, pooling=pooling, **result, texts_cut=cut, score=result[metric], score_metric=metric)
-            print(f'{said}, {pooling} pooling: ' + ', '.join(
-                f'{k} {shown(v)}' + ('' if math.isfinite(v) else same) if isinstance(v, float) else f'{k} {v}'
-                for k, v in result.items()) + '; ' + length_said(
-                ckpt, task, cut, result['queries'] + result['documents'] if beir else 2 * result['pairs'], max_len))
-            runs = [record]
-            append(out_file, record)
-        else:
-            runs, saved = [], False
-            for seed in seed_list:
-                t0 = time.time()
-                try:  # a diverged seed stops the whole: nothing of it is recorded or saved; earlier seeds' records stay
-                    history, best_epoch, result, weights = finetune(ckpt, name, spec, ids, seed, dev, autocast)
-                except TaskError as e:
-                    die(e)
-                record = dict(base, seed=seed, epochs_dev=history, best_epoch=best_epoch, score=result['dev']['score'],
-                              score_metric=metric, metrics=list(spec['metrics']), **result,
-                              seconds=round(time.time() - t0, 1), sizes={s: len(e) for s, e in spec['splits'].items()})
-                print(f"{said} seed {seed}: dev {shown(result['dev']['score'])}" +
-                      ('' if math.isfinite(result['dev']['score']) else same) +
-                      f" at epoch {best_epoch} (by epoch {defined(history)})" +
-                      ''.join(f", {s} {shown(result[s]['score'])}" for s in result if s != 'dev') +
-                      f", {record['seconds']:.0f} s")
-                runs.append(record)
-                append(out_file, record)
-                if weights and math.isfinite(record['score']) and all(rank(record['score']) > rank(r['score']) for r in runs[:-1]):
-                    if os.path.exists(save) and not saved:  # it was not there at the start: another run wrote it since
-                        die(f"save='{save}' appeared while this ran (another run?): it is kept, and nothing is saved over it")
-                    try:
-                        save_finetuned(ckpt, weights, spec, config, result)
-                    except (TaskError, CheckpointError) as e:
-                        die(e)
-                    saved = True
-            if save and not any(math.isfinite(r['score']) for r in runs):
-                print(f'nothing saved to {save}: no seed has a defined dev score')
-        dev_s = [r['score'] for r in runs]
-        summary.append((name, iter_num, dev_s))
-        undefined = [r.get('seed', 0) for r in runs if not math.isfinite(r['score'])]
-        run_dir = run_folder(name, ckpt)
-        if run_dir and not scratch and iter_num is not None:  # the run's score against its iteration, for plot.py
-            if undefined:
-                print(f"not added to {os.path.join(run_dir, 'scores.jsonl')}: the score is undefined" +
-                      (f" for seed(s) {', '.join(map(str, undefined))}" if not embedding else ''))
-            else:
-                append(os.path.join(run_dir, 'scores.jsonl'), dict(
-                    iter=iter_num, task=task, metric=metric, mean=float(np.mean(dev_s)),
-                    std=float(np.std(dev_s, ddof=1)) if len(runs) > 1 else 0.0, seeds=len(runs), model=name,
-                    recipe={k: config[k] for k in RECIPE}))
-        if len(runs) > 1:
-            test_s = [r['test']['score'] for r in runs if 'test' in r]
-            print(f'{name}: dev ' + (f'{np.mean(dev_s):.4f} +- {np.std(dev_s, ddof=1):.4f}' if not undefined else
-                                     f"undefined for seed(s) {', '.join(map(str, undefined))}") + f' over {len(runs)} seeds' +
-                  (f', test {np.mean(test_s):.4f} +- {np.std(test_s, ddof=1):.4f}' if len(test_s) > 1 and
-                   all(map(math.isfinite, test_s)) else ''))
+                    python=platform.python_version(), torch=torch.__version__, score_metric=metric)
+        runs = (score_embeddings(name, ckpt, tok, pairs, beir, halves, base, said, same, device, autocast) if embedding
+                else finetune_seeds(name, ckpt, spec, ids, base, said, same, device, autocast, config))
+        record_run_scores(name, ckpt, iter_num, runs, metric, config)
+        summary.append((name, iter_num, [r['score'] for r in runs]))
     if len(models) > 1:
         print(f"iter  score ({'dev ' + metric + ', mean over seeds' if spec else metric})")
         for name, it, dev_s in summary:

@@ -12,7 +12,6 @@ read_metrics() is the one reader of metrics.jsonl (train.py's resume trims the l
 nothing heavy, matplotlib is imported only to draw.
 """
 
-import argparse
 import importlib.util
 import json
 import math
@@ -20,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 
 class PlotError(Exception):
@@ -324,13 +324,23 @@ def out_problem(out_path):
 
 
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser(description='plot the curves of training runs (their metrics.jsonl) into a PNG '
-                                                 '(or any format matplotlib writes: .pdf, .svg, ...)',
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('run_dirs', nargs='+', help="run folders (train.py's out_dir)")
-    parser.add_argument('--out', default=None, help='the file to write, its extension names the format '
-                                                    '(default: RUN_DIR/curves.png for one run)')
-    args = parser.parse_args()
+    SETTINGS = [('group', 'plot the curves of training runs (their metrics.jsonl) into a PNG (or any format matplotlib '
+                          'writes: .pdf, .svg, ...)'),
+                ('key', 'out', '', "the file to write, its extension names the format ('': RUN_DIR/curves.png for one run)")]
+    run_dirs, options = [a for a in sys.argv[1:] if not a.startswith('-')], [a for a in sys.argv[1:] if a.startswith('-')]
+    out = ''
+    if options:  # through configurator.py, as every script's; imported only then: it imports torch, which the curves
+        from configurator import ConfigError, configure  # a run redraws after each evaluation do without
+        try:
+            out = configure(dict(out=''), options, script=__file__, settings=SETTINGS, also="run_dirs: train.py's out_dir",
+                            usage='python plot.py RUN_DIR [RUN_DIR ...] [--out=FILE]')['out']
+        except ConfigError as e:
+            print(f'error: {e}', file=sys.stderr)
+            sys.exit(1)
+    args = SimpleNamespace(run_dirs=run_dirs, out=out or None)
+    if not run_dirs:
+        print("error: give a run folder: python plot.py RUN_DIR (train.py's out_dir)", file=sys.stderr)
+        sys.exit(1)
     missing = [d for d in args.run_dirs if not os.path.isfile(os.path.join(d, 'metrics.jsonl'))]
     if missing:
         print(f"error: '{missing[0]}' has no metrics.jsonl: give a run folder (train.py's out_dir)", file=sys.stderr)

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import pathlib
 import random
 import re
 import resource
@@ -5827,3 +5828,41 @@ for _name, _test in list(globals().items()):
         _shared = [f for f in SHARED_FIXTURES if f in inspect.signature(_test).parameters]
         if _shared:
             pytest.mark.xdist_group(_shared[0])(_test)
+
+
+def test_module_graph_has_no_entry_point_import_no_cycle_and_no_foreign_global_assignment():
+    """The rule of the file layout: no module imports an entry point (train.py, contrastive.py, finetune.py,
+    bench.py), the project's imports (at the top or inside functions) form no cycle, and no module assigns another
+    module's globals (`module.name = ...`). Read from the source with ast, so a new import that breaks it fails here."""
+    import ast
+    mods = {p.stem for p in pathlib.Path(HERE).glob('*.py')} - {'test_all'}
+    graph, assigned = {}, []
+    for m in mods:
+        tree = ast.parse((pathlib.Path(HERE) / f'{m}.py').read_text())
+        deps = set()
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Import):
+                deps |= {a.name.split('.')[0] for a in n.names}
+            elif isinstance(n, ast.ImportFrom) and n.module and not n.level:
+                deps.add(n.module.split('.')[0])
+            elif isinstance(n, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+                for t in (n.targets if isinstance(n, ast.Assign) else [n.target]):
+                    for x in ast.walk(t):
+                        if isinstance(x, ast.Attribute) and isinstance(x.value, ast.Name) and x.value.id in mods - {m}:
+                            assigned.append(f'{m}.py assigns {x.value.id}.{x.attr}')
+        graph[m] = deps & mods - {m}
+    assert mods >= {'train', 'contrastive', 'finetune', 'bench', 'run', 'evaluation', 'checkpoint', 'data'}
+    assert not [f'{m} imports {e}' for m in graph for e in graph[m] & {'train', 'contrastive', 'finetune', 'bench'}]
+    assert not assigned
+    done, path = set(), []
+
+    def visit(m):  # depth first: a module met again on the current path closes a cycle
+        assert m not in path, f"import cycle: {' -> '.join(path[path.index(m):] + [m])}"
+        if m not in done:
+            path.append(m)
+            for d in sorted(graph[m]):
+                visit(d)
+            path.pop()
+            done.add(m)
+    for m in sorted(graph):
+        visit(m)

@@ -15,13 +15,9 @@ files): it refuses to start over a previous run unless told to resume or to over
 model beside the latest, and never writes a checkpoint whose validation loss is not finite.
 """
 
-import json
 import math
 import os
-import secrets
-import signal
 import sys
-import time
 from contextlib import nullcontext
 
 import torch
@@ -29,15 +25,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from checkpoint import (CheckpointError, carried_for_export, checkpoint_bytes, claim_run_dir, exportable, extend_checkpoint,
-                        load_checkpoint, model_from_checkpoint, ready_run_dir, restore_random_state,
-                        run_summary, save_run, stop_on_signals, stop_unless_ranks_agree, validation_key)
+from checkpoint import (CheckpointError, carried_for_export, checkpoint_bytes, model_from_checkpoint, restore_random_state,
+                        stop_unless_ranks_agree, validation_key)
 from configurator import CHOICES, ConfigError, check_device, check_relations, configure, die
-from convert_hf import ConvertError, hf_to_checkpoint, read_tokenizer_files, sentence_pooling, tokenizer_files_of
+from convert_hf import sentence_pooling
 from evaluation import CollapsedError, Probe, TaskError
 from model import MPNet, MPNetConfig
 from permute import n_pred, permute_batch, vocab_tables
-from plot import BackgroundCurves
+from run import Clock, Run, check_fits, check_start, export_tokenizer, start_processes, starting_checkpoint
 
 # -----------------------------------------------------------------------------------------------
 # I/O
@@ -129,24 +124,13 @@ except ValueError as e:
     die(e)
 
 # -----------------------------------------------------------------------------------------------
-# processes, devices, precision
+# processes, devices, precision, and the run's folder (run.py: one run at a time, no run replaced by accident)
 
-ddp = int(os.environ.get('RANK', -1)) != -1
-if ddp:
-    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    if device.startswith('cuda'):
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-else:
-    rank, world_size = 0, 1
+ddp, rank, world_size, device = start_processes(device, seed)
 master = rank == 0  # rank 0 does all the I/O
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 workers = ('GPU' if device_type == 'cuda' else 'process') + ('es' if device_type != 'cuda' and world_size > 1 else
                                                               's' if world_size > 1 else '')  # for messages
-torch.manual_seed(seed + rank)  # dropout; each rank its own stream
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
 autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
 P = n_pred(block_size, pred_frac)
@@ -156,20 +140,8 @@ if master:
     print(f'effective batch: {gradient_accumulation_steps} accum x {world_size} {workers} x {batch_size} seqs = '
           f'{tokens_per_iter // block_size:,} sequences, {tokens_per_iter:,} tokens per optimizer step '
           f'({P} predicted per sequence)')
-
-# -----------------------------------------------------------------------------------------------
-# the run's folder: one run at a time, and never a previous run replaced by accident
-
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-run_error = None  # rank 0 owns the folder; under torchrun every rank stops with its one line
-if master:
-    try:
-        run_lock = claim_run_dir(out_dir, init_from == 'resume', overwrite)  # held until this process exits
-    except CheckpointError as e:
-        run_error = str(e)
-stop_unless_ranks_agree(None, run_error, 'run folder')
-if init_from == 'resume' and not os.path.isfile(ckpt_path):
-    die(f"init_from='resume' but {ckpt_path} does not exist: train first, or set --out_dir to the run's folder")
+run = Run(out_dir, init_from == 'resume', overwrite, 'val_loss', 'iter', master, ddp)
+run.claim()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -202,107 +174,55 @@ if probe:
 model_args = dict(vocab_size=meta['vocab_size'], n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_inner=n_inner,
                   max_positions=max_positions, dropout=dropout, attn_dropout=attn_dropout, attn_impl=attn_impl,
                   rope=rope, grad_checkpoint=grad_checkpoint, objective=objective)
-iter_num, best_val_loss, best_iter, last_saved, ckpt = 0, float('inf'), None, None, None
-try:
-    if init_from == 'resume':
-        ckpt = load_checkpoint(ckpt_path)
-        iter_num, best_val_loss, best_iter = ckpt['iter_num'], ckpt['best_val_loss'], ckpt.get('best_iter')
-        if 'optimizer' not in ckpt and master:  # e.g. written by convert_hf.py --from_hf
-            print(f'note: {ckpt_path} holds weights only; starting a fresh optimizer and schedule from them')
-        task_then = {k: ckpt.get('config', {}).get(k, v) for k, v in (('objective', 'mpnet'), ('doc_mask', False))}
-        if master and task_then != dict(objective=objective, doc_mask=doc_mask):
-            print(f'note: {ckpt_path} was trained with {task_then}; under objective={objective!r}, doc_mask={doc_mask} '
-                  f'the validation loss measures another task, and best.pt compares across both (to keep them apart, '
-                  f'start a new run from its weights: --init_from={ckpt_path} --out_dir=NEW)')
-    elif os.path.isfile(init_from):  # another run's checkpoint: its weights start a new run
-        ckpt = {k: v for k, v in load_checkpoint(init_from).items() if k not in ('optimizer', 'rank_states')}
-    elif init_from != 'scratch':
-        ckpt = hf_to_checkpoint(init_from)
-except (CheckpointError, ConvertError) as e:
-    die(e)
-if ckpt is not None and init_from != 'resume' and 'max_positions' in given:  # continued at a longer context
-    try:
-        said = extend_checkpoint(ckpt, max_positions)
-    except CheckpointError as e:
-        die(e)
-    if said and master:
-        print(said)
+# out_dir's ckpt.pt (resume), another run's weights (a .pt), an HF model, or None: from scratch; max_positions
+# given above the checkpoint's grows its table (continued pretraining at a longer context)
+ckpt, said = starting_checkpoint(init_from, out_dir, max_positions if 'max_positions' in given else None)
+iter_num, best_val_loss, best_iter = (ckpt['iter_num'], ckpt['best_val_loss'], ckpt.get('best_iter')) if \
+    init_from == 'resume' else (0, None, None)
 if ckpt is not None:
     # the architecture comes from the checkpoint; kernel, dropout and recomputation are this run's choice
     model_args = {**ckpt['model_args'], 'attn_impl': attn_impl, 'dropout': dropout, 'attn_dropout': attn_dropout,
                   'grad_checkpoint': grad_checkpoint, 'objective': objective}
-    trained_on = (ckpt.get('data_fingerprint') or {}).get('tokenizer')
-    if trained_on and trained_on != fingerprint['tokenizer']:
-        die(f"the checkpoint was trained with another vocabulary than the data's tokenizer {meta['tokenizer']!r} "
-            f"(the same token ids would mean other tokens): train on data prepared with the checkpoint's tokenizer")
-    if init_from == 'resume' and ckpt.get('data_fingerprint', fingerprint) != fingerprint and master:
-        print(f'note: the prepared data changed since {ckpt_path} was written (same vocabulary): resuming on the new data')
-if model_args['vocab_size'] != meta['vocab_size']:
-    die(f"vocab mismatch: the model has {model_args['vocab_size']} tokens but the data's tokenizer "
-        f"{meta['tokenizer']!r} has {meta['vocab_size']}: prepare the data with the model's tokenizer")
-if block_size > model_args['max_positions']:
-    die(f"block_size {block_size} exceeds the model's max_positions {model_args['max_positions']}" +
-        (f": --max_positions={block_size} extends the checkpoint's table (continued pretraining at a longer context)"
-         if ckpt is not None and init_from != 'resume' else ''))
-short = long_from or (ckpt or {}).get('positions_extended', [[512]])[0][0]  # the length the model was pretrained at
-if block_size > short and master:  # a longer context teaches only what the blocks hold of long documents
-    runs = data.longest_document_run(val_tokens, meta['eos_id'])
-    print(f'long documents: {int((runs > short).sum()):,} of {len(runs):,} validation blocks hold more than {short} '
-          f'consecutive tokens of one document (median run {int(runs.median()):,} of {block_size - 1:,})')
+    said += check_start(ckpt, init_from == 'resume', config, meta, fingerprint, os.path.join(out_dir, 'ckpt.pt'))
 try:
+    check_fits(model_args, meta, block_size, extendable=ckpt is not None and init_from != 'resume')
     raw_model = (MPNet(MPNetConfig(**model_args)) if ckpt is None else
-                 model_from_checkpoint(ckpt, ckpt_path if init_from == 'resume' else init_from, **model_args))
+                 model_from_checkpoint(ckpt, os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume' else init_from,
+                                       **model_args))
 except (ValueError, CheckpointError) as e:  # an impossible shape or combination, named by MPNetConfig
     die(e)
+short = long_from or (ckpt or {}).get('positions_extended', [[512]])[0][0]  # the length the model was pretrained at
+if block_size > short:  # a longer context teaches only what the blocks hold of long documents
+    runs = data.longest_document_run(val_tokens, meta['eos_id'])
+    said.append(f'long documents: {int((runs > short).sum()):,} of {len(runs):,} validation blocks hold more than '
+                f'{short} consecutive tokens of one document (median run {int(runs.median()):,} of {block_size - 1:,})')
 raw_model.to(device)
 optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), eps, device_type)
+perm_gen = torch.Generator(device).manual_seed(seed + rank)  # the permutations' own random stream
 resuming = init_from == 'resume' and 'optimizer' in ckpt
 if resuming:
     optimizer.load_state_dict(ckpt['optimizer'])
-perm_gen = torch.Generator(device).manual_seed(seed + rank)  # the permutations' own random stream
-if resuming:
-    states = ckpt['rank_states']
     try:  # prepared data: one position for all ranks, mapped exactly; streaming: per rank, same world size
-        train_data.load_state_dict([s['data'] for s in states])
+        train_data.load_state_dict([s['data'] for s in ckpt['rank_states']])
     except data.DataError as e:
         die(e)
-    said = restore_random_state(states, rank, world_size, perm_gen, reseed=seed + rank + 7919 * iter_num)
-    if said and master:
-        print(said)
+    said.append(restore_random_state(ckpt['rank_states'], rank, world_size, perm_gen, seed + rank + 7919 * iter_num))
 # the first iterations may train a new MLM head alone (an encoder-only import: its encoder is trained, the head
 # random); a resumed run keeps the boundary it was given
 head_only_until = (ckpt.get('head_only_until', 0) if resuming else
                    iter_num + head_warmup_iters if ckpt is not None and ckpt.get('head_fresh') else 0)
-if master and head_only_until > iter_num:
-    print(f'head warmup: until iter {head_only_until} only the new MLM head trains (lr {head_warmup_lr:g}), '
-          f'then everything (head_warmup_iters=0 turns this off)')
-carried = {k: v for k, v in carried_for_export(ckpt).items() if k not in ('tokenizer_files', 'special_ids')}  # the data's own
-wandb_run_id = ckpt.get('wandb_run_id') if init_from == 'resume' else None  # a resumed run goes on logging there
-if master and init_from == 'resume':
-    print(f'resuming from iter {iter_num} of {ckpt_path}' +
-          (f" (val loss {ckpt['val_loss']:.4f})" if ckpt.get('val_loss') is not None else ''))
-probe_pooling = sentence_pooling(carried.get('st_files'))  # the probe pools as the sentence model does
-tokenizer_files, tok_error = {}, None
-try:  # rank 0 writes the checkpoints that carry them
-    tokenizer_files = (read_tokenizer_files(meta['tokenizer']) if os.path.isdir(str(meta['tokenizer']))
-                       else tokenizer_files_of(meta['tokenizer'])) if master else {}
-except (ConvertError, OSError) as e:  # e.g. a full temp folder
-    tok_error = f'cannot read the tokenizer files the checkpoints carry: {e}'
-stop_unless_ranks_agree(None, tok_error, 'tokenizer')
-special_ids = dict(bos_token_id=meta['bos_id'], pad_token_id=meta['pad_id'], eos_token_id=meta['eos_id'])
-ckpt = None  # free the memory
-metrics_path = os.path.join(out_dir, 'metrics.jsonl')
-start_file = init_from if os.path.isfile(init_from) else None  # the checkpoint this run starts from
-space_error = None
+if head_only_until > iter_num:
+    said.append(f'head warmup: until iter {head_only_until} only the new MLM head trains (lr {head_warmup_lr:g}), '
+                f'then everything (head_warmup_iters=0 turns this off)')
+# what an export needs: the data's tokenizer, and what the start model carried (its sentence modules, its lengths)
+carried = {**carried_for_export(ckpt), **export_tokenizer(meta, master)}
 if master:
-    try:
-        said, start_file = ready_run_dir(out_dir, overwrite, init_from == 'resume', start_file, iter_num, best_iter,
-                                         checkpoint_bytes(raw_model))
-        for line in said:
-            print(line)
-    except CheckpointError as e:
-        space_error = str(e)
-stop_unless_ranks_agree(None, space_error, 'run folder')
+    print('\n'.join(line for line in said if line))
+start_file = init_from if os.path.isfile(init_from) else None  # the checkpoint this run starts from
+run.ready(start_file, iter_num, best_iter, best_val_loss, checkpoint_bytes(raw_model), curves,
+          dict(project=wandb_project, name=wandb_run_name, config=config) if wandb_log else None,
+          ckpt.get('wandb_run_id') if init_from == 'resume' else None)
+ckpt = None  # free the memory
 
 model = raw_model
 raw_model.build_masks(block_size, P, device)  # outside the compiled graph: one compile
@@ -369,83 +289,45 @@ def embedding_probe():
     except CollapsedError:
         return None
     except TaskError as e:
-        die(f'probe at iter {iter_num}: {e}: nothing saved; {kept()} (lower learning_rate, or check the data)')
-
-
-def kept():
-    """Which files hold what, for the messages that end a run."""
-    return run_summary(out_dir, best_iter, best_val_loss, last_saved, start_file)
+        run.die(f'probe at iter {iter_num}: {e}: nothing saved', 'lower learning_rate, or check the data')
 
 
 def save(val_loss=None, improved=False):
-    """All ranks gather their RNG and data positions; rank 0 writes ckpt.pt atomically, and links best.pt to
-    it when the validation loss improved. Called between steps, where the live RNG states are the resume
-    point (evaluation draws from its own generator and has no dropout) and data_state is the loader's
-    position before the prefetched batch. Weights that are not finite are never written."""
-    state = dict(data=data_state, perm_rng=perm_gen.get_state(), cpu_rng=torch.get_rng_state(),
-                 cuda_rng=torch.cuda.get_rng_state() if device_type == 'cuda' else None)
-    states = [None] * world_size
-    if ddp:
-        dist.all_gather_object(states, state)
-    else:
-        states = [state]
+    """Every rank's RNG states and data position gathered; rank 0 writes ckpt.pt (and best.pt when the validation
+    loss improved) through run.save. Called between steps, where the live RNG states are the resume point
+    (evaluation draws from its own generator and has no dropout) and data_state is the loader's position before
+    the prefetched batch. Weights that are not finite are never written."""
+    states = run.gather(dict(data=data_state, perm_rng=perm_gen.get_state(), cpu_rng=torch.get_rng_state(),
+                             cuda_rng=torch.cuda.get_rng_state() if device_type == 'cuda' else None))
     if not master:
         return
     if not torch.stack([torch.isfinite(p).all() for p in params]).all():  # a host sync, at save time only
-        print(f'warning: the weights are not finite at iter {iter_num}: not saved; {kept()}')
+        print(f'warning: the weights are not finite at iter {iter_num}: not saved; {run.kept()}')
         return
-    try:
-        said = save_run(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
-                             config=config, iter_num=iter_num, val_loss=val_loss, best_val_loss=best_val_loss,
-                             best_iter=best_iter, rank_states=states, data_fingerprint=fingerprint,
-                             head_only_until=head_only_until, wandb_run_id=wandb_run_id, tokenizer_files=tokenizer_files,
-                             special_ids=special_ids, data_dir=os.path.abspath(data_dir), **carried),
-                        out_dir, improved, validation_key(config, fingerprint), best_iter is not None,
-                        snapshot_keep if snapshot_interval and val_loss is not None and iter_num % snapshot_interval == 0 else 0)
-    except CheckpointError as e:
-        die(e)
-    global last_saved
-    last_saved = (iter_num, val_loss)
-    print('\n'.join(said))
+    run.save(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args, config=config,
+                  iter_num=iter_num, val_loss=val_loss, best_val_loss=run.best_score, best_iter=run.best_iter,
+                  rank_states=states, data_fingerprint=fingerprint, head_only_until=head_only_until,
+                  wandb_run_id=run.wandb_run_id, data_dir=os.path.abspath(data_dir), **carried),
+             improved, validation_key(config, fingerprint),
+             snapshot_keep if snapshot_interval and val_loss is not None and iter_num % snapshot_interval == 0 else 0)
 
 
-def log(record):
-    if master:
-        try:
-            with open(metrics_path, 'a') as f:
-                f.write(json.dumps(record) + '\n')
-        except OSError as e:
-            die(f"cannot append to {metrics_path} ({e.strerror}); {kept()}")
-        if wandb_log:
-            wandb.log(record, step=record['iter'])
+def say_eval(record, scores):
+    by_position = 'val_loss_near' in record
+    print(f"iter {iter_num}: val loss {record['val_loss']:.4f}" + (
+          f" (positions < {short}: {record['val_loss_near']:.4f}, >= {short}: {record['val_loss_far']:.4f})"
+          if by_position else '') + f", val acc {record['val_acc']:.4f}, best {run.best_score:.4f}" +
+          (f", probe: {record['probe_found']:.3f} of halves find their other half (MRR {record['probe_mrr']:.3f}, "
+           f"{probe_pairs.n} pairs), unrelated cosine {record['probe_cos']:.3f}" if probe and scores else
+           ', probe: no score (every text gets the same embedding: collapsed)' if probe else ''))
 
 
-def now():
-    """Wall time once the GPU has run what was queued, so that work is timed in the window that queued it."""
-    if device_type == 'cuda':
-        torch.cuda.synchronize(device)
-    return time.time()
-
-
-stop_signal = stop_on_signals(master)  # SIGINT/SIGTERM: save and exit at the next iteration; a second: at once
-# under DDP the ranks agree on stopping through a tiny all-reduce on a CPU (gloo) group, started at one
-# iteration and read at the next: no GPU sync, and every rank stops at the same iteration
-stop_group = dist.new_group(backend='gloo') if ddp else None
-stop_flag, stop_work = torch.zeros(1), None
-
-if wandb_log and master:
-    import wandb
-    wandb_run_id = wandb_run_id or secrets.token_hex(4)  # ours, so that a resumed run finds it in the checkpoint
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir, id=wandb_run_id, resume='allow')
-plotter = BackgroundCurves(out_dir) if curves and master else None  # out_dir/curves.png, redrawn by plot.py
-if plotter and plotter.missing:
-    print('note: curves=True needs matplotlib (pip install matplotlib): no curves.png for this run')
-    plotter = None
-
-
-def duration(seconds):
-    return f'{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m' if seconds >= 3600 else \
-        f'{seconds // 60:.0f}m{seconds % 60:02.0f}s'
+def say_step(record, eta):
+    rate = f"head only, lr {head_warmup_lr:.2e}" if record['head_only'] else f"lr {record['lr']:.2e}"
+    mfu = '' if record['mfu'] is None else f", MFU {record['mfu'] * 100:.1f}%"
+    print(f"iter {iter_num}: loss {record['loss']:.4f}, acc {record['acc']:.4f}, {rate}, grad norm "
+          f"{record['grad_norm']:.3f}, {record['ms_per_iter']:.0f} ms/iter, {record['tokens_per_sec']:,.0f} tok/s"
+          f"{f' on {world_size} {workers}' if ddp else ''}, ETA {eta}{mfu}")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -455,15 +337,12 @@ start_iter = iter_num
 data_state = train_data.state_dict()  # the loader's resume point: before the next batch is drawn
 X = train_data.next()                 # first micro-batch of the coming step
 params = [p for p in raw_model.parameters() if p.requires_grad]
-encoder_params = [p for g in optimizer.param_groups if g['part'] == 'encoder' for p in g['params']]
+probe_pooling = sentence_pooling(carried.get('st_files'))  # the probe pools as the sentence model does
 device_name = torch.cuda.get_device_name(device) if device_type == 'cuda' else 'cpu'
 bad_run = torch.zeros((), device=device)  # consecutive non-finite steps, read at log steps only
 bad_total = torch.zeros((), device=device)
 loss_sum, correct_sum = torch.zeros((), device=device), torch.zeros((), device=device)
-# training time of the current log window: train_time plus the running segment since t_last, over
-# timed_iters steps (evaluation and the first, compiling, step are left out)
-t_last, train_time, timed_iters, iters_since_log = time.time(), 0.0, 0, 0
-eval_seconds = 0.0  # the last evaluation's duration, for the ETA
+clock, iters_since_log = Clock(device), 0  # training time of the log window: evaluations, the first step left out
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     head_only = iter_num < head_only_until
@@ -471,50 +350,27 @@ while True:
         group['lr'] = (head_warmup_lr if group['part'] == 'head' else 0.0) if head_only else lr
 
     if iter_num % eval_interval == 0 or iter_num == max_iters:
-        train_time += now() - t_last
-        t_eval = time.time()
+        clock.pause()
         val_loss, val_acc, by_position = evaluate()  # all-reduced: every rank decides alike below
         if not math.isfinite(val_loss):
-            die(f'validation loss is {val_loss} at iter {iter_num}: nothing saved; {kept()} '
-                f'(lower learning_rate, raise warmup_iters, or check the data)')
-        improved = val_loss < best_val_loss and iter_num > start_iter
-        if iter_num > start_iter or init_from != 'resume':  # a new run's starting model is the first to beat
-            best_val_loss = min(best_val_loss, val_loss)
-        best_iter = iter_num if improved else best_iter
-        record = dict(iter=iter_num, val_loss=val_loss, val_acc=val_acc, objective=objective, **by_position)  # plot.py compares runs
-        if probe:
-            scores = embedding_probe()
-            if scores:
-                record.update(probe_found=scores['acc1'], probe_mrr=scores['mrr'], probe_cos=scores['unrelated_cos'])
+            run.die(f'validation loss is {val_loss} at iter {iter_num}: nothing saved',
+                    'lower learning_rate, raise warmup_iters, or check the data')
+        improved = run.evaluated(iter_num, val_loss)
+        record = dict(iter=iter_num, val_loss=val_loss, val_acc=val_acc, objective=objective, **by_position)
+        scores = embedding_probe() if probe else None
+        if scores:
+            record.update(probe_found=scores['acc1'], probe_mrr=scores['mrr'], probe_cos=scores['unrelated_cos'])
         if master:
-            print(f'iter {iter_num}: val loss {val_loss:.4f}' + (f" (positions < {short}: {by_position['val_loss_near']:.4f}, "
-                  f">= {short}: {by_position['val_loss_far']:.4f})" if by_position else '') +
-                  f', val acc {val_acc:.4f}, best {best_val_loss:.4f}' +
-                  (f", probe: {record['probe_found']:.3f} of halves find their other half (MRR "
-                   f"{record['probe_mrr']:.3f}, {probe_pairs.n} pairs), unrelated cosine {record['probe_cos']:.3f}"
-                   if probe and scores else ', probe: no score (every text gets the same embedding: collapsed)'
-                   if probe else ''))
-        log(record)
-        snapshot_due = snapshot_interval and iter_num % snapshot_interval == 0
-        if iter_num > start_iter and (improved or always_save_checkpoint or snapshot_due):
+            say_eval(record, scores)
+        run.log(record)
+        if iter_num > start_iter and (improved or always_save_checkpoint or
+                                      snapshot_interval and iter_num % snapshot_interval == 0):
             save(val_loss, improved)
-        if plotter:
-            plotter.draw()
-        t_last = time.time()
-        eval_seconds = t_last - t_eval
-    stop_requested = bool(stop_signal)
-    if ddp:  # act on what the previous iteration's all-reduce says, so that all ranks stop together
-        stop_requested = False
-        if stop_work is not None:
-            stop_work.wait()
-            stop_requested = stop_flag.item() > 0
-        stop_flag = torch.tensor([float(bool(stop_signal))])
-        stop_work = dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX, group=stop_group, async_op=True)
-    if stop_requested:
+        run.draw()
+        clock.resume()
+    if run.should_stop():  # a signal, on any rank: every rank stops here
         if iter_num > start_iter:
             save()
-        if master:
-            print(f'stopped by {signal.Signals(stop_signal[0]).name if stop_signal else "a signal"} at iter {iter_num}')
         break
     if iter_num >= max_iters:
         break
@@ -548,48 +404,26 @@ while True:
     bad_total += found_inf
     iter_num += 1
     iters_since_log += 1
-    timed_iters += 1
-    if iter_num == start_iter + 1 and not is_log_step:  # compilation and warm-up are not throughput
-        t_last, train_time, timed_iters = now(), 0.0, 0
+    clock.tick(drop=iter_num == start_iter + 1 and not is_log_step)  # compilation and warm-up are not throughput
 
     if is_log_step:  # the loop's host syncs: here, at evaluation, and once after the first step
-        dt = (train_time + now() - t_last) / timed_iters
+        dt = clock.per_step()
         n_micro = iters_since_log * gradient_accumulation_steps
-        seqs_per_sec = batch_size * gradient_accumulation_steps / dt  # per GPU
-        mfu = raw_model.estimate_mfu(block_size, P, seqs_per_sec, device_name)  # per GPU, so also right under DDP
         evals_left = max_iters // eval_interval - iter_num // eval_interval + bool(max_iters % eval_interval)
-        eta = duration((max_iters - iter_num) * dt + evals_left * eval_seconds)
         record = dict(iter=iter_num, loss=loss_sum.item() / n_micro, acc=correct_sum.item() / n_micro,
                       lr=head_warmup_lr if head_only else lr, head_only=head_only, grad_norm=grad_norm.item(),
                       ms_per_iter=dt * 1000, tokens_per_sec=tokens_per_iter / dt,
-                      tokens_per_sec_per_gpu=tokens_per_iter / world_size / dt, mfu=mfu,
-                      skipped_steps=int(bad_total.item()))
+                      tokens_per_sec_per_gpu=tokens_per_iter / world_size / dt, skipped_steps=int(bad_total.item()),
+                      mfu=raw_model.estimate_mfu(block_size, P, batch_size * gradient_accumulation_steps / dt,
+                                                 device_name))  # per GPU, so also right under DDP
         if master:
-            print(f"iter {iter_num}: loss {record['loss']:.4f}, acc {record['acc']:.4f}, "
-                  f"{f'head only, lr {head_warmup_lr:.2e}' if head_only else f'lr {lr:.2e}'}, "
-                  f"grad norm {record['grad_norm']:.3f}, {record['ms_per_iter']:.0f} ms/iter, "
-                  f"{record['tokens_per_sec']:,.0f} tok/s{f' on {world_size} {workers}' if ddp else ''}, ETA {eta}"
-                  f"{'' if mfu is None else f', MFU {mfu * 100:.1f}%'}")
-        log(record)
+            say_step(record, clock.eta(dt, max_iters - iter_num, evals_left))
+        run.log(record)
         loss_sum.zero_()
         correct_sum.zero_()
-        t_last, train_time, timed_iters, iters_since_log = time.time(), 0.0, 0, 0
+        iters_since_log = 0
         if bad_run.item() >= max_bad_steps:
-            die(f'{int(bad_run.item())} non-finite losses in a row at iter {iter_num}; stopping: {kept()} '
-                f'(lower learning_rate, raise warmup_iters, or check the data)')
+            run.die(f'{int(bad_run.item())} non-finite losses in a row at iter {iter_num}; stopping',
+                    'lower learning_rate, raise warmup_iters, or check the data')
 
-if master:
-    if wandb_log:
-        wandb.finish()  # its own summary first, so that the last line is ours
-    if plotter:  # the final curves include the final evaluation
-        plotter.finish()
-    if iter_num == start_iter and start_iter >= max_iters > 0:
-        print(f'nothing to train: the run is at iter {iter_num} and max_iters is {max_iters} (raise --max_iters)')
-    else:
-        export = exportable(out_dir, start_file, best_iter)  # never worse than the model the run started from
-        print(f"{'stopped' if stop_signal else 'done'}: {kept()}" +
-              (f'; export with: python convert_hf.py {export} {os.path.join(out_dir, "hf")}' if export else ''))
-if ddp:
-    stop_work.wait()
-    dist.barrier()  # rank 0 may still be writing the last checkpoint
-    dist.destroy_process_group()
+run.close(iter_num, max_iters, 'hf')
