@@ -59,6 +59,7 @@ from model import MPNet, MPNetConfig, empty_rows, layout, relative_position_buck
 import checkpoint
 import configurator
 import contrastive
+import pairs as pairs_py  # (a test's own `pairs` is its list of text pairs)
 import convert_hf
 import evaluation
 import finetune
@@ -5421,24 +5422,23 @@ def test_held_out_text_is_never_trained_on_by_content(contrastive_run, tmp_path,
     twice = write_rows(tmp_path / 'twice.jsonl', [{'text': d} for d in docs + docs[::-1]])
     hf_wordpiece().save_pretrained(tmp_path / 'tok')
     tok = data.load_tokenizer(str(tmp_path / 'tok'))
-    for k, v in dict(dataset=twice, val_frac=0.2, eval_data='', data_dir='', text_field='text', txt_split='paragraph',
-                     pairs='halves').items():
-        monkeypatch.setattr(contrastive, k, v)
-    tokens, train_docs, held, said = contrastive.raw_text(tok, tok.eos_token_id)
-    held_docs = contrastive.split_documents(held, tok.eos_token_id)
-    held_ids = set(contrastive.digests(held, held_docs).tolist())
+    c = dict(dataset=twice, val_frac=0.2, eval_data='', data_dir='', text_field='text', txt_split='paragraph',
+             pairs='halves', eval_pairs=1000, max_len=128)
+    tokens, train_docs, held, said = pairs_py.raw_text(tok, tok.eos_token_id, c)
+    held_docs = pairs_py.split_documents(held, tok.eos_token_id)
+    held_ids = set(pairs_py.digests(held, held_docs).tolist())
     assert 20 < len(held_ids) == len(held_docs) < 80  # each held-out text once
-    assert not held_ids & set(contrastive.digests(tokens, train_docs).tolist())  # and never trained on
+    assert not held_ids & set(pairs_py.digests(tokens, train_docs).tolist())  # and never trained on
     assert len(train_docs) == 2 * (200 - len(held_ids))
     # labelled pairs, each given twice: a held-out pair's texts are in no training pair
     pairs = [(d[:60], d[60:140]) for d in docs]
-    tokens, spans = contrastive.encode(tok, [p[k] for k in (0, 1) for p in pairs + pairs])
-    monkeypatch.setattr(contrastive, 'max_len', 64)
-    train, evaluation, dropped = contrastive.heldout_pairs(tokens, spans.reshape(2, -1, 2), (0, 2))
-    seen = set(contrastive.digests(tokens, contrastive.clip(train)).ravel().tolist())
-    first = [tokens[a:b].tolist() for a, b in contrastive.clip(spans.reshape(2, -1, 2))[0]]
+    tokens, spans = pairs_py.encode(tok, [p[k] for k in (0, 1) for p in pairs + pairs])
+    c['max_len'] = 64
+    train, evaluation, dropped = pairs_py.heldout_pairs(tokens, spans.reshape(2, -1, 2), (0, 2), c)
+    seen = set(pairs_py.digests(tokens, pairs_py.clip(train, 64)).ravel().tolist())
+    first = [tokens[a:b].tolist() for a, b in pairs_py.clip(spans.reshape(2, -1, 2), 64)[0]]
     held_anchors = {tuple(r[1:r.index(2)]) for r in evaluation[0][0].tolist()}
-    assert held_anchors and not held_anchors & {tuple(f) for f, d in zip(first, contrastive.digests(tokens, contrastive.clip(spans.reshape(2, -1, 2)))[0].tolist()) if d in seen}
+    assert held_anchors and not held_anchors & {tuple(f) for f, d in zip(first, pairs_py.digests(tokens, pairs_py.clip(spans.reshape(2, -1, 2), 64))[0].tolist()) if d in seen}
     # the same file to train on and to evaluate on: refused, nothing trained
     proc = contrastive_here(str(contrastive_run / 'start.pt'), *CONTRASTIVE_RUN, f'--dataset={twice}', f'--eval_data={twice}',
                             f'--out_dir={tmp_path / "out"}')
