@@ -5437,6 +5437,57 @@ def test_contrastive_input_that_cannot_work_is_one_line_and_what_is_skipped_is_s
         assert not out.exists(), finding
 
 
+# ---- interpolate.py: weight-space interpolation between the start and the adapted model (WiSE-FT)
+
+def test_interpolation_sweeps_both_measures_and_writes_the_point_it_was_asked(contrastive_run, tmp_path):
+    """alpha 0 is the start's weights exactly, 1 the adapted model's, 0.5 their mean; the sweep scores the held-out pairs
+    the run picked best.pt on (alpha 1: the MRR it logged for best.pt) and a general set; the point written exports."""
+    best, start = contrastive_run / 'out' / 'best.pt', contrastive_run / 'start.pt'
+    general = write_rows(tmp_path / 'general.jsonl', [dict(sentence1=a[:80], sentence2=b[:80], score=i % 5)
+                                                      for i, (a, b) in enumerate(zip(topic_docs(30, seed=8),
+                                                                                     topic_docs(30, seed=9)))])
+    proc = run_here('interpolate.py', str(best), f'--sts_data={general}', '--alphas=0,0.5,1', '--alpha=0.5',
+                    f'--out={tmp_path / "mix.pt"}', '--device=cpu', '--max_len=64')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [l for l in proc.stdout.splitlines() if l.startswith('alpha ')]
+    assert [l.split(':')[0] for l in rows] == ['alpha 0.00', 'alpha 0.50', 'alpha 1.00'] and all('general Spearman' in l for l in rows)
+    logged = max(r['probe_mrr'] for r in plot.read_metrics(str(contrastive_run / 'out')) if r['iter'] > 0 and 'probe_mrr' in r)
+    assert f'in-domain MRR {logged:.4f}' in rows[-1], (rows, logged)
+    a, b, m = (checkpoint.load_checkpoint(str(p))['model'] for p in (start, best, tmp_path / 'mix.pt'))
+    k = 'blocks.0.mlp.fc1.weight' if 'blocks.0.mlp.fc1.weight' in a else next(k for k in a if a[k].is_floating_point() and a[k].dim() == 2)
+    assert torch.allclose(m[k], (a[k] + b[k]) / 2, atol=1e-6) and not torch.equal(a[k], b[k])
+    assert run_here('convert_hf.py', str(tmp_path / 'mix.pt'), str(tmp_path / 'st')).returncode == 0
+    assert (tmp_path / 'st' / 'modules.json').is_file()
+
+
+def test_interpolation_refuses_what_cannot_work_in_one_line(contrastive_run, tmp_path):
+    best = str(contrastive_run / 'out' / 'best.pt')
+    other = small_checkpoint(tmp_path / 'other.pt', vocab_size=len(hf_wordpiece()) + 64)  # another vocabulary size
+    ckpt = checkpoint.load_checkpoint(str(contrastive_run / 'start.pt'))
+    wide, renamed = tmp_path / 'wide.pt', tmp_path / 'renamed.pt'  # another width; the same shapes, other tokens
+    config = tiny_config(vocab_size=ckpt['model_args']['vocab_size'], n_embd=64, n_head=4)
+    torch.save({**ckpt, 'model': MPNet(config).state_dict(), 'model_args': vars(config)}, wide)
+    files = dict(ckpt['tokenizer_files'])
+    vocab = json.loads(files['tokenizer.json'])  # two ordinary tokens swap ids: the same shapes, other tokens
+    words = [w for w in vocab['model']['vocab'] if w.isalpha()][:2]
+    table = vocab['model']['vocab']
+    table[words[0]], table[words[1]] = table[words[1]], table[words[0]]
+    files['tokenizer.json'] = json.dumps(vocab)
+    torch.save({**ckpt, 'tokenizer_files': files}, renamed)
+    words_of = write(tmp_path / 'words.csv', 'sentence1,sentence2\nx,y\n')
+    for args, words in (
+            (['--alpha=1.5', f'--out={tmp_path / "x.pt"}'], ['alpha', '[0, 1]']),
+            (['--alphas=0,2'], ['alphas', '[0, 1]']),
+            (['--alphas=half'], ['alphas', 'numbers']),
+            ([f'--start={wide}', f'--out={tmp_path / "x.pt"}'], ['different shapes', 'n_embd']),
+            ([f'--start={other}', f'--out={tmp_path / "x.pt"}'], ['different shapes', 'vocab_size']),
+            ([f'--start={renamed}', f'--out={tmp_path / "x.pt"}'], ['different vocabularies']),
+            ([f'--sts_data={words_of}', f'--out={tmp_path / "x.pt"}'], ['sentence1, sentence2 and score']),
+            ([f'--out={best}'], ['exists'])):
+        assert_clean_error(run_here('interpolate.py', best, '--device=cpu', *map(str, args)), *words)
+    assert not (tmp_path / 'x.pt').exists()
+
+
 # ===== .ci/gpu: the one-command GPU check, as its CPU dry run (so that it cannot rot between GPU loans) =====
 
 # ---- the dry run: every step for real on the CPU
@@ -5836,7 +5887,7 @@ def test_module_graph_has_no_entry_point_import_no_cycle_and_no_foreign_global_a
                             assigned.append(f'{m}.py assigns {x.value.id}.{x.attr}')
         graph[m] = deps & mods - {m}
     assert mods >= {'train', 'contrastive', 'finetune', 'bench', 'run', 'evaluation', 'checkpoint', 'data'}
-    assert not [f'{m} imports {e}' for m in graph for e in graph[m] & {'train', 'contrastive', 'finetune', 'bench'}]
+    assert not [f'{m} imports {e}' for m in graph for e in graph[m] & {'train', 'contrastive', 'finetune', 'bench', 'interpolate'}]
     assert not assigned
     done, path = set(), []
 
