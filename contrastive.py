@@ -69,6 +69,7 @@ tokenizer: str = 'model'                # 'model' = the one the model carries; a
 # loss: InfoNCE with in-batch negatives
 scale: float = 20.0                     # cosine similarity x scale: temperature 0.05, as sentence-transformers' MNRL
 symmetric: bool = False                 # also each positive against every anchor, the two losses averaged
+distill: float = 0.0                    # keep what the start knew: + distill x each text's squared distance from the start's embedding
 batch_size: int = 64                    # pairs per GPU per step: the texts of the others are each pair's negatives
 mini_batch_size: int = 0                # gradient caching: at most this many texts through the model at once (0 = off)
 # optimizer: AdamW, linear warmup, then linear decay to 0 at max_iters (sentence-transformers' schedule)
@@ -85,7 +86,7 @@ seed: int = 1337                        # data order and dropout (the held-out s
 # -----------------------------------------------------------------------------------------------
 config_keys = list(__annotations__)
 CHOICES = dict(pairs=('labelled', 'halves', 'simcse'), dtype=('float32', 'bfloat16'), txt_split=('line', 'paragraph', 'file'))
-LIMITS = dict(max_len='>= 8', eval_pairs='>= 2', scale='> 0', mini_batch_size='>= 0', dropout='[0, 1)')
+LIMITS = dict(max_len='>= 8', eval_pairs='>= 2', scale='> 0', mini_batch_size='>= 0', dropout='[0, 1)', distill='>= 0')
 
 
 
@@ -142,15 +143,24 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state[1], device)
 
 
+def keep_start(emb, start_emb, n_texts):
+    """Distillation toward the start model: the squared distance between each text's normalised embedding and the
+    start's (start_emb, normalised, no gradient), summed over this rank's texts and divided by the whole batch's
+    n_texts, so that the ranks' gradients add up to the batch mean (sum_gradients)."""
+    e = F.normalize(emb.to(torch.promote_types(emb.dtype, torch.float32)), dim=-1)
+    return ((e - start_emb.to(e.dtype)) ** 2).sum() / n_texts
+
+
 def contrastive_step(model, seqs, text_ids, special, pooling='mean', mini_batch_size=0, scale=20.0, symmetric=False,
-                     autocast=nullcontext()):
+                     autocast=nullcontext(), start=None, distill=0.0):
     """The loss of one step, its gradient accumulated into .grad (this rank's share: sum_gradients adds the ranks').
     seqs: this rank's K*B token arrays column by column (B anchors, B positives, B negatives); text_ids [K, W*B]:
     the whole batch's. mini_batch_size > 0: gradient caching (GradCache, Gao et al. 2021; sentence-transformers'
     CachedMultipleNegativesRankingLoss): every mini-batch is embedded without autograd, the gradient of the whole
     batch's loss w.r.t. those embeddings is taken, then each mini-batch runs again with autograd, its dropout
     replayed from the RNG state saved before its first run, and that gradient flows back through it. The memory
-    is one mini-batch's; the gradient is exactly the whole batch's."""
+    is one mini-batch's; the gradient is exactly the whole batch's. start, distill > 0: the frozen start model, and
+    the weight of keep_start's pull toward its embeddings of the same texts (dropout off, no autograd)."""
     device, m = next(model.parameters()).device, mini_batch_size
     if not m:  # a forward per column (anchors, positives, negatives), each padded to its own longest text, as
         B = len(seqs) // text_ids.size(0)  # sentence-transformers does: less padding, smaller (B, nh, T, T) tensors
@@ -163,6 +173,12 @@ def contrastive_step(model, seqs, text_ids, special, pooling='mean', mini_batch_
                 parts.append(embed(model, seqs[a:a + m], special, pooling, autocast))
         emb = torch.cat(parts).requires_grad_()
     loss = info_nce(gather(emb.view(text_ids.size(0), -1, emb.size(-1))), text_ids, scale, symmetric)
+    if distill:
+        with torch.no_grad():
+            size = m or len(seqs)
+            start_emb = F.normalize(torch.cat([embed(start, seqs[a:a + size], special, pooling, autocast).float()
+                                               for a in range(0, len(seqs), size)]), dim=-1)
+        loss = loss + distill * keep_start(emb, start_emb, text_ids.numel())
     loss.backward()
     for a, state in zip(range(0, len(seqs), m or 1), states if m else []):
         set_rng_state(state, device)
@@ -277,7 +293,7 @@ def start(config, resume, model_given, GB):
                 f"process ({len(spans)} x batch_size {batch_size}): use at most that (0 = no gradient caching)")
         # what the run is: its training pairs, its held-out pairs (which best.pt's MRR is measured on), its loss
         fingerprint = dict(tokenizer=data.tokenizer_fingerprint(tok), pairs=f'{spans.shape[1]} x {digest(clip(spans, max_len))}',
-                           loss=dict(scale=scale, symmetric=symmetric))
+                           loss=dict(scale=scale, symmetric=symmetric, **({'distill': distill} if distill else {})))
         key = f'contrastive: held-out pairs {digest(eval_set[0].numpy())}'  # the measure is MRR: scale plays no part
         if resume:
             check_resume(ckpt, fingerprint, key, ckpt_path, model_given)
@@ -308,6 +324,19 @@ def sentence_model(s, dev):
     carried['heldout'] = dict(ids=s.eval_set[0], mask=s.eval_set[1], source=eval_data or (
         f'{data_dir}/val.bin' if data_dir else f'{dataset} (val_frac={val_frac}, held out by content)'))
     return model.to(dev).train(), model_args, carried, sentence_pooling(carried['st_files'])
+
+
+def start_model(s, resume, dev):
+    """The frozen model --distill pulls toward: the model given (a new run), or the one a resumed run started from."""
+    ckpt, name = s.ckpt, s.name
+    if resume:
+        name = s.ckpt.get('started_from')
+        try:
+            ckpt = evaluation.load_model(name, tokenizer)[0]
+        except (CheckpointError, ConvertError, evaluation.TaskError) as e:
+            die(f'--distill pulls toward the model the run started from, {name}, which cannot be loaded: {e}')
+    cpu = {'attn_impl': 'manual'} if dev.type == 'cpu' else {}
+    return model_from_checkpoint(ckpt, name, dropout=0.0, attn_dropout=0.0, **cpu).to(dev).eval().requires_grad_(False)
 
 
 class Batches:
@@ -376,11 +405,13 @@ def main(argv):
     run = Run(out_dir, resume, overwrite, 'val_mrr', 'step', master, ddp)
     s = start(config, resume, models[0] if models else None, GB)
     model, model_args, carried, pooling = sentence_model(s, dev)
+    frozen = start_model(s, resume, dev) if distill else None
     if master:
         print('config:\n' + '\n'.join(f'  {k} = {config[k]!r}' for k in config_keys) + ''.join(f'\n{x}' for x in s.said))
         print(f"{s.spans.shape[1]:,} training {'triplets' if len(s.spans) == 3 else 'pairs'} ({pairs}), {GB:,} a step "
               f"({batch_size} x {world} process{'es' * (world > 1)}"
               f"{f', embedded {mini_batch_size} texts at a time' if mini_batch_size else ''}); {pooling} pooling; "
+              f"{f'pulled toward the start model x {distill:g}; ' if distill else ''}"
               f"evaluation: {s.eval_set[0].size(1)} held-out pairs" + (f', {len(s.sts)} STS pairs' if s.sts else ''))
     started_from = (s.ckpt.get('started_from') if resume else os.path.abspath(init_from) if os.path.exists(init_from)
                     else init_from)
@@ -434,7 +465,8 @@ def main(argv):
         lr = learning_rate * min((iter_num + 1) / (warmup_iters + 1), (max_iters - iter_num) / max(1, max_iters - warmup_iters))
         for group in optimizer.param_groups:
             group['lr'] = lr
-        loss = contrastive_step(model, seqs, ids, s.special, pooling, mini_batch_size, scale, symmetric, autocast)
+        loss = contrastive_step(model, seqs, ids, s.special, pooling, mini_batch_size, scale, symmetric, autocast,
+                                frozen, distill)
         sum_gradients(params)
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
         if not (math.isfinite(loss.item()) and math.isfinite(norm.item())):

@@ -5088,6 +5088,27 @@ def test_gradient_caching_is_exact(p):
             torch.testing.assert_close(cached_grads[n], g, atol=1e-12, rtol=1e-10, msg=n)
 
 
+def test_distillation_toward_the_start_is_the_mean_squared_distance_and_exact_with_gradient_caching():
+    """--distill: InfoNCE + distill x the mean over the batch's texts of |normalised embedding - the start model's|^2,
+    against a reference written out here; with gradient caching the gradient is the same; the start model gets none."""
+    seqs, ids = random_batch(K=2)
+    model, frozen = dropout_model(0.0).double(), dropout_model(0.0, seed=1).double().eval().requires_grad_(False)
+    cached = contrastive.contrastive_step(model, seqs, ids, SPECIAL, mini_batch_size=8, start=frozen, distill=0.7)
+    cached_grads = grads(model)
+    model.zero_grad(set_to_none=True)
+    emb = torch.cat([contrastive.embed(model, seqs[i:i + 64], SPECIAL, 'mean') for i in range(0, len(seqs), 64)])
+    with torch.no_grad():
+        target = torch.cat([contrastive.embed(frozen, [x], SPECIAL, 'mean') for x in seqs])  # one text at a time
+    pull = ((F.normalize(emb, dim=-1) - F.normalize(target, dim=-1)) ** 2).sum(-1).mean()
+    loss = contrastive.info_nce(emb.view(2, 64, -1), ids) + 0.7 * pull
+    loss.backward()
+    # fp64; the reference pads each text to other lengths (columns of 64, texts one by one): 1e-9 apart, not 1e-16
+    assert pull.item() > 1e-3 and abs(cached.item() - loss.item()) < 1e-7
+    for n, g in grads(model).items():
+        torch.testing.assert_close(cached_grads[n], g, atol=1e-7, rtol=1e-6, msg=n)
+    assert all(p.grad is None for p in frozen.parameters())
+
+
 def gathered_negatives_worker(out):
     """One of two gloo processes (torchrun, below): its share of every column of the batch, the negatives
     gathered from the other; rank 0 saves the loss and the summed gradients to out."""
