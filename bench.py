@@ -78,11 +78,14 @@ def measure_embedding():
     except (data.DataError, evaluation.TaskError, CheckpointError, ConvertError) as e:
         die(e)
     pooling, n, size, max_len = sentence_pooling(ckpt.get('st_files')), len(texts), cfg.embed_batch, cfg.embed_max_len
-    evaluation.embed(encoder, tok, texts[:size], pooling, cfg.device, autocast, size, max_len)
-    sync()
-    t0 = time.time()
-    ours, cut = evaluation.embed(encoder, tok, texts, pooling, cfg.device, autocast, size, max_len)
-    sync()
+    try:  # NaN embeddings (a diverged model) are one line, not a speed
+        evaluation.embed(encoder, tok, texts[:size], pooling, cfg.device, autocast, size, max_len)
+        sync()
+        t0 = time.time()
+        ours, cut = evaluation.embed(encoder, tok, texts, pooling, cfg.device, autocast, size, max_len)
+        sync()
+    except evaluation.TaskError as e:
+        die(e)
     dt = time.time() - t0
     print(f'device: {cfg.device}, torch {torch.__version__}, {cfg.dtype}, {torch.get_num_threads()} threads; model '
           f'{cfg.embed} ({encoder.get_num_params() / 1e6:.1f}M parameters, {pooling} pooling); {n:,} texts of '

@@ -558,10 +558,10 @@ def score_embeddings(name, ckpt, tok, pairs, beir, halves, base, said, same, dev
     return [record]
 
 
-def finetune_seeds(name, ckpt, spec, ids, base, said, same, dev, autocast, config):
+def finetune_seeds(name, ckpt, spec, ids, seed_list, base, said, same, dev, autocast, config):
     """One record per seed of a model fine-tuned on the task; with --save, the best seed's model so far saved."""
     runs, saved = [], False
-    for seed in parse_seeds(seeds):
+    for seed in seed_list:
         t0 = time.time()
         try:  # a diverged seed stops the whole: nothing of it is recorded or saved; earlier seeds' records stay
             history, best_epoch, result, weights = finetune(ckpt, name, spec, ids, seed, dev, autocast)
@@ -616,7 +616,7 @@ def main(argv):
     config, models = settings(argv)
     globals().update(config)
     embedding = task in EMBEDDING
-    parse_seeds(seeds)  # a mistake there stops before anything runs
+    seed_list = parse_seeds(seeds)  # a mistake there stops before anything runs
     check_out_file(out_file, [*models, task, eval_data, *(beir_paths(eval_data, beir_split) if task == 'beir' else ())])
     autocast = torch.autocast('cuda', torch.bfloat16) if device.startswith('cuda') and dtype == 'bfloat16' else nullcontext()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -642,7 +642,7 @@ def main(argv):
         base = dict(model=name, iter_num=iter_num, task=task, scratch=scratch, config=config, command=' '.join(sys.argv),
                     python=platform.python_version(), torch=torch.__version__, score_metric=metric)
         runs = (score_embeddings(name, ckpt, tok, pairs, beir, halves, base, said, same, device, autocast) if embedding
-                else finetune_seeds(name, ckpt, spec, ids, base, said, same, device, autocast, config))
+                else finetune_seeds(name, ckpt, spec, ids, seed_list, base, said, same, device, autocast, config))
         record_run_scores(name, ckpt, iter_num, runs, metric, config)
         summary.append((name, iter_num, [r['score'] for r in runs]))
     if len(models) > 1:

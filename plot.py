@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 
 class PlotError(Exception):
@@ -337,27 +336,26 @@ if __name__ == '__main__':
         except ConfigError as e:
             print(f'error: {e}', file=sys.stderr)
             sys.exit(1)
-    args = SimpleNamespace(run_dirs=run_dirs, out=out or None)
     if not run_dirs:
         print("error: give a run folder: python plot.py RUN_DIR (train.py's out_dir)", file=sys.stderr)
         sys.exit(1)
-    missing = [d for d in args.run_dirs if not os.path.isfile(os.path.join(d, 'metrics.jsonl'))]
+    missing = [d for d in run_dirs if not os.path.isfile(os.path.join(d, 'metrics.jsonl'))]
     if missing:
         print(f"error: '{missing[0]}' has no metrics.jsonl: give a run folder (train.py's out_dir)", file=sys.stderr)
         sys.exit(1)
-    if args.out is None and len(args.run_dirs) > 1:
+    if not out and len(run_dirs) > 1:
         print('error: several runs need --out=FILE.png', file=sys.stderr)
         sys.exit(1)
     if importlib.util.find_spec('matplotlib') is None:
         print('error: plotting needs matplotlib: pip install matplotlib', file=sys.stderr)
         sys.exit(1)
-    out = args.out or os.path.join(args.run_dirs[0], 'curves.png')
+    out = out or os.path.join(run_dirs[0], 'curves.png')
     problem = out_problem(out)
     if problem:
         print(f'error: {problem}', file=sys.stderr)
         sys.exit(1)
     try:
-        plot(args.run_dirs, out)
+        plot(run_dirs, out)
     except PlotError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(1)
