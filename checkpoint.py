@@ -150,7 +150,8 @@ def validation_key(config, fingerprint):
 
 # what picks best.pt: the checkpoint value it reads, and whether lower (train.py's validation loss) or higher
 # (contrastive.py's held-out MRR) is better; the same measure, on the same validation key, releases a replaced run
-MEASURES = {'val_loss': ('min', 'val loss'), 'val_mrr': ('max', 'held-out MRR')}
+MEASURES = {'val_loss': ('min', 'val loss'), 'val_mrr': ('max', 'held-out MRR'), 'val_sts': ('max', 'general Spearman'),
+            'val_mean': ('max', 'mean of held-out MRR and general Spearman')}
 
 
 def at_least_as_good(score, other, measure):

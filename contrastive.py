@@ -36,7 +36,8 @@ from torch.nn.attention import sdpa_kernel
 
 import data
 import evaluation
-from checkpoint import CheckpointError, carried_for_export, checkpoint_bytes, model_from_checkpoint, stop_unless_ranks_agree
+from checkpoint import (CheckpointError, carried_for_export, checkpoint_bytes, model_from_checkpoint, shown_score,
+                        stop_unless_ranks_agree)
 from configurator import ConfigError, check_device, configure, die
 from convert_hf import ConvertError, quiet_transformers, sentence_pooling, tokenizer_files_of
 from model import MASK_GRAD_BACKENDS, MPNet
@@ -63,7 +64,8 @@ text_field: str = 'text'                # raw text: the column of .jsonl / .parq
 txt_split: str = 'paragraph'            # raw text: a .txt file's documents: 'line', 'paragraph' or 'file'
 val_frac: float = 0.05                  # held out for evaluation, by document (raw) or by anchor (labelled), unless eval_data
 eval_data: str = ''                     # evaluate on this instead: .txt/.jsonl documents (their halves) or a pairs file
-sts_data: str = ''                      # also Spearman on these scored pairs (sentence1, sentence2, score) at each evaluation
+sts_data: str = ''                      # a general set: Spearman on its scored pairs (sentence1, sentence2, score) at each evaluation
+best_by: str = 'mrr'                    # what picks best.pt: 'mrr' (held-out), 'sts' (sts_data's Spearman) or 'mean' (of the two)
 max_len: int = 128                      # tokens per text, <s> and </s> included (sentence-transformers' max_seq_length)
 tokenizer: str = 'model'                # 'model' = the one the model carries; another must have its vocabulary
 # loss: InfoNCE with in-batch negatives
@@ -85,7 +87,9 @@ dtype: str = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast 
 seed: int = 1337                        # data order and dropout (the held-out split is fixed: pairs.SPLIT_SEED)
 # -----------------------------------------------------------------------------------------------
 config_keys = list(__annotations__)
-CHOICES = dict(pairs=('labelled', 'halves', 'simcse'), dtype=('float32', 'bfloat16'), txt_split=('line', 'paragraph', 'file'))
+CHOICES = dict(pairs=('labelled', 'halves', 'simcse'), best_by=('mrr', 'sts', 'mean'), dtype=('float32', 'bfloat16'),
+               txt_split=('line', 'paragraph', 'file'))
+MEASURE = dict(mrr='val_mrr', sts='val_sts', mean='val_mean')  # checkpoint.MEASURES: what picks best.pt
 LIMITS = dict(max_len='>= 8', eval_pairs='>= 2', scale='> 0', mini_batch_size='>= 0', dropout='[0, 1)', distill='>= 0')
 
 
@@ -210,7 +214,8 @@ def check_resume(ckpt, fingerprint, key, path, model=None):
         ('the training pairs (--dataset, --data_dir, --pairs, --val_frac, --max_len or the files changed)',
          then.get('pairs') == fingerprint['pairs']),
         (f"the loss ({then.get('loss')} then, {fingerprint['loss']} now)", then.get('loss', fingerprint['loss']) == fingerprint['loss']),
-        ('the held-out pairs (--eval_data, --eval_pairs, --val_frac or --max_len), on which best.pt was picked',
+        ('the held-out pairs or what picks best.pt on them (--eval_data, --eval_pairs, --val_frac, --max_len, '
+         '--best_by or --sts_data)',
          ckpt.get('validation_key') == key)) if not same]
     if changed:
         raise CheckpointError(f"init_from='resume' but {'; '.join(changed)} differ from {path}'s run: resume with the "
@@ -263,6 +268,9 @@ def settings(argv):
     if len(models) > 1 or not config['init_from']:
         die('give one model: python contrastive.py MODEL config/contrastive_raw.py (a .pt checkpoint, an HF MPNet or a '
             'sentence-transformers name or folder; --init_from=resume continues out_dir)')
+    if config['best_by'] != 'mrr' and not config['sts_data']:
+        die(f"best_by='{config['best_by']}' picks best.pt by the general Spearman, and no --sts_data gives it: add "
+            f"--sts_data=PAIRS.csv (sentence1, sentence2, score), or pick by the held-out MRR (--best_by=mrr)")
     if config['overwrite'] and config['init_from'] == 'resume':
         die("overwrite=True starts the run over; it cannot be combined with init_from='resume'")
     if config['pairs'] == 'labelled' and config['data_dir']:
@@ -295,6 +303,8 @@ def start(config, resume, model_given, GB):
         fingerprint = dict(tokenizer=data.tokenizer_fingerprint(tok), pairs=f'{spans.shape[1]} x {digest(clip(spans, max_len))}',
                            loss=dict(scale=scale, symmetric=symmetric, **({'distill': distill} if distill else {})))
         key = f'contrastive: held-out pairs {digest(eval_set[0].numpy())}'  # the measure is MRR: scale plays no part
+        if best_by != 'mrr':  # best.pt is picked (and a replaced run released) on the general pairs too
+            key += f'; best by {best_by}, general pairs {digest(np.frombuffer(json.dumps(sts).encode(), np.uint8))}'
         if resume:
             check_resume(ckpt, fingerprint, key, ckpt_path, model_given)
         s = SimpleNamespace(ckpt=ckpt, name=name, tok=tok, special=special, tokens=tokens, spans=spans, eval_set=eval_set,
@@ -381,6 +391,15 @@ def evaluate(model, s, pooling, dev, autocast, run, iter_num):
     return record
 
 
+def picked(record):
+    """The measures best.pt can be picked by (--best_by), of an evaluation's record; None without one (a save at a
+    signal), NaN for an undefined Spearman, which never beats anything."""
+    if not record or 'sts_spearman' not in record:
+        return dict(val_mrr=record and record['probe_mrr'])
+    rho = math.nan if record['sts_spearman'] is None else record['sts_spearman']
+    return dict(val_mrr=record['probe_mrr'], val_sts=rho, val_mean=(record['probe_mrr'] + rho) / 2)
+
+
 def log_steps(run, iter_num, losses, n_tokens, lr, grad_norm, dt, GB):
     """The log window's record: mean loss, rate, throughput (every rank's texts)."""
     record = dict(iter=iter_num, loss=sum(losses) / len(losses), lr=lr, grad_norm=grad_norm, ms_per_iter=dt * 1000,
@@ -402,7 +421,7 @@ def main(argv):
     if GB < 2:
         die('batch_size=1: a batch of one pair has no negatives (the other pairs of a batch are its negatives): '
             'use batch_size >= 2')
-    run = Run(out_dir, resume, overwrite, 'val_mrr', 'step', master, ddp)
+    run = Run(out_dir, resume, overwrite, MEASURE[best_by], 'step', master, ddp)
     s = start(config, resume, models[0] if models else None, GB)
     model, model_args, carried, pooling = sentence_model(s, dev)
     frozen = start_model(s, resume, dev) if distill else None
@@ -416,9 +435,9 @@ def main(argv):
     started_from = (s.ckpt.get('started_from') if resume else os.path.abspath(init_from) if os.path.exists(init_from)
                     else init_from)
     run.claim()
-    iter_num, best_mrr, best_iter, data_pos = ((s.ckpt['iter_num'], s.ckpt['best_mrr'], s.ckpt['best_iter'],
-                                                s.ckpt['data_pos']) if resume else (0, None, None, 0))
-    run.ready(init_from if os.path.isfile(init_from) else None, iter_num, best_iter, best_mrr,
+    iter_num, best_score, best_iter, data_pos = ((s.ckpt['iter_num'], s.ckpt.get('best_score', s.ckpt.get('best_mrr')),
+                                                  s.ckpt['best_iter'], s.ckpt['data_pos']) if resume else (0, None, None, 0))
+    run.ready(init_from if os.path.isfile(init_from) else None, iter_num, best_iter, best_score,
               checkpoint_bytes(model), curves)
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.999), 1e-6, dev.type)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -428,8 +447,8 @@ def main(argv):
             set_rng_state(s.ckpt['rank_states'][rank], dev)
         if master:
             print(f"resuming from step {iter_num} of {os.path.join(out_dir, 'ckpt.pt')} (" + (
-                f"best held-out MRR {best_mrr:.4f} at step {best_iter})" if best_iter is not None else
-                f"no step beat the starting model yet, held-out MRR {best_mrr:.4f})"))
+                f"best {shown_score(best_score, run.measure)} at step {best_iter})" if best_iter is not None else
+                f"no step beat the starting model yet, {shown_score(best_score, run.measure)})"))
     start_iter, s.ckpt, batch, clock, losses, n_tokens = iter_num, None, Batches(s.tokens, s.spans, GB, rank), Clock(dev), [], 0
 
     def save(record=None, improved=False):
@@ -437,8 +456,8 @@ def main(argv):
         replaced run goes once a model at least as good on the same held-out pairs is saved)."""
         states = run.gather(rng_state(dev))
         run.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args, config=config,
-                      iter_num=iter_num, val_loss=record and record['val_loss'], val_mrr=record and record['probe_mrr'],
-                      best_mrr=run.best_score, best_iter=run.best_iter, data_pos=data_pos, rank_states=states,
+                      iter_num=iter_num, val_loss=record and record['val_loss'], **picked(record),
+                      best_score=run.best_score, best_iter=run.best_iter, data_pos=data_pos, rank_states=states,
                       data_fingerprint=s.fingerprint, data_dir=os.path.abspath(data_dir) if data_dir else None,
                       started_from=started_from, **carried), improved, s.key)
 
@@ -449,7 +468,7 @@ def main(argv):
                 record = evaluate(model, s, pooling, dev, autocast, run, iter_num)
             except evaluation.TaskError as e:  # NaN embeddings, or a model that gives every text the same one
                 run.die(f'{e} (step {iter_num}): not saved')
-            improved = run.evaluated(iter_num, record['probe_mrr'])
+            improved = run.evaluated(iter_num, picked(record)[run.measure])
             run.log(record)
             if iter_num > start_iter:
                 save(record, improved)

@@ -30,13 +30,13 @@ alphas: str = '0,0.25,0.5,0.75,1'       # the sweep: the adapted model's share o
 alpha: float = 0.5                      # with out: the point written
 out: str = ''                           # write the point alpha here, a new .pt (convert_hf.py exports it)
 eval_data: str = ''                     # in-domain: documents or pairs ('' = the held-out pairs the checkpoint carries)
-sts_data: str = ''                      # general: scored pairs (sentence1, sentence2, score), Spearman
+sts_data: str = ''                      # general: scored pairs (sentence1, sentence2, score), Spearman ('' = the run's --sts_data)
 max_len: int = 128                      # tokens per text, <s> and </s> included
 device: str = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda' or 'cuda:N'
 # -----------------------------------------------------------------------------------------------
 config_keys = list(__annotations__)
 LIMITS = dict(alpha='[0, 1]', max_len='>= 8')
-RUN_STATE = ('optimizer', 'rank_states', 'data_pos', 'best_iter', 'best_mrr', 'best_val_loss', 'validation_key')
+RUN_STATE = ('optimizer', 'rank_states', 'data_pos', 'best_iter', 'best_mrr', 'best_score', 'best_val_loss', 'validation_key')
 
 
 def mixed(start_ckpt, adapted_ckpt, start_name, adapted_name, same_vocabulary):
@@ -88,13 +88,18 @@ def main(argv):
         mix = mixed(begin, adapted, start_name, name, data.tokenizer_fingerprint(start_tok) == data.tokenizer_fingerprint(tok))
         pairs = evaluation.retrieval_pairs(adapted, tok, name, eval_data=eval_data, max_len=max_len, max_pairs=0,
                                            text_field='text')
-        general = evaluation.sts_pairs(sts_data) if sts_data else None
+        general_data = sts_data or (adapted.get('config') or {}).get('sts_data') or ''  # the run's own general set
+        if general_data and not sts_data and not os.path.isfile(general_data):
+            print(f"note: the run's general set, {general_data}, is not here: in-domain only (give --sts_data=FILE)")
+            general_data = ''
+        general = evaluation.sts_pairs(general_data) if general_data else None
     except (evaluation.TaskError, CheckpointError, ConvertError) as e:
         die(e)
-    model = model_from_checkpoint(adapted, name, dropout=0.0, attn_dropout=0.0).to(device).eval()
+    cpu = {'attn_impl': 'manual'} if torch.device(device).type == 'cpu' else {}  # as contrastive.py evaluates on a CPU
+    model = model_from_checkpoint(adapted, name, dropout=0.0, attn_dropout=0.0, **cpu).to(device).eval()
     pooling = sentence_pooling(adapted.get('st_files'))
     print(f'{start_name} (alpha 0) -> {name} (alpha 1): in-domain {pairs[0].size(1):,} held-out pairs, MRR' +
-          (f'; general {len(general):,} scored pairs of {sts_data}, Spearman' if general else ''))
+          (f'; general {len(general):,} scored pairs of {general_data}, Spearman' if general else ''))
     for t in sweep:
         model.load_state_dict(mix(t))
         try:

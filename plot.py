@@ -240,6 +240,7 @@ def plot(run_dirs, out_path):
     matplotlib.use('Agg')  # files only, no display
     import matplotlib.pyplot as plt
     probed = any('probe_found' in e for _, _, _, evals, _ in runs for e in evals)
+    general = any('sts_spearman' in e for _, _, _, evals, _ in runs for e in evals)
     scores = {name: read_scores(d) for name, d, *_ in runs}  # finetune.py's scores of the run's snapshots
     ncols = 2 + probed + any(scores.values())
     fig, axes = plt.subplots(2, ncols, figsize=(4 + 3.7 * ncols, 7.5), squeeze=False)
@@ -256,6 +257,9 @@ def plot(run_dirs, out_path):
         speed_ax.plot(*series(train, 'tokens_per_sec'), color=color, label=f'{name} tokens/s')
         if probed:
             rest[0].plot(*series(evals, 'probe_found'), 'o-', color=color, label=f'{name} found')
+            if general:  # contrastive.py: the MRR that picks best.pt, and the general set it should not lose
+                rest[0].plot(*series(evals, 'probe_mrr'), 's--', color=color, label=f'{name} MRR')
+                rest[0].plot(*series(evals, 'sts_spearman'), '^:', color=color, label=f'{name} general Spearman')
             rest2[0].plot(*series(evals, 'probe_cos'), 'o-', color=color, label=f'{name} unrelated cos')
         for task, points in run_scores.items():
             it, mean, std = zip(*points)
@@ -268,7 +272,8 @@ def plot(run_dirs, out_path):
     titles = [(loss_ax, loss_title), (acc_ax, 'accuracy on predicted tokens'), (lr_ax, 'learning rate'),
               (speed_ax, 'tokens/s')]
     if probed:
-        titles += [(rest[0], 'probe: halves that find their other half'),
+        titles += [(rest[0], 'probe: halves that find their other half' + (
+                       '\n(dashed: held-out MRR; dotted: general Spearman)' if general else '')),
                    (rest2[0], 'probe: cosine of unrelated halves')]
     if any(scores.values()):
         titles.append((rest[-1], 'fine-tuned score (finetune.py; bars: spread over seeds)'))

@@ -5205,7 +5205,7 @@ def test_a_run_learns_keeps_its_best_and_exports_what_sentence_transformers_load
     assert evals[-1]['probe_mrr'] > evals[0]['probe_mrr'] + 0.03, evals  # held-out retrieval goes up
     assert all(e['objective'] == 'contrastive' and e['val_loss'] > 0 for e in evals)
     best = checkpoint.load_checkpoint(str(out / 'best.pt'))
-    assert best['val_mrr'] == max(e['probe_mrr'] for e in evals[1:]) == best['best_mrr']
+    assert best['val_mrr'] == max(e['probe_mrr'] for e in evals[1:]) == best['best_score']
     last = (contrastive_run / 'run.stdout').read_text().strip().splitlines()[-1]
     assert last.startswith('done: the best model is') and f'python convert_hf.py {out}/best.pt {out}/st' in last
     # plot.py draws the run: the loss, and the held-out retrieval in the probe's panels
@@ -5274,6 +5274,39 @@ def test_resume_refuses_other_data_held_out_pairs_or_loss_and_a_finished_run_dro
     proc = contrastive_here(str(other), f'--dataset={contrastive_run / "corpus.jsonl"}', *CONTRASTIVE_RUN, f'--out_dir={out}',
                             '--init_from=resume', '--max_iters=50')
     assert_clean_error(proc, f"a run that started from {contrastive_run / 'start.pt'}, not from {other}")
+
+
+def test_best_by_picks_best_pt_by_the_general_set_or_the_mean(contrastive_run, tmp_path):
+    """Issue 42: the general set is evaluated beside the held-out pairs, and --best_by says which picks best.pt: the
+    saved best is the step whose chosen measure first beat the start and every step before (recomputed here from the
+    log); without a general set, or resumed under another choice, one line."""
+    docs = topic_docs(60, seed=3)
+    general = write_rows(tmp_path / 'general.jsonl', [dict(sentence1=a[:60], sentence2=b[:60], score=(i * 7) % 5)
+                                                      for i, (a, b) in enumerate(zip(docs, docs[1:]))])
+    common = [str(contrastive_run / 'start.pt'), f'--dataset={contrastive_run / "corpus.jsonl"}', *CONTRASTIVE_RUN,
+              '--max_iters=6', '--eval_interval=1', '--batch_size=8', f'--sts_data={general}']
+    for best_by in ('sts', 'mean'):
+        out = tmp_path / best_by
+        proc = contrastive_here(*common, f'--best_by={best_by}', f'--out_dir={out}')
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        evals = contrastive_records(out)[1]
+        assert [e['iter'] for e in evals] == list(range(7))
+        measure = [e['sts_spearman'] if best_by == 'sts' else (e['probe_mrr'] + e['sts_spearman']) / 2 for e in evals]
+        best, best_iter = measure[0], None
+        for i, m in enumerate(measure[1:], 1):
+            if m > best:
+                best, best_iter = m, i
+        if best_iter is None:
+            assert not (out / 'best.pt').exists()
+        else:
+            ckpt = checkpoint.load_checkpoint(str(out / 'best.pt'))
+            assert ckpt['iter_num'] == best_iter and ckpt['best_score'] == pytest.approx(best)
+        assert ('general Spearman' if best_by == 'sts' else 'mean of held-out MRR') in proc.stdout.splitlines()[-1]
+    proc = contrastive_here(*common, '--best_by=mrr', f'--out_dir={tmp_path / "sts"}', '--init_from=resume', '--max_iters=8')
+    assert_clean_error(proc, 'what picks best.pt', '--best_by')
+    proc = contrastive_here(*[a for a in common if not a.startswith('--sts_data')], '--best_by=sts', f'--out_dir={tmp_path / "x"}')
+    assert_clean_error(proc, "best_by='sts'", '--sts_data=')
+    assert not (tmp_path / 'x').exists()
 
 
 def test_torchrun_two_processes_share_their_negatives(contrastive_run):

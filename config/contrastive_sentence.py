@@ -1,9 +1,11 @@
 # make a sentence-embedding MPNet (sentence-transformers/all-mpnet-base-v2) better at retrieval on your domain,
-# from raw text alone: the two halves of each of your documents are a positive pair. Measured (README, "Adapt a
-# sentence-embedding model"): better in-domain retrieval than the original or than MLM adaptation, general
-# similarity kept. Then export the same kind of sentence-transformers model:
+# from raw text alone, without losing general similarity: the two halves of each of your documents are a positive
+# pair, and each text is pulled toward the start model's embedding of it (distill). Measured (README, "Adapt a
+# sentence-embedding model"): most of plain contrastive's in-domain gain, almost none of its general loss.
+# Then export the same kind of sentence-transformers model:
 #   python contrastive.py path/to/all-mpnet-base-v2 config/contrastive_sentence.py --dataset=my_docs.jsonl
 #   python convert_hf.py out-contrastive-sentence/best.pt out-contrastive-sentence/st
+# With a general set of your own (scored pairs: sentence1, sentence2, score), watch it: --sts_data=general.csv
 out_dir = 'out-contrastive-sentence'
 dataset = 'path/to/your/texts'   # .txt / .jsonl / .parquet documents of your domain (or data_dir=, prepared by data.py)
 pairs = 'halves'                 # measured better than MLM adaptation; simcse is the other raw-text way
@@ -16,3 +18,4 @@ learning_rate = 2e-5             # the rate all-mpnet-base-v2 was trained at: a 
 max_iters = 300
 warmup_iters = 30                # 10% of the run, sentence-transformers' usual warmup
 eval_interval = 100
+distill = 3.0                    # the start's embeddings kept: 1 keeps all the gain, half the loss; 10 no loss, half the gain
