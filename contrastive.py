@@ -387,7 +387,7 @@ def evaluate(model, s, pooling, dev, autocast, run, iter_num):
     if run.master:
         print(f"step {iter_num}: held-out MRR {record['probe_mrr']:.4f} (top-1 {record['probe_found']:.3f}, "
               f"{s.eval_set[0].size(1)} pairs), InfoNCE {record['val_loss']:.4f}, unrelated cosine {record['probe_cos']:.3f}"
-              + (f", STS Spearman {evaluation.shown(record['sts_spearman'])}" if s.sts else ''))
+              + (f", general Spearman {evaluation.shown(record['sts_spearman'])}" if s.sts else ''))
     return record
 
 
@@ -431,7 +431,7 @@ def main(argv):
               f"({batch_size} x {world} process{'es' * (world > 1)}"
               f"{f', embedded {mini_batch_size} texts at a time' if mini_batch_size else ''}); {pooling} pooling; "
               f"{f'pulled toward the start model x {distill:g}; ' if distill else ''}"
-              f"evaluation: {s.eval_set[0].size(1)} held-out pairs" + (f', {len(s.sts)} STS pairs' if s.sts else ''))
+              f"evaluation: {s.eval_set[0].size(1)} held-out pairs" + (f', {len(s.sts)} general scored pairs (--sts_data)' if s.sts else ''))
     started_from = (s.ckpt.get('started_from') if resume else os.path.abspath(init_from) if os.path.exists(init_from)
                     else init_from)
     run.claim()
