@@ -214,7 +214,7 @@ def check_resume(ckpt, fingerprint, key, path, model=None):
         ('the training pairs (--dataset, --data_dir, --pairs, --val_frac, --max_len or the files changed)',
          then.get('pairs') == fingerprint['pairs']),
         (f"the loss ({then.get('loss')} then, {fingerprint['loss']} now)", then.get('loss', fingerprint['loss']) == fingerprint['loss']),
-        ('the held-out pairs or what picks best.pt on them (--eval_data, --eval_pairs, --val_frac, --max_len, '
+        ('the held-out pairs, or what best.pt was picked by (--eval_data, --eval_pairs, --val_frac, --max_len, '
          '--best_by or --sts_data)',
          ckpt.get('validation_key') == key)) if not same]
     if changed:

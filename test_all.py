@@ -5303,7 +5303,7 @@ def test_best_by_picks_best_pt_by_the_general_set_or_the_mean(contrastive_run, t
             assert ckpt['iter_num'] == best_iter and ckpt['best_score'] == pytest.approx(best)
         assert ('general Spearman' if best_by == 'sts' else 'mean of held-out MRR') in proc.stdout.splitlines()[-1]
     proc = contrastive_here(*common, '--best_by=mrr', f'--out_dir={tmp_path / "sts"}', '--init_from=resume', '--max_iters=8')
-    assert_clean_error(proc, 'what picks best.pt', '--best_by')
+    assert_clean_error(proc, 'what best.pt was picked by', '--best_by')
     proc = contrastive_here(*[a for a in common if not a.startswith('--sts_data')], '--best_by=sts', f'--out_dir={tmp_path / "x"}')
     assert_clean_error(proc, "best_by='sts'", '--sts_data=')
     assert not (tmp_path / 'x').exists()
