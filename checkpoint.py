@@ -440,6 +440,12 @@ def load_checkpoint(path):
     return ckpt
 
 
+def cpu_attention(device):
+    """model_args overrides for a sentence model on a CPU: the plain attention, since SDPA's CPU path adds a safe-softmax
+    pass over (B, nh, T, T) (MEASUREMENTS.md, against sentence-transformers); a checkpoint keeps its own attn_impl."""
+    return {'attn_impl': 'manual'} if torch.device(device).type == 'cpu' else {}
+
+
 def model_from_checkpoint(ckpt, path, **overrides):
     """The MPNet of a checkpoint dict, its weights loaded; overrides replace model_args entries."""
     try:

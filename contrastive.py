@@ -36,8 +36,8 @@ from torch.nn.attention import sdpa_kernel
 
 import data
 import evaluation
-from checkpoint import (CheckpointError, carried_for_export, checkpoint_bytes, model_from_checkpoint, shown_score,
-                        stop_unless_ranks_agree)
+from checkpoint import (CheckpointError, carried_for_export, checkpoint_bytes, cpu_attention, model_from_checkpoint,
+                        shown_score, stop_unless_ranks_agree)
 from configurator import ConfigError, check_device, configure, die
 from convert_hf import ConvertError, quiet_transformers, sentence_pooling, tokenizer_files_of
 from model import MASK_GRAD_BACKENDS, MPNet
@@ -47,7 +47,7 @@ from run import Clock, Run, start_processes
 # -----------------------------------------------------------------------------------------------
 # I/O
 init_from: str = ''                     # the model, usually given first: a .pt, an HF or sentence-transformers name/folder; 'resume'
-out_dir: str = 'out-contrastive'        # the run's folder: ckpt.pt, best.pt (highest held-out MRR), metrics.jsonl, curves.png
+out_dir: str = 'out-contrastive'        # the run's folder: ckpt.pt, best.pt (see best_by), metrics.jsonl, curves.png
 overwrite: bool = False                 # start over in an out_dir that holds a run (moved to replaced/ until beaten)
 eval_interval: int = 100                # evaluate (and save) every this many steps
 eval_pairs: int = 1000                  # held-out pairs the retrieval ranks, each first text against every second one
@@ -320,9 +320,7 @@ def sentence_model(s, dev):
     sentence modules gets mean pooling + Normalize (sentence_files) and an HF pooler (hf_pooler)."""
     ckpt = s.ckpt
     model_args = {**ckpt['model_args'], 'dropout': dropout, 'attn_dropout': dropout}
-    # on a CPU the plain attention: SDPA's CPU path adds a safe-softmax pass over (B, nh, T, T) (MEASUREMENTS.md,
-    # against sentence-transformers); the checkpoint keeps the model's own attn_impl
-    model = model_from_checkpoint(ckpt, s.name, **{**model_args, **({'attn_impl': 'manual'} if dev.type == 'cpu' else {})})
+    model = model_from_checkpoint(ckpt, s.name, **{**model_args, **cpu_attention(dev)})
     n_embd = model_args['n_embd']
     carried = {**carried_for_export(ckpt),  # everything an export needs survives this stage (positions_extended too)
                **dict(st_files=ckpt.get('st_files') or sentence_files(n_embd), st_path=ckpt.get('st_path') or '',
@@ -345,8 +343,8 @@ def start_model(s, resume, dev):
             ckpt = evaluation.load_model(name, tokenizer)[0]
         except (CheckpointError, ConvertError, evaluation.TaskError) as e:
             die(f'--distill pulls toward the model the run started from, {name}, which cannot be loaded: {e}')
-    cpu = {'attn_impl': 'manual'} if dev.type == 'cpu' else {}
-    return model_from_checkpoint(ckpt, name, dropout=0.0, attn_dropout=0.0, **cpu).to(dev).eval().requires_grad_(False)
+    model = model_from_checkpoint(ckpt, name, dropout=0.0, attn_dropout=0.0, **cpu_attention(dev))
+    return model.to(dev).eval().requires_grad_(False)
 
 
 class Batches:
@@ -456,7 +454,7 @@ def main(argv):
         replaced run goes once a model at least as good on the same held-out pairs is saved)."""
         states = run.gather(rng_state(dev))
         run.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args, config=config,
-                      iter_num=iter_num, val_loss=record and record['val_loss'], **picked(record),
+                      iter_num=iter_num, val_loss=record and record['val_loss'], **evaluation.defined(picked(record)),
                       best_score=run.best_score, best_iter=run.best_iter, data_pos=data_pos, rank_states=states,
                       data_fingerprint=s.fingerprint, data_dir=os.path.abspath(data_dir) if data_dir else None,
                       started_from=started_from, **carried), improved, s.key)

@@ -20,7 +20,7 @@ import torch
 
 import data
 import evaluation
-from checkpoint import CheckpointError, model_from_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, cpu_attention, model_from_checkpoint, save_checkpoint
 from configurator import ConfigError, check_device, configure, die
 from convert_hf import ConvertError, quiet_transformers, sentence_pooling
 
@@ -95,8 +95,7 @@ def main(argv):
         general = evaluation.sts_pairs(general_data) if general_data else None
     except (evaluation.TaskError, CheckpointError, ConvertError) as e:
         die(e)
-    cpu = {'attn_impl': 'manual'} if torch.device(device).type == 'cpu' else {}  # as contrastive.py evaluates on a CPU
-    model = model_from_checkpoint(adapted, name, dropout=0.0, attn_dropout=0.0, **cpu).to(device).eval()
+    model = model_from_checkpoint(adapted, name, dropout=0.0, attn_dropout=0.0, **cpu_attention(device)).to(device).eval()
     pooling = sentence_pooling(adapted.get('st_files'))
     print(f'{start_name} (alpha 0) -> {name} (alpha 1): in-domain {pairs[0].size(1):,} held-out pairs, MRR' +
           (f'; general {len(general):,} scored pairs of {general_data}, Spearman' if general else ''))
